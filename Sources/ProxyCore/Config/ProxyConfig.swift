@@ -1,0 +1,224 @@
+import NIOCore
+
+/// The whole configuration of one proxy process, as loaded from YAML (see `docs/configuration.md`).
+///
+/// Every field has a default, so `ProxyConfig()` is a valid (if empty) configuration; `ConfigLoader` fills it
+/// from a file and reports every problem with `file:line:column` and the key path.
+public struct ProxyConfig: Sendable, Equatable {
+    public var listeners: [ListenerConfig]
+    /// Named pools of backends. Order of declaration is kept (for stable listings), lookups go by name.
+    public var pools: [PoolConfig]
+    public var timeouts: TimeoutsConfig
+    public var limits: LimitsConfig
+    public var admin: AdminConfig?
+    public var logging: LoggingConfig
+
+    public init(
+        listeners: [ListenerConfig] = [],
+        pools: [PoolConfig] = [],
+        timeouts: TimeoutsConfig = .init(),
+        limits: LimitsConfig = .init(),
+        admin: AdminConfig? = nil,
+        logging: LoggingConfig = .init()
+    ) {
+        self.listeners = listeners
+        self.pools = pools
+        self.timeouts = timeouts
+        self.limits = limits
+        self.admin = admin
+        self.logging = logging
+    }
+
+    public func pool(named name: String) -> PoolConfig? {
+        self.pools.first { $0.name == name }
+    }
+}
+
+/// A socket the proxy accepts client connections on.
+public struct ListenerConfig: Sendable, Equatable {
+    /// A label used in logs and metrics. Defaults to `address:port`.
+    public var name: String
+    public var address: String
+    public var port: Int
+    /// The pool requests go to when no routing script decides otherwise.
+    public var pool: String
+    /// Optional TLS termination.
+    public var tls: TLSConfig?
+
+    public init(name: String? = nil, address: String = "0.0.0.0", port: Int, pool: String, tls: TLSConfig? = nil) {
+        self.name = name ?? "\(address):\(port)"
+        self.address = address
+        self.port = port
+        self.pool = pool
+        self.tls = tls
+    }
+}
+
+public struct TLSConfig: Sendable, Equatable {
+    /// PEM file holding the certificate chain, leaf first.
+    public var certificatePath: String
+    /// PEM file holding the private key.
+    public var keyPath: String
+
+    public init(certificatePath: String, keyPath: String) {
+        self.certificatePath = certificatePath
+        self.keyPath = keyPath
+    }
+}
+
+/// How a pool picks a backend for a request that is not bound to a key.
+public enum BalanceAlgorithm: String, Sendable, Equatable, CaseIterable {
+    case roundRobin = "round-robin"
+    case leastConnections = "least-connections"
+}
+
+public struct PoolConfig: Sendable, Equatable {
+    public var name: String
+    public var balance: BalanceAlgorithm
+    public var backends: [BackendConfig]
+
+    public init(name: String, balance: BalanceAlgorithm = .roundRobin, backends: [BackendConfig] = []) {
+        self.name = name
+        self.balance = balance
+        self.backends = backends
+    }
+}
+
+public struct BackendConfig: Sendable, Equatable {
+    /// Stable identity of the backend: never derived from its address or its position in the list.
+    public var id: String
+    public var host: String
+    public var port: Int
+    /// Relative share of stateless traffic (≥ 1).
+    public var weight: Int
+    public var region: String?
+    public var tags: [String]
+    /// Capacity: at most this many keys placed here (nil = unbounded).
+    public var maxKeys: Int?
+    /// Capacity: at most this many concurrent connections (requests and tunnels) here (nil = unbounded).
+    public var maxConnections: Int?
+
+    public init(
+        id: String,
+        host: String,
+        port: Int,
+        weight: Int = 1,
+        region: String? = nil,
+        tags: [String] = [],
+        maxKeys: Int? = nil,
+        maxConnections: Int? = nil
+    ) {
+        self.id = id
+        self.host = host
+        self.port = port
+        self.weight = weight
+        self.region = region
+        self.tags = tags
+        self.maxKeys = maxKeys
+        self.maxConnections = maxConnections
+    }
+}
+
+public struct TimeoutsConfig: Sendable, Equatable {
+    /// Opening a TCP connection to a backend. Exceeded → 504.
+    public var connect: TimeAmount
+    /// Receiving a complete request head from a client, counted from the first byte of the request (or from the
+    /// connection being accepted). Exceeded → 408 and close.
+    public var requestHeader: TimeAmount
+    /// Waiting for the backend's response head once the request head was sent. Exceeded → 504.
+    public var upstreamResponseHeader: TimeAmount
+    /// How long a client keep-alive connection may sit idle between requests.
+    public var idleKeepAlive: TimeAmount
+    /// How long an idle pooled backend connection is kept for reuse.
+    public var upstreamIdle: TimeAmount
+    /// How long an upgraded connection (WebSocket) may pass no bytes in either direction.
+    public var tunnelIdle: TimeAmount
+    /// On shutdown: how long in-flight requests get to finish before everything is closed.
+    public var shutdownGrace: TimeAmount
+
+    public init(
+        connect: TimeAmount = .seconds(5),
+        requestHeader: TimeAmount = .seconds(10),
+        upstreamResponseHeader: TimeAmount = .seconds(60),
+        idleKeepAlive: TimeAmount = .seconds(75),
+        upstreamIdle: TimeAmount = .seconds(60),
+        tunnelIdle: TimeAmount = .seconds(3600),
+        shutdownGrace: TimeAmount = .seconds(30)
+    ) {
+        self.connect = connect
+        self.requestHeader = requestHeader
+        self.upstreamResponseHeader = upstreamResponseHeader
+        self.idleKeepAlive = idleKeepAlive
+        self.upstreamIdle = upstreamIdle
+        self.tunnelIdle = tunnelIdle
+        self.shutdownGrace = shutdownGrace
+    }
+}
+
+public struct LimitsConfig: Sendable, Equatable {
+    /// Largest request head (request line and all header lines) accepted. Larger → 431.
+    public var maxHeaderBytes: Int
+    /// Largest number of client connections open at once per listener; further connections are refused.
+    public var maxConnections: Int
+    /// Largest body the proxy will hold in memory when it must buffer one (bodies are otherwise streamed).
+    public var maxBufferedBody: Int
+    /// Idle keep-alive connections kept per backend per event loop.
+    public var maxIdleUpstreamPerBackend: Int
+
+    public init(
+        maxHeaderBytes: Int = 32 * 1024,
+        maxConnections: Int = 8192,
+        maxBufferedBody: Int = 1024 * 1024,
+        maxIdleUpstreamPerBackend: Int = 64
+    ) {
+        self.maxHeaderBytes = maxHeaderBytes
+        self.maxConnections = maxConnections
+        self.maxBufferedBody = maxBufferedBody
+        self.maxIdleUpstreamPerBackend = maxIdleUpstreamPerBackend
+    }
+}
+
+public struct AdminConfig: Sendable, Equatable {
+    public var address: String
+    public var port: Int
+    /// Bearer token required on admin requests (nil = none configured).
+    public var token: String?
+    /// Name of an environment variable holding the token (read at start and on reload).
+    public var tokenEnv: String?
+    /// Serve `/metrics` without the token.
+    public var metricsOpen: Bool
+
+    public init(
+        address: String = "127.0.0.1",
+        port: Int = 9901,
+        token: String? = nil,
+        tokenEnv: String? = nil,
+        metricsOpen: Bool = true
+    ) {
+        self.address = address
+        self.port = port
+        self.token = token
+        self.tokenEnv = tokenEnv
+        self.metricsOpen = metricsOpen
+    }
+}
+
+public enum LogLevel: String, Sendable, Equatable, CaseIterable {
+    case trace, debug, info, notice, warning, error, critical
+}
+
+public enum LogFormat: String, Sendable, Equatable, CaseIterable {
+    case logfmt, json
+}
+
+public struct LoggingConfig: Sendable, Equatable {
+    public var level: LogLevel
+    public var format: LogFormat
+    public var accessLog: Bool
+
+    public init(level: LogLevel = .info, format: LogFormat = .logfmt, accessLog: Bool = true) {
+        self.level = level
+        self.format = format
+        self.accessLog = accessLog
+    }
+}
