@@ -1,0 +1,243 @@
+import NIOHTTP1
+
+/// Pure rewriting of request and response heads as they cross the proxy (RFC 9110 §7.6).
+///
+/// Hop-by-hop fields describe one connection, not the message, so they never cross: the fixed set below, plus every
+/// field named in `Connection`. Framing (`Content-Length`/`Transfer-Encoding`) is re-derived for the next hop from how
+/// the message was actually framed, never copied blindly.
+public enum ForwardingHeaders {
+    /// Fields that are hop-by-hop whatever `Connection` says (RFC 9110 §7.6.1, plus the legacy `Proxy-Connection`).
+    static let hopByHop: Set<String> = [
+        "connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
+    ]
+
+    /// The value the proxy adds to `Via` (RFC 9110 §7.6.3): protocol version and a pseudonym, never a host name.
+    public static let viaValue = "1.1 ott-proxy"
+
+    /// Removes hop-by-hop fields in place and returns the lower-cased tokens that `Connection` listed.
+    static func stripHopByHop(_ headers: inout HTTPHeaders) -> Set<String> {
+        var listed: Set<String> = []
+        for value in headers[canonicalForm: "connection"] {
+            listed.insert(value.lowercased())
+        }
+        for value in headers[canonicalForm: "proxy-connection"] {
+            listed.insert(value.lowercased())
+        }
+        if listed.isEmpty {
+            // Fast path: nothing named by Connection, only the fixed set to drop.
+            if headers.contains(where: { hopByHop.contains($0.name.lowercased()) }) {
+                headers = HTTPHeaders(headers.filter { !hopByHop.contains($0.name.lowercased()) })
+            }
+            return listed
+        }
+        headers = HTTPHeaders(
+            headers.filter { field in
+                let name = field.name.lowercased()
+                return !hopByHop.contains(name) && !listed.contains(name)
+            }
+        )
+        return listed
+    }
+
+    /// Builds the head sent to a backend.
+    ///
+    /// - Parameters:
+    ///   - framing: how the client framed the body (decides `Content-Length` / chunked towards the backend).
+    ///   - upgrade: the `Upgrade` value to pass on when the client asked to switch protocols.
+    public static func upstreamRequestHead(
+        from head: HTTPRequestHead,
+        framing: RequestFraming,
+        upgrade: String?,
+        clientIP: String,
+        scheme: String
+    ) -> HTTPRequestHead {
+        var headers = head.headers
+        _ = stripHopByHop(&headers)
+
+        switch framing {
+        case .none:
+            // A request that may carry a body but has none must say so, or the encoder would chunk it.
+            if head.method.mayHaveRequestBody {
+                headers.replaceOrAdd(name: "content-length", value: "0")
+            }
+        case .contentLength(let length):
+            headers.replaceOrAdd(name: "content-length", value: String(length))
+        case .chunked:
+            headers.remove(name: "content-length")
+            headers.add(name: "transfer-encoding", value: "chunked")
+        }
+
+        if let upgrade {
+            headers.add(name: "connection", value: "upgrade")
+            headers.add(name: "upgrade", value: upgrade)
+        }
+
+        let existingFor = headers[canonicalForm: "x-forwarded-for"]
+        if existingFor.isEmpty {
+            headers.add(name: "x-forwarded-for", value: clientIP)
+        } else {
+            // Keep what earlier proxies said; collapse to one field so the backend sees a single list.
+            headers.replaceOrAdd(name: "x-forwarded-for", value: existingFor.joined(separator: ", ") + ", " + clientIP)
+        }
+        headers.replaceOrAdd(name: "x-forwarded-proto", value: scheme)
+        if let host = headers.first(name: "host") {
+            headers.replaceOrAdd(name: "x-forwarded-host", value: host)
+        }
+        appendVia(&headers, requestVersion: head.version)
+
+        return HTTPRequestHead(version: .http1_1, method: head.method, uri: head.uri, headers: headers)
+    }
+
+    /// Builds the head sent back to the client from the backend's response head, with framing decided here: the
+    /// client-side encoder adds no framing of its own, because only the proxy knows the request's method.
+    ///
+    /// - Parameter keepAlive: whether the client connection may stay open after this response.
+    /// - Returns: the head, and whether the client connection must close after it (an HTTP/1.0 client cannot be
+    ///   sent a body of unknown length any other way).
+    public static func downstreamResponseHead(
+        from head: HTTPResponseHead,
+        requestMethod: HTTPMethod,
+        keepAlive: Bool,
+        clientVersion: HTTPVersion
+    ) -> (head: HTTPResponseHead, closeAfter: Bool) {
+        var headers = head.headers
+        let hasLength = headers.contains(name: "content-length")
+        let upgrade = head.status == .switchingProtocols ? headers.first(name: "upgrade") : nil
+        _ = stripHopByHop(&headers)
+        var closeAfter = !keepAlive
+
+        if let upgrade {
+            headers.add(name: "connection", value: "upgrade")
+            headers.add(name: "upgrade", value: upgrade)
+            closeAfter = false
+        } else if !head.status.mayHaveResponseBody(for: requestMethod) {
+            // A HEAD or 304 answer may keep Content-Length (it describes the representation); 1xx and 204 may not.
+            if head.status == .noContent || head.status.code < 200 {
+                headers.remove(name: "content-length")
+            }
+        } else if !hasLength {
+            // Chunked or close-delimited upstream: chunk it for HTTP/1.1 clients, delimit by close for HTTP/1.0.
+            if clientVersion.major == 1 && clientVersion.minor >= 1 {
+                headers.add(name: "transfer-encoding", value: "chunked")
+            } else {
+                closeAfter = true
+            }
+        }
+        if upgrade == nil {
+            if closeAfter {
+                headers.add(name: "connection", value: "close")
+            } else if clientVersion == .http1_0 {
+                headers.add(name: "connection", value: "keep-alive")
+            }
+        }
+        appendVia(&headers, requestVersion: head.version)
+        let version: HTTPVersion = clientVersion == .http1_0 ? .http1_0 : .http1_1
+        return (HTTPResponseHead(version: version, status: head.status, headers: headers), closeAfter)
+    }
+
+    private static func appendVia(_ headers: inout HTTPHeaders, requestVersion: HTTPVersion) {
+        let existing = headers[canonicalForm: "via"]
+        if existing.isEmpty {
+            headers.add(name: "via", value: viaValue)
+        } else {
+            headers.replaceOrAdd(name: "via", value: existing.joined(separator: ", ") + ", " + viaValue)
+        }
+    }
+}
+
+/// How a request body is delimited on the client connection.
+public enum RequestFraming: Equatable, Sendable {
+    case none
+    case contentLength(Int)
+    case chunked
+}
+
+/// Why a request head is refused before it is routed. Each maps to a status and a short reason for the client.
+public enum RequestRejection: Error, Equatable, Sendable {
+    case conflictingFraming
+    case invalidContentLength
+    case unsupportedTransferEncoding
+    case missingHost
+    case multipleHosts
+
+    public var reason: String {
+        switch self {
+        case .conflictingFraming: return "bad request: both Content-Length and Transfer-Encoding"
+        case .invalidContentLength: return "bad request: invalid Content-Length"
+        case .unsupportedTransferEncoding: return "bad request: unsupported Transfer-Encoding"
+        case .missingHost: return "bad request: missing Host header"
+        case .multipleHosts: return "bad request: more than one Host header"
+        }
+    }
+}
+
+/// Request-smuggling defences (RFC 9112 §6.3): a request whose length two parsers could read differently is refused
+/// and the connection closed, rather than guessed at.
+public enum RequestValidator {
+    public static func framing(of head: HTTPRequestHead) throws(RequestRejection) -> RequestFraming {
+        let encodings = head.headers[canonicalForm: "transfer-encoding"]
+        let lengths = head.headers[canonicalForm: "content-length"]
+
+        if !encodings.isEmpty {
+            if !lengths.isEmpty { throw .conflictingFraming }
+            // Only plain `chunked` is understood; anything else ("gzip, chunked", "xchunked", "chunked, identity",
+            // or a Transfer-Encoding on HTTP/1.0) is a classic smuggling vector.
+            guard head.version.minor >= 1, encodings.count == 1, encodings[0].lowercased() == "chunked" else {
+                throw .unsupportedTransferEncoding
+            }
+            return .chunked
+        }
+        if !lengths.isEmpty {
+            var value: Int? = nil
+            for raw in lengths {
+                guard let parsed = parseContentLength(raw) else { throw .invalidContentLength }
+                if let value, value != parsed { throw .invalidContentLength }
+                value = parsed
+            }
+            return .contentLength(value!)
+        }
+        return .none
+    }
+
+    public static func validateHost(of head: HTTPRequestHead) throws(RequestRejection) {
+        let hosts = head.headers[canonicalForm: "host"]
+        if hosts.count > 1 { throw .multipleHosts }
+        if hosts.isEmpty && head.version.minor >= 1 && head.version.major == 1 { throw .missingHost }
+    }
+
+    static func parseContentLength(_ raw: Substring) -> Int? {
+        guard !raw.isEmpty, raw.utf8.count <= 18, raw.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
+        return Int(raw)
+    }
+
+    /// The protocol the client asks to switch to, when the request is a well-formed upgrade request.
+    public static func upgradeProtocol(of head: HTTPRequestHead) -> String? {
+        guard head.version == .http1_1, let upgrade = head.headers.first(name: "upgrade"), !upgrade.isEmpty else {
+            return nil
+        }
+        let tokens = head.headers[canonicalForm: "connection"]
+        guard tokens.contains(where: { $0.lowercased() == "upgrade" }) else { return nil }
+        return upgrade
+    }
+}
+
+extension HTTPMethod {
+    /// Methods whose requests conventionally carry a body; the others get no `Content-Length: 0` added.
+    var mayHaveRequestBody: Bool {
+        switch self {
+        case .GET, .HEAD, .DELETE, .OPTIONS, .TRACE, .CONNECT: return false
+        default: return true
+        }
+    }
+}
+
+extension HTTPResponseStatus {
+    /// RFC 9110 §6.4.1: 1xx, 204 and 304 responses, and any response to HEAD, have no body.
+    func mayHaveResponseBody(for method: HTTPMethod) -> Bool {
+        if method == .HEAD { return false }
+        switch self.code {
+        case 100..<200, 204, 304: return false
+        default: return true
+        }
+    }
+}

@@ -1,0 +1,680 @@
+import Logging
+import NIOCore
+import NIOHTTP1
+
+/// The handlers of a client connection's HTTP pipeline that an upgrade must remove to turn it into a byte tunnel.
+struct DownstreamHTTPHandlers {
+    let headTimer: RequestHeadTimer
+    let encoder: HTTPResponseEncoder
+    let decoder: ByteToMessageHandler<HTTPRequestDecoder>
+    let pipelining: HTTPServerPipelineHandler
+}
+
+/// One request in flight on a client connection, from head to the end of its response.
+final class Exchange {
+    let head: HTTPRequestHead
+    let backend: Backend
+    let framing: RequestFraming
+    let upgrade: String?
+    let started: NIODeadline
+    let clientKeepAlive: Bool
+    var upstream: UpstreamConnection?
+    /// Request parts received while no upstream connection is attached yet.
+    var pending: [HTTPClientRequestPart] = []
+    var requestEnded = false
+    var responseStarted = false
+    var responseEnded = false
+    /// The response's end went to the client before the request's end arrived (an early backend answer).
+    var wroteEnd = false
+    var upstreamReused = false
+    var upstreamKeepAlive = false
+    var closeAfter = false
+    var retried = false
+    var responseTimer: Scheduled<Void>?
+    var status = 0
+    var bytesIn = 0
+    var bytesOut = 0
+
+    init(head: HTTPRequestHead, backend: Backend, framing: RequestFraming, upgrade: String?) {
+        self.head = head
+        self.backend = backend
+        self.framing = framing
+        self.upgrade = upgrade
+        self.started = .now()
+        self.clientKeepAlive = head.isKeepAlive
+    }
+}
+
+/// The client side of the data path: one per client connection, on that connection's event loop.
+///
+/// It routes each request head through the `RoutingPolicy`, leases a connection to the chosen backend from this loop's
+/// `UpstreamPool`, and streams both bodies with back-pressure: client reads stop while the backend cannot take more,
+/// and backend reads stop while the client cannot. On a `101` it turns both connections into a byte tunnel.
+///
+/// Re-entrancy rule: state is updated *before* any write, because writing a response end lets the pipelining handler
+/// deliver the next buffered request synchronously.
+final class ProxyHandler: ChannelDuplexHandler, UpstreamResponseSink {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private enum State {
+        case idle
+        case proxying(Exchange)
+        /// A local answer was written for a bodiless request whose `.end` has not been read yet.
+        case answered(keepAlive: Bool)
+        case tunnel
+        case closed
+    }
+
+    private let runtime: ProxyRuntime
+    private let listener: ListenerContext
+    private let policy: RoutingPolicy
+    private let upstreamPool: UpstreamPool
+    private let httpHandlers: DownstreamHTTPHandlers
+    private var state: State = .idle
+    private var context: ChannelHandlerContext?
+    private var readsHeld = false
+    private var readPending = false
+    private var upstreamNeedsFlush = false
+    private var clientIP = ""
+
+    init(
+        runtime: ProxyRuntime,
+        listener: ListenerContext,
+        policy: RoutingPolicy,
+        upstreamPool: UpstreamPool,
+        httpHandlers: DownstreamHTTPHandlers
+    ) {
+        self.runtime = runtime
+        self.listener = listener
+        self.policy = policy
+        self.upstreamPool = upstreamPool
+        self.httpHandlers = httpHandlers
+    }
+
+    // MARK: Channel events
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        self.clientIP = context.channel.remoteAddress?.ipAddress ?? "unknown"
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch Self.unwrapInboundIn(data) {
+        case .head(let head):
+            self.receivedHead(head, context: context)
+        case .body(let buffer):
+            guard case .proxying(let exchange) = self.state, !exchange.responseEnded else { return }
+            exchange.bytesIn += buffer.readableBytes
+            let part = HTTPClientRequestPart.body(.byteBuffer(buffer))
+            if let upstream = exchange.upstream {
+                upstream.write(part)
+                self.upstreamNeedsFlush = true
+            } else {
+                exchange.pending.append(part)
+            }
+        case .end(let trailers):
+            self.receivedEnd(trailers, context: context)
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if self.upstreamNeedsFlush, case .proxying(let exchange) = self.state, let upstream = exchange.upstream {
+            self.upstreamNeedsFlush = false
+            upstream.flush()
+        }
+        context.fireChannelReadComplete()
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if self.readsHeld {
+            self.readPending = true
+        } else {
+            context.read()
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if case .proxying(let exchange) = self.state, let upstream = exchange.upstream {
+            upstream.holdReads(!context.channel.isWritable)
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if case .proxying(let exchange) = self.state {
+            exchange.responseTimer?.cancel()
+            if let upstream = exchange.upstream {
+                exchange.upstream = nil
+                upstream.sink = nil
+                upstream.channel.close(promise: nil)
+            }
+            exchange.backend.release()
+            // 499 as nginx logs it: the client went away before the response was complete.
+            self.logAccess(exchange, status: exchange.responseEnded ? exchange.status : 499)
+        }
+        self.state = .closed
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        guard let parserError = error as? HTTPParserError else {
+            self.runtime.logger.debug("client connection error", metadata: ["error": "\(error)"])
+            context.close(promise: nil)
+            return
+        }
+        let status: HTTPResponseStatus = parserError == .headerOverflow ? .requestHeaderFieldsTooLarge : .badRequest
+        let reason = status == .badRequest ? "bad request: malformed HTTP" : "request header fields too large"
+        switch self.state {
+        case .idle, .answered:
+            self.state = .closed
+            self.writeLocalResponse(status: status, body: reason, headers: [], keepAlive: false, context: context)
+            self.countLocal(status)
+        case .proxying(let exchange) where !exchange.responseStarted:
+            self.abandonUpstream(exchange)
+            self.state = .closed
+            self.writeLocalResponse(status: status, body: reason, headers: [], keepAlive: false, context: context)
+            self.logAccess(exchange, status: Int(status.code))
+        case .proxying, .tunnel, .closed:
+            context.close(promise: nil)
+        }
+    }
+
+    // MARK: Request path
+
+    private func receivedHead(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
+        guard case .idle = self.state else {
+            // The pipelining handler delivers one request at a time, so this is a broken invariant: fail closed.
+            context.close(promise: nil)
+            return
+        }
+        context.triggerUserOutboundEvent(RequestHeadTimerEvent.headReceived, promise: nil)
+
+        let framing: RequestFraming
+        do {
+            framing = try RequestValidator.framing(of: head)
+            try RequestValidator.validateHost(of: head)
+        } catch {
+            self.state = .closed
+            self.writeLocalResponse(status: .badRequest, body: error.reason, headers: [], keepAlive: false, context: context)
+            self.countLocal(.badRequest)
+            return
+        }
+        let upgrade = RequestValidator.upgradeProtocol(of: head)
+
+        let decision: RouteDecision
+        do {
+            decision = try self.policy.route(self.routeRequest(for: head, isUpgrade: upgrade != nil))
+        } catch {
+            self.runtime.logger.error(
+                "routing policy failed", metadata: ["error": "\(error)", "method": "\(head.method)", "uri": "\(head.uri)"])
+            self.answerLocally(head: head, framing: framing, status: .internalServerError, body: "routing error", context: context)
+            return
+        }
+
+        let backend: Backend
+        switch decision {
+        case .respond(let status, let headers, let body):
+            self.answerLocally(head: head, framing: framing, status: status, body: body, headers: headers, context: context)
+            return
+        case .pool(let name):
+            guard let pool = self.runtime.table.pools[name] else {
+                self.runtime.logger.error("routing decision names an unknown pool", metadata: ["pool": "\(name)"])
+                self.answerLocally(head: head, framing: framing, status: .internalServerError, body: "routing error", context: context)
+                return
+            }
+            guard let picked = pool.pick() else {
+                self.answerLocally(
+                    head: head, framing: framing, status: .serviceUnavailable, body: "no backend available", context: context)
+                return
+            }
+            backend = picked
+        case .backend(let id):
+            guard let named = self.runtime.table.backends[id] else {
+                self.runtime.logger.error("routing decision names an unknown backend", metadata: ["backend": "\(id)"])
+                self.answerLocally(head: head, framing: framing, status: .internalServerError, body: "routing error", context: context)
+                return
+            }
+            backend = named
+        }
+
+        let exchange = Exchange(head: head, backend: backend, framing: framing, upgrade: upgrade)
+        backend.acquire()
+        self.state = .proxying(exchange)
+        self.readsHeld = true
+        self.connectUpstream(exchange, allowPooled: true)
+    }
+
+    private func receivedEnd(_ trailers: HTTPHeaders?, context: ChannelHandlerContext) {
+        switch self.state {
+        case .proxying(let exchange):
+            exchange.requestEnded = true
+            if exchange.responseEnded {
+                // The backend answered before the body was complete; the rest of it was discarded.
+                self.finish(exchange, trailers: nil, context: context)
+            } else if let upstream = exchange.upstream {
+                upstream.write(.end(trailers))
+                upstream.flush()
+                self.upstreamNeedsFlush = false
+            } else {
+                exchange.pending.append(.end(trailers))
+            }
+        case .answered(let keepAlive):
+            if keepAlive {
+                self.state = .idle
+                context.triggerUserOutboundEvent(RequestHeadTimerEvent.awaitingHead, promise: nil)
+            } else {
+                self.state = .closed
+            }
+        case .idle, .tunnel, .closed:
+            break
+        }
+    }
+
+    private func routeRequest(for head: HTTPRequestHead, isUpgrade: Bool) -> RouteRequest {
+        let uri = head.uri
+        let path: String
+        let query: Substring
+        if let mark = uri.firstIndex(of: "?") {
+            path = String(uri[..<mark])
+            query = uri[uri.index(after: mark)...]
+        } else {
+            path = uri
+            query = ""
+        }
+        return RouteRequest(
+            method: head.method,
+            path: path,
+            query: query,
+            headers: head.headers,
+            host: head.headers.first(name: "host") ?? "",
+            scheme: self.listener.scheme,
+            clientIP: self.clientIP,
+            isUpgrade: isUpgrade,
+            listener: self.listener.name
+        )
+    }
+
+    // MARK: Upstream
+
+    private func connectUpstream(_ exchange: Exchange, allowPooled: Bool) {
+        self.upstreamPool.lease(exchange.backend, allowPooled: allowPooled) { [self] result in
+            guard case .proxying(let current) = self.state, current === exchange else {
+                if case .success(let connection) = result { self.upstreamPool.release(connection) }
+                return
+            }
+            switch result {
+            case .success(let connection):
+                self.attach(connection, to: exchange)
+            case .failure(.timedOut):
+                self.runtime.metrics.countUpstreamError(.connectTimeout)
+                self.fail(exchange, status: .gatewayTimeout, reason: "gateway timeout: backend did not accept the connection in time")
+            case .failure(.failed(let error)):
+                self.runtime.metrics.countUpstreamError(.connectFailed)
+                self.runtime.logger.warning(
+                    "backend connection failed", metadata: ["backend": "\(exchange.backend.id)", "error": "\(error)"])
+                self.fail(exchange, status: .badGateway, reason: "bad gateway: backend unreachable")
+            }
+        }
+    }
+
+    private func attach(_ connection: UpstreamConnection, to exchange: Exchange) {
+        guard let context = self.context else { return }
+        exchange.upstream = connection
+        exchange.upstreamReused = connection.hasBeenUsed
+        connection.hasBeenUsed = true
+        connection.sink = self
+
+        let head = ForwardingHeaders.upstreamRequestHead(
+            from: exchange.head,
+            framing: exchange.framing,
+            upgrade: exchange.upgrade,
+            clientIP: self.clientIP,
+            scheme: self.listener.scheme
+        )
+        connection.write(.head(head))
+        if exchange.retried && exchange.requestEnded {
+            connection.write(.end(nil))
+        }
+        for part in exchange.pending {
+            connection.write(part)
+        }
+        exchange.pending.removeAll()
+        connection.flush()
+
+        let timeout = self.runtime.config.timeouts.upstreamResponseHeader
+        exchange.responseTimer = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [self] in
+            self.responseHeadTimedOut(exchange)
+        }
+        self.setReadsHeld(!connection.channel.isWritable, context: context)
+        connection.holdReads(!context.channel.isWritable)
+    }
+
+    private func responseHeadTimedOut(_ exchange: Exchange) {
+        guard case .proxying(let current) = self.state, current === exchange, !exchange.responseStarted else { return }
+        self.runtime.metrics.countUpstreamError(.responseTimeout)
+        self.abandonUpstream(exchange)
+        self.fail(exchange, status: .gatewayTimeout, reason: "gateway timeout: backend did not answer in time")
+    }
+
+    func upstreamReceived(_ part: HTTPClientResponsePart) {
+        guard case .proxying(let exchange) = self.state, let context = self.context else { return }
+        switch part {
+        case .head(let head):
+            self.receivedResponseHead(head, exchange: exchange, context: context)
+        case .body(let buffer):
+            guard exchange.responseStarted, !exchange.responseEnded else { return }
+            exchange.bytesOut += buffer.readableBytes
+            context.write(Self.wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+        case .end(let trailers):
+            guard exchange.responseStarted, !exchange.responseEnded else { return }
+            self.receivedResponseEnd(trailers, exchange: exchange, context: context)
+        }
+    }
+
+    private func receivedResponseHead(_ head: HTTPResponseHead, exchange: Exchange, context: ChannelHandlerContext) {
+        if head.status.code < 200 && head.status != .switchingProtocols {
+            // Interim answers (100 Continue, 103 Early Hints) go to HTTP/1.1 clients as they are.
+            if exchange.head.version.minor >= 1 && !exchange.responseStarted {
+                var interim = HTTPResponseHead(version: .http1_1, status: head.status, headers: head.headers)
+                _ = ForwardingHeaders.stripHopByHop(&interim.headers)
+                context.writeAndFlush(Self.wrapOutboundOut(.head(interim)), promise: nil)
+            }
+            return
+        }
+        guard !exchange.responseStarted else { return }
+        exchange.responseTimer?.cancel()
+        exchange.status = Int(head.status.code)
+        exchange.upstreamKeepAlive = head.isKeepAlive
+
+        if head.status == .switchingProtocols {
+            guard exchange.upgrade != nil else {
+                self.runtime.logger.warning("backend switched protocols without being asked", metadata: ["backend": "\(exchange.backend.id)"])
+                self.abandonUpstream(exchange)
+                self.fail(exchange, status: .badGateway, reason: "bad gateway: invalid response from backend")
+                return
+            }
+            self.startTunnel(exchange, responseHead: head, context: context)
+            return
+        }
+        // After an upgrade request the client-side parser has stopped: this connection cannot carry another request.
+        if exchange.upgrade != nil { exchange.closeAfter = true }
+        let (responseHead, closeAfter) = ForwardingHeaders.downstreamResponseHead(
+            from: head,
+            requestMethod: exchange.head.method,
+            keepAlive: exchange.clientKeepAlive && !exchange.closeAfter,
+            clientVersion: exchange.head.version
+        )
+        exchange.closeAfter = exchange.closeAfter || closeAfter
+        exchange.responseStarted = true
+        context.write(Self.wrapOutboundOut(.head(responseHead)), promise: nil)
+    }
+
+    private func receivedResponseEnd(_ trailers: HTTPHeaders?, exchange: Exchange, context: ChannelHandlerContext) {
+        exchange.responseEnded = true
+        if let upstream = exchange.upstream {
+            exchange.upstream = nil
+            if exchange.requestEnded && exchange.upstreamKeepAlive {
+                self.upstreamPool.release(upstream)
+            } else {
+                // The backend answered before the request body was complete: the connection's state is unknown.
+                upstream.sink = nil
+                upstream.channel.close(promise: nil)
+            }
+        }
+        if exchange.requestEnded {
+            self.finish(exchange, trailers: trailers, context: context)
+        } else {
+            // Keep reading (and discarding) the rest of the request body, so the client sees its response rather than
+            // a reset; the exchange finishes at the request's end.
+            self.setReadsHeld(false, context: context)
+            exchange.wroteEnd = true
+            context.writeAndFlush(Self.wrapOutboundOut(.end(trailers)), promise: nil)
+        }
+    }
+
+    func upstreamReadComplete() {
+        self.context?.flush()
+    }
+
+    func upstreamWritabilityChanged(isWritable: Bool) {
+        guard case .proxying = self.state, let context = self.context else { return }
+        self.setReadsHeld(!isWritable, context: context)
+    }
+
+    func upstreamClosed(error: Error?) {
+        guard case .proxying(let exchange) = self.state, let context = self.context, !exchange.responseEnded else { return }
+        exchange.upstream = nil
+        exchange.responseTimer?.cancel()
+        if !exchange.responseStarted {
+            // A reused keep-alive connection may have been closed by the backend just as we sent on it; a request
+            // with no body can safely be sent again on a fresh connection (what HAProxy's `retry-on` does).
+            if exchange.upstreamReused && exchange.framing == .none && exchange.upgrade == nil && !exchange.retried {
+                exchange.retried = true
+                self.connectUpstream(exchange, allowPooled: false)
+                return
+            }
+            self.runtime.metrics.countUpstreamError(.closedEarly)
+            self.runtime.logger.warning(
+                "backend closed the connection before responding",
+                metadata: ["backend": "\(exchange.backend.id)", "error": "\(error.map { "\($0)" } ?? "eof")"])
+            self.fail(exchange, status: .badGateway, reason: "bad gateway: backend closed the connection")
+            return
+        }
+        // Part of the response is already with the client: closing is the only honest signal that it is truncated.
+        self.runtime.metrics.countUpstreamError(.resetMidResponse)
+        self.runtime.logger.warning(
+            "backend closed the connection mid-response", metadata: ["backend": "\(exchange.backend.id)"])
+        exchange.backend.release()
+        self.logAccess(exchange, status: exchange.status)
+        self.state = .closed
+        context.close(promise: nil)
+    }
+
+    // MARK: Completion
+
+    private func finish(_ exchange: Exchange, trailers: HTTPHeaders?, context: ChannelHandlerContext) {
+        exchange.backend.release()
+        self.logAccess(exchange, status: exchange.status)
+        let keepAlive = exchange.clientKeepAlive && !exchange.closeAfter
+        self.state = keepAlive ? .idle : .closed
+        self.setReadsHeld(false, context: context)
+        if keepAlive {
+            context.triggerUserOutboundEvent(RequestHeadTimerEvent.awaitingHead, promise: nil)
+        }
+        if exchange.wroteEnd {
+            if !keepAlive { context.close(promise: nil) }
+            return
+        }
+        exchange.wroteEnd = true
+        let written = context.writeAndFlush(Self.wrapOutboundOut(.end(trailers)))
+        if !keepAlive {
+            written.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+        }
+    }
+
+    /// Fails an exchange that has not started its response: answers locally and releases what it held.
+    private func fail(_ exchange: Exchange, status: HTTPResponseStatus, reason: String) {
+        guard let context = self.context else { return }
+        exchange.responseTimer?.cancel()
+        exchange.backend.release()
+        exchange.status = Int(status.code)
+        self.logAccess(exchange, status: Int(status.code))
+        // The request body may be half read; only a bodiless request leaves the connection in a known state.
+        let keepAlive = exchange.clientKeepAlive && exchange.upgrade == nil
+            && (exchange.requestEnded || exchange.framing == .none)
+        if keepAlive && !exchange.requestEnded {
+            self.state = .answered(keepAlive: true)
+        } else {
+            self.state = keepAlive ? .idle : .closed
+        }
+        self.setReadsHeld(false, context: context)
+        if case .idle = self.state {
+            context.triggerUserOutboundEvent(RequestHeadTimerEvent.awaitingHead, promise: nil)
+        }
+        self.writeLocalResponse(status: status, body: reason, headers: [], keepAlive: keepAlive, context: context)
+    }
+
+    private func abandonUpstream(_ exchange: Exchange) {
+        exchange.responseTimer?.cancel()
+        if let upstream = exchange.upstream {
+            exchange.upstream = nil
+            upstream.sink = nil
+            upstream.channel.close(promise: nil)
+        }
+    }
+
+    /// Answers a request without a backend (a routing decision, or no backend to send it to).
+    private func answerLocally(
+        head: HTTPRequestHead,
+        framing: RequestFraming,
+        status: HTTPResponseStatus,
+        body: String,
+        headers: [(String, String)] = [],
+        context: ChannelHandlerContext
+    ) {
+        let keepAlive = head.isKeepAlive && framing == .none && RequestValidator.upgradeProtocol(of: head) == nil
+        self.state = keepAlive ? .answered(keepAlive: true) : .answered(keepAlive: false)
+        self.countLocal(status)
+        self.logLocal(head: head, status: status)
+        self.writeLocalResponse(status: status, body: body, headers: headers, keepAlive: keepAlive, context: context)
+    }
+
+    private func writeLocalResponse(
+        status: HTTPResponseStatus,
+        body: String,
+        headers extra: [(String, String)],
+        keepAlive: Bool,
+        context: ChannelHandlerContext
+    ) {
+        let text = body.hasSuffix("\n") || body.isEmpty ? body : body + "\n"
+        var headers = HTTPHeaders(extra)
+        if !headers.contains(name: "content-type") {
+            headers.add(name: "content-type", value: "text/plain; charset=utf-8")
+        }
+        headers.replaceOrAdd(name: "content-length", value: String(text.utf8.count))
+        headers.add(name: "connection", value: keepAlive ? "keep-alive" : "close")
+        context.write(Self.wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
+        if !text.isEmpty {
+            context.write(Self.wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: text)))), promise: nil)
+        }
+        let written = context.writeAndFlush(Self.wrapOutboundOut(.end(nil)))
+        if !keepAlive {
+            self.state = .closed
+            written.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+        }
+    }
+
+    private func setReadsHeld(_ held: Bool, context: ChannelHandlerContext) {
+        self.readsHeld = held
+        if !held && self.readPending {
+            self.readPending = false
+            context.read()
+        }
+    }
+
+    // MARK: Tunnel
+
+    private func startTunnel(_ exchange: Exchange, responseHead: HTTPResponseHead, context: ChannelHandlerContext) {
+        guard let upstream = exchange.upstream else { return }
+        exchange.upstream = nil
+        upstream.sink = nil
+        exchange.responseStarted = true
+        exchange.responseEnded = true
+        self.state = .tunnel
+        let (head, _) = ForwardingHeaders.downstreamResponseHead(
+            from: responseHead, requestMethod: exchange.head.method, keepAlive: true, clientVersion: exchange.head.version)
+        context.writeAndFlush(Self.wrapOutboundOut(.head(head)), promise: nil)
+        self.runtime.metrics.tunnelsOpen.increment()
+
+        let (clientSide, backendSide) = TunnelHandler.pair()
+        let runtime = self.runtime
+        let listener = self.listener
+        let clientIP = self.clientIP
+        clientSide.onClose = { [unowned clientSide, unowned backendSide] in
+            exchange.bytesIn += clientSide.bytesRelayed
+            exchange.bytesOut += backendSide.bytesRelayed
+            exchange.backend.release()
+            runtime.metrics.tunnelsOpen.decrement()
+            runtime.metrics.countRequest(listener: listener.name, status: 101)
+            ProxyHandler.logAccess(runtime: runtime, listener: listener, clientIP: clientIP, exchange: exchange, status: 101)
+        }
+        do {
+            let downstream = context.pipeline.syncOperations
+            try downstream.addHandler(IdleStateHandler(allTimeout: self.runtime.config.timeouts.tunnelIdle))
+            try downstream.addHandler(clientSide)
+            let upstreamPipeline = upstream.channel.pipeline.syncOperations
+            try upstreamPipeline.addHandler(backendSide)
+            // Removing the decoders last forwards any bytes that arrived right behind the heads (a first WebSocket
+            // frame) to the tunnel handlers, in order.
+            upstreamPipeline.removeHandler(upstream.handler, promise: nil)
+            upstreamPipeline.removeHandler(upstream.encoder, promise: nil)
+            upstreamPipeline.removeHandler(upstream.decoder, promise: nil)
+            downstream.removeHandler(self.httpHandlers.headTimer, promise: nil)
+            downstream.removeHandler(self.httpHandlers.pipelining, promise: nil)
+            downstream.removeHandler(self.httpHandlers.encoder, promise: nil)
+            downstream.removeHandler(context: context, promise: nil)
+            downstream.removeHandler(self.httpHandlers.decoder, promise: nil)
+        } catch {
+            self.runtime.logger.error("could not set up tunnel", metadata: ["error": "\(error)"])
+            upstream.channel.close(promise: nil)
+            context.close(promise: nil)
+        }
+    }
+
+    // MARK: Logging and metrics
+
+    private func countLocal(_ status: HTTPResponseStatus) {
+        self.runtime.metrics.countRequest(listener: self.listener.name, status: Int(status.code))
+    }
+
+    private func logLocal(head: HTTPRequestHead, status: HTTPResponseStatus) {
+        guard self.runtime.accessLog else { return }
+        self.runtime.accessLogger.info(
+            "request",
+            metadata: [
+                "listener": "\(self.listener.name)",
+                "client": "\(self.clientIP)",
+                "method": "\(head.method.rawValue)",
+                "path": "\(head.uri)",
+                "status": "\(status.code)",
+                "backend": "-",
+                "bytes_in": "0",
+                "bytes_out": "0",
+                "duration_ms": "0",
+            ]
+        )
+    }
+
+    private func logAccess(_ exchange: Exchange, status: Int) {
+        self.runtime.metrics.countRequest(listener: self.listener.name, status: status)
+        self.runtime.metrics.requestDuration.recordNanoseconds((NIODeadline.now() - exchange.started).nanoseconds)
+        Self.logAccess(runtime: self.runtime, listener: self.listener, clientIP: self.clientIP, exchange: exchange, status: status)
+    }
+
+    private static func logAccess(
+        runtime: ProxyRuntime, listener: ListenerContext, clientIP: String, exchange: Exchange, status: Int
+    ) {
+        guard runtime.accessLog else { return }
+        let elapsed = NIODeadline.now() - exchange.started
+        runtime.accessLogger.info(
+            "request",
+            metadata: [
+                "listener": "\(listener.name)",
+                "client": "\(clientIP)",
+                "method": "\(exchange.head.method.rawValue)",
+                "path": "\(exchange.head.uri)",
+                "status": "\(status)",
+                "backend": "\(exchange.backend.id)",
+                "bytes_in": "\(exchange.bytesIn)",
+                "bytes_out": "\(exchange.bytesOut)",
+                "duration_ms": "\(Double(elapsed.nanoseconds / 1000) / 1000)",
+            ]
+        )
+    }
+}

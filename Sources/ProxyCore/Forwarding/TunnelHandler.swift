@@ -1,0 +1,113 @@
+import NIOCore
+
+/// One side of an upgraded connection (WebSocket or any `Upgrade` protocol): relays raw bytes to its partner on the
+/// other channel, unchanged, with back-pressure.
+///
+/// Reading stops while the partner cannot take more, so a slow reader on one side bounds what the proxy holds for it
+/// to a socket's worth of buffers rather than growing without limit. Both channels share one event loop.
+final class TunnelHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private var partner: TunnelHandler?
+    private var context: ChannelHandlerContext?
+    private var pendingRead = false
+    private var closing = false
+    /// Bytes this side received and passed to the partner.
+    private(set) var bytesRelayed = 0
+    var onClose: (() -> Void)?
+
+    static func pair() -> (TunnelHandler, TunnelHandler) {
+        let a = TunnelHandler()
+        let b = TunnelHandler()
+        a.partner = b
+        b.partner = a
+        return (a, b)
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        if !context.channel.isActive {
+            self.partnerClosed()
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        self.partner = nil
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let buffer = Self.unwrapInboundIn(data)
+        self.bytesRelayed += buffer.readableBytes
+        self.partner?.partnerWrite(buffer)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        self.partner?.partnerFlush()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.onClose?()
+        self.onClose = nil
+        self.partner?.partnerClosed()
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        context.close(promise: nil)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .all {
+            context.close(promise: nil)
+        } else {
+            context.fireUserInboundEventTriggered(event)
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            self.partner?.partnerBecameWritable()
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if let partner = self.partner, partner.isWritable {
+            context.read()
+        } else {
+            self.pendingRead = true
+        }
+    }
+
+    private var isWritable: Bool {
+        self.context?.channel.isWritable ?? false
+    }
+
+    private func partnerWrite(_ buffer: ByteBuffer) {
+        self.context?.write(Self.wrapOutboundOut(buffer), promise: nil)
+    }
+
+    private func partnerFlush() {
+        self.context?.flush()
+    }
+
+    private func partnerBecameWritable() {
+        if self.pendingRead, let context = self.context {
+            self.pendingRead = false
+            context.read()
+        }
+    }
+
+    /// The other side went away: deliver what is already queued, then close.
+    private func partnerClosed() {
+        guard !self.closing, let context = self.context else { return }
+        self.closing = true
+        let buffer = context.channel.allocator.buffer(capacity: 0)
+        context.writeAndFlush(Self.wrapOutboundOut(buffer)).assumeIsolated().whenComplete { _ in
+            context.close(promise: nil)
+        }
+    }
+}

@@ -1,0 +1,135 @@
+import NIOCore
+import NIOHTTP1
+
+/// Receives what a leased upstream connection produces. Implemented by the client-side handler that leased it.
+protocol UpstreamResponseSink: AnyObject {
+    func upstreamReceived(_ part: HTTPClientResponsePart)
+    func upstreamReadComplete()
+    func upstreamWritabilityChanged(isWritable: Bool)
+    func upstreamClosed(error: Error?)
+}
+
+/// One keep-alive HTTP/1.1 connection to a backend, confined to its event loop.
+final class UpstreamConnection {
+    let channel: Channel
+    let backend: Backend
+    let handler: UpstreamHandler
+    let encoder: HTTPRequestEncoder
+    let decoder: ByteToMessageHandler<HTTPResponseDecoder>
+    /// True once the connection has carried a request: a failure before any response byte may then be the
+    /// backend closing an idle connection at the same moment we reused it, which is safe to retry.
+    var hasBeenUsed = false
+    /// Set while the connection sits idle in the pool, so the pool can forget it if the backend closes it.
+    var onIdleClose: (() -> Void)?
+
+    init(
+        channel: Channel,
+        backend: Backend,
+        handler: UpstreamHandler,
+        encoder: HTTPRequestEncoder,
+        decoder: ByteToMessageHandler<HTTPResponseDecoder>
+    ) {
+        self.channel = channel
+        self.backend = backend
+        self.handler = handler
+        self.encoder = encoder
+        self.decoder = decoder
+        handler.connection = self
+    }
+
+    var sink: UpstreamResponseSink? {
+        get { self.handler.sink }
+        set { self.handler.sink = newValue }
+    }
+
+    func write(_ part: HTTPClientRequestPart) {
+        self.channel.write(part, promise: nil)
+    }
+
+    func flush() {
+        self.channel.flush()
+    }
+
+    /// Stops or resumes reading from the backend (back-pressure from a slow client).
+    func holdReads(_ hold: Bool) {
+        self.handler.holdReads(hold)
+    }
+}
+
+/// Sits last in an upstream pipeline: hands response parts to the current sink and applies back-pressure by
+/// withholding `read()`.
+final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPClientResponsePart
+    typealias OutboundIn = HTTPClientRequestPart
+    typealias OutboundOut = HTTPClientRequestPart
+
+    weak var sink: UpstreamResponseSink?
+    weak var connection: UpstreamConnection?
+    private var context: ChannelHandlerContext?
+    private var readsHeld = false
+    private var readPending = false
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        if self.readPending {
+            self.readPending = false
+            context.read()
+        }
+    }
+
+    func holdReads(_ hold: Bool) {
+        self.readsHeld = hold
+        if !hold && self.readPending, let context = self.context {
+            self.readPending = false
+            context.read()
+        }
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if self.readsHeld {
+            self.readPending = true
+        } else {
+            context.read()
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard let sink = self.sink else {
+            // An idle pooled connection must not receive anything; if it does, its framing is unknowable.
+            context.close(promise: nil)
+            return
+        }
+        sink.upstreamReceived(Self.unwrapInboundIn(data))
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        self.sink?.upstreamReadComplete()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        self.sink?.upstreamWritabilityChanged(isWritable: context.channel.isWritable)
+        context.fireChannelWritabilityChanged()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        let sink = self.sink
+        self.sink = nil
+        context.close(promise: nil)
+        sink?.upstreamClosed(error: error)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if let sink = self.sink {
+            self.sink = nil
+            sink.upstreamClosed(error: nil)
+        } else if let onIdleClose = self.connection?.onIdleClose {
+            self.connection?.onIdleClose = nil
+            onIdleClose()
+        }
+        context.fireChannelInactive()
+    }
+}

@@ -1,0 +1,91 @@
+import Prometheus
+
+/// The proxy's metrics, on a registry of its own (not the process-global `MetricsSystem`), so several proxies in
+/// one process (tests, the demo) never share counters. Instruments are created once; the data path only increments.
+public final class ProxyMetrics: Sendable {
+    public let registry: PrometheusCollectorRegistry
+    private let requests: [String: [Counter]]
+    private let upstreamErrors: [UpstreamErrorKind: Counter]
+    private let connections: [String: Gauge]
+    let tunnelsOpen: Gauge
+    let requestDuration: DurationHistogram
+    let rejectedConnections: Counter
+
+    public enum UpstreamErrorKind: String, CaseIterable, Sendable {
+        case connectFailed = "connect_failed"
+        case connectTimeout = "connect_timeout"
+        case responseTimeout = "response_timeout"
+        case closedEarly = "closed_before_response"
+        case resetMidResponse = "reset_mid_response"
+    }
+
+    public init(listeners: [String], registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
+        self.registry = registry
+        var requests: [String: [Counter]] = [:]
+        var connections: [String: Gauge] = [:]
+        for listener in listeners {
+            requests[listener] = (1...5).map { klass in
+                registry.makeCounter(
+                    descriptor: MetricNameDescriptor(
+                        namespace: "ott_proxy", metricName: "requests", unitName: "total",
+                        helpText: "Requests answered, by listener and status class."),
+                    labels: [("listener", listener), ("code", "\(klass)xx")]
+                )
+            }
+            connections[listener] = registry.makeGauge(
+                descriptor: MetricNameDescriptor(
+                    namespace: "ott_proxy", metricName: "client_connections", unitName: "",
+                    helpText: "Client connections open, by listener."),
+                labels: [("listener", listener)]
+            )
+        }
+        self.requests = requests
+        self.connections = connections
+        var errors: [UpstreamErrorKind: Counter] = [:]
+        for kind in UpstreamErrorKind.allCases {
+            errors[kind] = registry.makeCounter(
+                descriptor: MetricNameDescriptor(
+                    namespace: "ott_proxy", metricName: "upstream_errors", unitName: "total",
+                    helpText: "Failures talking to backends, by kind."),
+                labels: [("kind", kind.rawValue)]
+            )
+        }
+        self.upstreamErrors = errors
+        self.tunnelsOpen = registry.makeGauge(
+            descriptor: MetricNameDescriptor(
+                namespace: "ott_proxy", metricName: "tunnels", unitName: "",
+                helpText: "Upgraded connections (WebSockets) open."))
+        self.requestDuration = registry.makeDurationHistogram(
+            descriptor: MetricNameDescriptor(
+                namespace: "ott_proxy", metricName: "request_duration", unitName: "seconds",
+                helpText: "Time from request head to response end."),
+            buckets: [.milliseconds(1), .milliseconds(5), .milliseconds(25), .milliseconds(100), .milliseconds(500),
+                      .seconds(2), .seconds(10), .seconds(60)]
+        )
+        self.rejectedConnections = registry.makeCounter(
+            descriptor: MetricNameDescriptor(
+                namespace: "ott_proxy", metricName: "rejected_connections", unitName: "total",
+                helpText: "Client connections closed at accept because max_connections was reached."))
+    }
+
+    func countRequest(listener: String, status: Int) {
+        let klass = min(max(status / 100, 1), 5)
+        self.requests[listener]?[klass - 1].increment()
+    }
+
+    func countUpstreamError(_ kind: UpstreamErrorKind) {
+        self.upstreamErrors[kind]?.increment()
+    }
+
+    func connectionOpened(listener: String) {
+        self.connections[listener]?.increment()
+    }
+
+    func connectionClosed(listener: String) {
+        self.connections[listener]?.decrement()
+    }
+
+    public func prometheusText() -> String {
+        self.registry.emitToString()
+    }
+}
