@@ -527,16 +527,32 @@ struct ConfigLoaderTests {
 
     @Test("examples/basic.yaml loads")
     func basicExample() throws {
-        let path = URL(fileURLWithPath: #filePath)
-            .deletingLastPathComponent()  // ProxyCoreTests
-            .deletingLastPathComponent()  // Tests
-            .deletingLastPathComponent()  // package root
-            .appendingPathComponent("examples/basic.yaml")
-            .path
-        let config = try ConfigLoader.load(path: path)
+        let config = try ConfigLoader.load(path: packageFile("examples/basic.yaml"))
         #expect(config.listeners.map(\.port) == [8080])
         #expect(config.pools.count == 1)
         #expect(config.pools.first?.backends.map(\.port) == [9001, 9002, 9003])
         #expect(config.admin?.port == 9901)
     }
+
+    @Test("the full annotated example in docs/configuration.md loads")
+    func documentedExample() throws {
+        let doc = try String(contentsOfFile: packageFile("docs/configuration.md"), encoding: .utf8)
+        let section = try #require(doc.range(of: "## 11. Full annotated example"))
+        let start = try #require(doc.range(of: "```yaml\n", range: section.upperBound..<doc.endIndex))
+        let end = try #require(doc.range(of: "```", range: start.upperBound..<doc.endIndex))
+        let config = try ConfigLoader.parse(yaml: String(doc[start.upperBound..<end.lowerBound]), file: "doc")
+        #expect(config.listeners.map(\.name) == ["public", "internal"])
+        #expect(config.pools.map(\.name) == ["rooms", "api", "maintenance"])
+        #expect(config.pool(named: "rooms")?.backends.last?.host == "2001:db8::12")
+    }
+}
+
+/// A file of this package, found from this source file's location so tests work from any directory.
+private func packageFile(_ relativePath: String) -> String {
+    URL(fileURLWithPath: #filePath)
+        .deletingLastPathComponent()  // ProxyCoreTests
+        .deletingLastPathComponent()  // Tests
+        .deletingLastPathComponent()  // package root
+        .appendingPathComponent(relativePath)
+        .path
 }
