@@ -168,7 +168,9 @@ struct ConfigLoaderTests {
     @Test("an admin section without keys enables the admin listener with its defaults")
     func emptyAdminSection() throws {
         let config = try ConfigLoader.parse(yaml: minimal + "admin: {}\n", file: "test.yaml")
-        #expect(config.admin == AdminConfig(address: "127.0.0.1", port: 9901, token: nil, tokenEnv: nil, metricsOpen: true))
+        #expect(
+            config.admin == AdminConfig(address: "127.0.0.1", port: 9901, token: nil, tokenEnv: nil, metricsOpen: true)
+        )
     }
 
     @Test("a pool may have no backends, and backend addresses may be host names")
@@ -191,166 +193,216 @@ struct ConfigLoaderTests {
     @Test("an unknown key is reported at the key, with the closest known key")
     func unknownKeyWithSuggestion() {
         let yaml = minimal.replacingOccurrences(of: "    pool: rooms", with: "    pool: rooms\n    adress: 127.0.0.1")
-        #expect(errors(in: yaml) == [
-            error(line: 4, column: 5, path: "listeners[0].adress", "unknown key 'adress' (did you mean 'address'?)")
-        ])
+        #expect(
+            errors(in: yaml) == [
+                error(line: 4, column: 5, path: "listeners[0].adress", "unknown key 'adress' (did you mean 'address'?)")
+            ]
+        )
     }
 
     @Test("an unknown key far from any known key lists the keys allowed there")
     func unknownKeyWithoutSuggestion() {
-        #expect(errors(in: minimal + "logging:\n  colour: true\n") == [
-            error(
-                line: 10,
-                column: 3,
-                path: "logging.colour",
-                "unknown key 'colour' (expected one of: level, format, access_log)"
-            )
-        ])
-        #expect(errors(in: minimal + "timeout:\n  connect: 1s\n") == [
-            error(line: 9, column: 1, path: "timeout", "unknown key 'timeout' (did you mean 'timeouts'?)")
-        ])
+        #expect(
+            errors(in: minimal + "logging:\n  colour: true\n") == [
+                error(
+                    line: 10,
+                    column: 3,
+                    path: "logging.colour",
+                    "unknown key 'colour' (expected one of: level, format, access_log)"
+                )
+            ]
+        )
+        #expect(
+            errors(in: minimal + "timeout:\n  connect: 1s\n") == [
+                error(line: 9, column: 1, path: "timeout", "unknown key 'timeout' (did you mean 'timeouts'?)")
+            ]
+        )
     }
 
     @Test("a value of the wrong type is reported at the value")
     func wrongType() {
         let quotedPort = minimal.replacingOccurrences(of: "port: 8080", with: "port: \"8080\"")
-        #expect(errors(in: quotedPort) == [
-            error(line: 2, column: 11, path: "listeners[0].port", "expected an integer, got '8080'")
-        ])
-        #expect(errors(in: minimal + "logging:\n  access_log: sometimes\n") == [
-            error(line: 10, column: 15, path: "logging.access_log", "expected true or false, got 'sometimes'")
-        ])
-        #expect(errors(in: minimal + "limits: 5\n") == [
-            error(line: 9, column: 9, path: "limits", "expected a mapping of keys to values, got '5'")
-        ])
+        #expect(
+            errors(in: quotedPort) == [
+                error(line: 2, column: 11, path: "listeners[0].port", "expected an integer, got '8080'")
+            ]
+        )
+        #expect(
+            errors(in: minimal + "logging:\n  access_log: sometimes\n") == [
+                error(line: 10, column: 15, path: "logging.access_log", "expected true or false, got 'sometimes'")
+            ]
+        )
+        #expect(
+            errors(in: minimal + "limits: 5\n") == [
+                error(line: 9, column: 9, path: "limits", "expected a mapping of keys to values, got '5'")
+            ]
+        )
         let tagsAsMapping = minimal + "        tags: {a: b}\n"
-        #expect(errors(in: tagsAsMapping) == [
-            error(line: 9, column: 15, path: "pools.rooms.backends[0].tags", "expected a list, got a mapping")
-        ])
-        #expect(errors(in: minimal + "admin:\n  port:\n") == [
-            error(line: 10, column: 8, path: "admin.port", "expected an integer, got an empty value")
-        ])
+        #expect(
+            errors(in: tagsAsMapping) == [
+                error(line: 9, column: 15, path: "pools.rooms.backends[0].tags", "expected a list, got a mapping")
+            ]
+        )
+        #expect(
+            errors(in: minimal + "admin:\n  port:\n") == [
+                error(line: 10, column: 8, path: "admin.port", "expected an integer, got an empty value")
+            ]
+        )
     }
 
     @Test("a duration without a unit or with a bad unit is reported with an example")
     func badDuration() {
-        #expect(errors(in: minimal + "timeouts:\n  connect: 5\n  tunnel_idle: 1d\n") == [
-            error(line: 10, column: 12, path: "timeouts.connect", "expected a duration like 5s or 300ms, got '5'"),
-            error(line: 11, column: 16, path: "timeouts.tunnel_idle", "expected a duration like 5s or 300ms, got '1d'"),
-        ])
+        #expect(
+            errors(in: minimal + "timeouts:\n  connect: 5\n  tunnel_idle: 1d\n") == [
+                error(line: 10, column: 12, path: "timeouts.connect", "expected a duration like 5s or 300ms, got '5'"),
+                error(
+                    line: 11,
+                    column: 16,
+                    path: "timeouts.tunnel_idle",
+                    "expected a duration like 5s or 300ms, got '1d'"
+                ),
+            ]
+        )
     }
 
     @Test("only shutdown_grace may be zero")
     func zeroDurations() throws {
-        #expect(errors(in: minimal + "timeouts:\n  upstream_idle: 0s\n") == [
-            error(line: 10, column: 18, path: "timeouts.upstream_idle", "must be greater than 0s, got '0s'")
-        ])
+        #expect(
+            errors(in: minimal + "timeouts:\n  upstream_idle: 0s\n") == [
+                error(line: 10, column: 18, path: "timeouts.upstream_idle", "must be greater than 0s, got '0s'")
+            ]
+        )
         let config = try ConfigLoader.parse(yaml: minimal + "timeouts:\n  shutdown_grace: 0s\n", file: "test.yaml")
         #expect(config.timeouts.shutdownGrace == .zero)
     }
 
     @Test("a malformed size is reported with an example")
     func badSize() {
-        #expect(errors(in: minimal + "limits:\n  max_buffered_body: 1.5MiB\n") == [
-            error(
-                line: 10,
-                column: 22,
-                path: "limits.max_buffered_body",
-                "expected a size like 64KiB or 1MiB, got '1.5MiB'"
-            )
-        ])
+        #expect(
+            errors(in: minimal + "limits:\n  max_buffered_body: 1.5MiB\n") == [
+                error(
+                    line: 10,
+                    column: 22,
+                    path: "limits.max_buffered_body",
+                    "expected a size like 64KiB or 1MiB, got '1.5MiB'"
+                )
+            ]
+        )
     }
 
     @Test("a missing required key is reported at the mapping that should hold it")
     func missingRequiredKey() {
         let noPool = minimal.replacingOccurrences(of: "    pool: rooms\n", with: "")
-        #expect(errors(in: noPool) == [
-            error(line: 2, column: 5, path: "listeners[0]", "missing required key 'pool'")
-        ])
+        #expect(
+            errors(in: noPool) == [
+                error(line: 2, column: 5, path: "listeners[0]", "missing required key 'pool'")
+            ]
+        )
         let noAddress = minimal.replacingOccurrences(of: "        address: 127.0.0.1:9001\n", with: "")
-        #expect(errors(in: noAddress) == [
-            error(line: 7, column: 9, path: "pools.rooms.backends[0]", "missing required key 'address'")
-        ])
+        #expect(
+            errors(in: noAddress) == [
+                error(line: 7, column: 9, path: "pools.rooms.backends[0]", "missing required key 'address'")
+            ]
+        )
         let tlsWithoutKey = minimal.replacingOccurrences(
             of: "    pool: rooms\n",
             with: "    pool: rooms\n    tls:\n      certificate: c.pem\n"
         )
-        #expect(errors(in: tlsWithoutKey) == [
-            error(line: 5, column: 7, path: "listeners[0].tls", "missing required key 'key'")
-        ])
+        #expect(
+            errors(in: tlsWithoutKey) == [
+                error(line: 5, column: 7, path: "listeners[0].tls", "missing required key 'key'")
+            ]
+        )
     }
 
     @Test("missing top-level sections are reported at the document root")
     func missingTopLevelKeys() {
-        #expect(errors(in: "logging:\n  level: info\n") == [
-            error(line: 1, column: 1, path: "", "missing required key 'listeners'"),
-            error(line: 1, column: 1, path: "", "missing required key 'pools'"),
-        ])
-        #expect(errors(in: "listeners: []\npools: {}\n") == [
-            error(line: 1, column: 12, path: "listeners", "at least one listener is required"),
-            error(line: 2, column: 8, path: "pools", "at least one pool is required"),
-        ])
+        #expect(
+            errors(in: "logging:\n  level: info\n") == [
+                error(line: 1, column: 1, path: "", "missing required key 'listeners'"),
+                error(line: 1, column: 1, path: "", "missing required key 'pools'"),
+            ]
+        )
+        #expect(
+            errors(in: "listeners: []\npools: {}\n") == [
+                error(line: 1, column: 12, path: "listeners", "at least one listener is required"),
+                error(line: 2, column: 8, path: "pools", "at least one pool is required"),
+            ]
+        )
     }
 
     @Test("numbers outside their range are reported with the range")
     func outOfRange() {
         let bigPort = minimal.replacingOccurrences(of: "port: 8080", with: "port: 70000")
-        #expect(errors(in: bigPort) == [
-            error(line: 2, column: 11, path: "listeners[0].port", "must be between 1 and 65535, got 70000")
-        ])
-        #expect(errors(in: minimal + "        weight: 0\n") == [
-            error(line: 9, column: 17, path: "pools.rooms.backends[0].weight", "must be at least 1, got 0")
-        ])
-        #expect(errors(in: minimal + "limits:\n  max_header_bytes: 100KiB\n") == [
-            error(
-                line: 10,
-                column: 21,
-                path: "limits.max_header_bytes",
-                "must be between 1KiB and 80KiB, got '100KiB'"
-            )
-        ])
+        #expect(
+            errors(in: bigPort) == [
+                error(line: 2, column: 11, path: "listeners[0].port", "must be between 1 and 65535, got 70000")
+            ]
+        )
+        #expect(
+            errors(in: minimal + "        weight: 0\n") == [
+                error(line: 9, column: 17, path: "pools.rooms.backends[0].weight", "must be at least 1, got 0")
+            ]
+        )
+        #expect(
+            errors(in: minimal + "limits:\n  max_header_bytes: 100KiB\n") == [
+                error(
+                    line: 10,
+                    column: 21,
+                    path: "limits.max_header_bytes",
+                    "must be between 1KiB and 80KiB, got '100KiB'"
+                )
+            ]
+        )
         #expect(errors(in: minimal + "limits:\n  max_header_bytes: 512B\n").map(\.path) == ["limits.max_header_bytes"])
         #expect(errors(in: minimal + "limits:\n  max_header_bytes: 80KiB\n").isEmpty)
     }
 
     @Test("a backend id used twice, even in another pool, is reported at the second use")
     func duplicateBackendID() {
-        let yaml = minimal + """
-              other:
-                backends:
-                  - id: a
-                    address: 127.0.0.1:9002
+        let yaml =
+            minimal + """
+                  other:
+                    backends:
+                      - id: a
+                        address: 127.0.0.1:9002
 
-            """
-        #expect(errors(in: yaml) == [
-            error(
-                line: 11,
-                column: 13,
-                path: "pools.other.backends[0].id",
-                "duplicate backend id 'a', first used by pools.rooms.backends[0].id (line 7)"
-            )
-        ])
+                """
+        #expect(
+            errors(in: yaml) == [
+                error(
+                    line: 11,
+                    column: 13,
+                    path: "pools.other.backends[0].id",
+                    "duplicate backend id 'a', first used by pools.rooms.backends[0].id (line 7)"
+                )
+            ]
+        )
     }
 
     @Test("a backend id outside [A-Za-z0-9._:-] is refused")
     func backendIDCharacters() {
         let yaml = minimal.replacingOccurrences(of: "id: a", with: "id: a b")
-        #expect(errors(in: yaml) == [
-            error(
-                line: 7,
-                column: 13,
-                path: "pools.rooms.backends[0].id",
-                "backend id may only contain letters, digits, '.', '_', ':' and '-', got 'a b'"
-            )
-        ])
+        #expect(
+            errors(in: yaml) == [
+                error(
+                    line: 7,
+                    column: 13,
+                    path: "pools.rooms.backends[0].id",
+                    "backend id may only contain letters, digits, '.', '_', ':' and '-', got 'a b'"
+                )
+            ]
+        )
     }
 
     @Test("a listener naming an undeclared pool is reported at the pool value")
     func unknownPool() {
         let yaml = minimal.replacingOccurrences(of: "pool: rooms", with: "pool: room")
-        #expect(errors(in: yaml) == [
-            error(line: 3, column: 11, path: "listeners[0].pool", "unknown pool 'room' (did you mean 'rooms'?)")
-        ])
+        #expect(
+            errors(in: yaml) == [
+                error(line: 3, column: 11, path: "listeners[0].pool", "unknown pool 'room' (did you mean 'rooms'?)")
+            ]
+        )
         let unrelated = minimal.replacingOccurrences(of: "pool: rooms", with: "pool: payments")
         #expect(errors(in: unrelated).map(\.message) == ["unknown pool 'payments' (declared pools: rooms)"])
     }
@@ -365,14 +417,16 @@ struct ConfigLoaderTests {
             pools:
               rooms:
             """
-        #expect(errors(in: yaml) == [
-            error(
-                line: 4,
-                column: 12,
-                path: "listeners[2].port",
-                "port 8080 on 0.0.0.0 is already used by listeners[0].port (line 2)"
-            )
-        ])
+        #expect(
+            errors(in: yaml) == [
+                error(
+                    line: 4,
+                    column: 12,
+                    path: "listeners[2].port",
+                    "port 8080 on 0.0.0.0 is already used by listeners[0].port (line 2)"
+                )
+            ]
+        )
     }
 
     @Test("backend addresses must be host:port, with IPv6 hosts in brackets")
@@ -389,21 +443,25 @@ struct ConfigLoaderTests {
 
     @Test("an unknown choice suggests the closest allowed value")
     func badChoice() {
-        #expect(errors(in: minimal.replacingOccurrences(of: "  rooms:\n", with: "  rooms:\n    balance: roundrobin\n")) == [
-            error(
-                line: 6,
-                column: 14,
-                path: "pools.rooms.balance",
-                "expected one of round-robin, least-connections, got 'roundrobin' (did you mean 'round-robin'?)"
-            )
-        ])
+        #expect(
+            errors(in: minimal.replacingOccurrences(of: "  rooms:\n", with: "  rooms:\n    balance: roundrobin\n")) == [
+                error(
+                    line: 6,
+                    column: 14,
+                    path: "pools.rooms.balance",
+                    "expected one of round-robin, least-connections, got 'roundrobin' (did you mean 'round-robin'?)"
+                )
+            ]
+        )
     }
 
     @Test("token and token_env are mutually exclusive")
     func tokenAndTokenEnv() {
-        #expect(errors(in: minimal + "admin:\n  token: s3cret\n  token_env: TOKEN\n") == [
-            error(line: 11, column: 14, path: "admin.token_env", "set either 'token' or 'token_env', not both")
-        ])
+        #expect(
+            errors(in: minimal + "admin:\n  token: s3cret\n  token_env: TOKEN\n") == [
+                error(line: 11, column: 14, path: "admin.token_env", "set either 'token' or 'token_env', not both")
+            ]
+        )
     }
 
     @Test("a YAML syntax error is one error at the position libyaml reports")
@@ -422,9 +480,11 @@ struct ConfigLoaderTests {
 
     @Test("a key repeated in one mapping is a YAML error")
     func duplicateYAMLKey() {
-        #expect(errors(in: "pools:\n  a: {}\n  a: {}\n") == [
-            error(line: 2, column: 3, path: "", "invalid YAML: key 'a' appears more than once in this mapping")
-        ])
+        #expect(
+            errors(in: "pools:\n  a: {}\n  a: {}\n") == [
+                error(line: 2, column: 3, path: "", "invalid YAML: key 'a' appears more than once in this mapping")
+            ]
+        )
     }
 
     @Test("an empty file, or one with only comments, is an error", arguments: ["", "\n", "# nothing yet\n", "~\n"])
@@ -434,9 +494,11 @@ struct ConfigLoaderTests {
 
     @Test("a document that is not a mapping is an error at the root")
     func rootNotAMapping() {
-        #expect(errors(in: "- a\n- b\n") == [
-            error(line: 1, column: 1, path: "", "expected a mapping of keys to values, got a list")
-        ])
+        #expect(
+            errors(in: "- a\n- b\n") == [
+                error(line: 1, column: 1, path: "", "expected a mapping of keys to values, got a list")
+            ]
+        )
     }
 
     // MARK: Several errors
@@ -460,25 +522,32 @@ struct ConfigLoaderTests {
             logging:
               level: loud
             """
-        #expect(errors(in: yaml) == [
-            error(line: 2, column: 11, path: "listeners[0].port", "must be between 1 and 65535, got 0"),
-            error(line: 4, column: 5, path: "listeners[0].adress", "unknown key 'adress' (did you mean 'address'?)"),
-            error(
-                line: 9,
-                column: 18,
-                path: "pools.rooms.backends[0].address",
-                "expected host:port like 127.0.0.1:9001 or [::1]:9001, got '127.0.0.1'"
-            ),
-            error(line: 10, column: 17, path: "pools.rooms.backends[0].weight", "expected an integer, got 'heavy'"),
-            error(line: 11, column: 9, path: "pools.rooms.backends[1]", "missing required key 'id'"),
-            error(line: 13, column: 12, path: "timeouts.connect", "expected a duration like 5s or 300ms, got '5'"),
-            error(
-                line: 15,
-                column: 10,
-                path: "logging.level",
-                "expected one of trace, debug, info, notice, warning, error, critical, got 'loud'"
-            ),
-        ])
+        #expect(
+            errors(in: yaml) == [
+                error(line: 2, column: 11, path: "listeners[0].port", "must be between 1 and 65535, got 0"),
+                error(
+                    line: 4,
+                    column: 5,
+                    path: "listeners[0].adress",
+                    "unknown key 'adress' (did you mean 'address'?)"
+                ),
+                error(
+                    line: 9,
+                    column: 18,
+                    path: "pools.rooms.backends[0].address",
+                    "expected host:port like 127.0.0.1:9001 or [::1]:9001, got '127.0.0.1'"
+                ),
+                error(line: 10, column: 17, path: "pools.rooms.backends[0].weight", "expected an integer, got 'heavy'"),
+                error(line: 11, column: 9, path: "pools.rooms.backends[1]", "missing required key 'id'"),
+                error(line: 13, column: 12, path: "timeouts.connect", "expected a duration like 5s or 300ms, got '5'"),
+                error(
+                    line: 15,
+                    column: 10,
+                    path: "logging.level",
+                    "expected one of trace, debug, info, notice, warning, error, critical, got 'loud'"
+                ),
+            ]
+        )
     }
 
     @Test("the pool reference is checked even when the listener has other errors")
@@ -491,9 +560,16 @@ struct ConfigLoaderTests {
 
     @Test("errors print as file:line:column: path: message, one per line")
     func descriptions() {
-        let withPath = error(line: 3, column: 7, path: "timeouts.connect", "expected a duration like 5s or 300ms, got '5'")
+        let withPath = error(
+            line: 3,
+            column: 7,
+            path: "timeouts.connect",
+            "expected a duration like 5s or 300ms, got '5'"
+        )
         let withoutPath = error(line: 1, column: 1, path: "", "configuration is empty")
-        #expect(withPath.description == "test.yaml:3:7: timeouts.connect: expected a duration like 5s or 300ms, got '5'")
+        #expect(
+            withPath.description == "test.yaml:3:7: timeouts.connect: expected a duration like 5s or 300ms, got '5'"
+        )
         #expect(withoutPath.description == "test.yaml:1:1: configuration is empty")
         #expect(
             ConfigErrors(errors: [withPath, withoutPath]).description
@@ -509,9 +585,17 @@ struct ConfigLoaderTests {
         do {
             _ = try ConfigLoader.load(path: path)
         } catch {
-            #expect(error.errors == [
-                ConfigError(file: path, line: 0, column: 0, path: "", message: "cannot read '\(path)': no such file")
-            ])
+            #expect(
+                error.errors == [
+                    ConfigError(
+                        file: path,
+                        line: 0,
+                        column: 0,
+                        path: "",
+                        message: "cannot read '\(path)': no such file"
+                    )
+                ]
+            )
         }
     }
 

@@ -25,8 +25,10 @@ struct ConfigUnitsTests {
 
     @Test(
         "durations that are rejected",
-        arguments: ["", "5", "0", "5x", "-1s", "+1s", "s", "1.s", ".5s", "1.5", "5 s", " 5s", "5s ", "5S", "1h30m",
-                    "1.5ns", "99999999999h"]
+        arguments: [
+            "", "5", "0", "5x", "-1s", "+1s", "s", "1.s", ".5s", "1.5", "5 s", " 5s", "5s ", "5S", "1h30m",
+            "1.5ns", "99999999999h",
+        ]
     )
     func rejectsDuration(text: String) {
         #expect(ConfigUnits.parseDuration(text) == nil)
@@ -53,8 +55,10 @@ struct ConfigUnitsTests {
 
     @Test(
         "sizes that are rejected",
-        arguments: ["", "5x", "-1", "-1KiB", "1.5MiB", "KiB", "64 KiB", "64kib", "64K", "1TiB", "99999999999999999999",
-                    "9999999999GiB"]
+        arguments: [
+            "", "5x", "-1", "-1KiB", "1.5MiB", "KiB", "64 KiB", "64kib", "64K", "1TiB", "99999999999999999999",
+            "9999999999GiB",
+        ]
     )
     func rejectsSize(text: String) {
         #expect(ConfigUnits.parseSize(text) == nil)

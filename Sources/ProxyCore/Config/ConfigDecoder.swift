@@ -20,7 +20,8 @@ final class ConfigDecoder {
 
     func config(_ root: Node) -> ProxyConfig {
         let r = self.reader
-        guard let top = r.section(root, path: "", keys: ["listeners", "pools", "timeouts", "limits", "admin", "logging"])
+        guard
+            let top = r.section(root, path: "", keys: ["listeners", "pools", "timeouts", "limits", "admin", "logging"])
         else {
             return ProxyConfig()
         }
@@ -116,7 +117,9 @@ final class ConfigDecoder {
         let weight = r.optional(s, "weight") { r.int($0, path: $1, min: 1) }
         let region = r.optional(s, "region", r.string)
         let tags = r.optional(s, "tags") { node, path in
-            r.list(node, path: path)?.enumerated().compactMap { index, item in r.string(item, path: "\(path)[\(index)]") }
+            r.list(node, path: path)?.enumerated().compactMap { index, item in
+                r.string(item, path: "\(path)[\(index)]")
+            }
         }
         let maxKeys = r.optional(s, "max_keys") { r.int($0, path: $1, min: 1) }
         let maxConnections = r.optional(s, "max_connections") { r.int($0, path: $1, min: 1) }
@@ -135,10 +138,7 @@ final class ConfigDecoder {
 
     private func backendID(_ node: Node, path: String) -> String? {
         guard let id = self.reader.string(node, path: path) else { return nil }
-        let allowed = id.unicodeScalars.allSatisfy { scalar in
-            scalar.isASCII && (scalar.properties.isAlphabetic || ("0"..."9").contains(scalar) || "._:-".unicodeScalars.contains(scalar))
-        }
-        guard allowed else {
+        guard id.unicodeScalars.allSatisfy(Self.backendIDCharacters.contains) else {
             self.reader.report(
                 "backend id may only contain letters, digits, '.', '_', ':' and '-', got '\(id)'",
                 at: node.mark,
@@ -193,7 +193,12 @@ final class ConfigDecoder {
         let defaults = LimitsConfig()
         return LimitsConfig(
             maxHeaderBytes: r.optional(s, "max_header_bytes") {
-                r.size($0, path: $1, min: LimitsConfig.headerBytesRange.lowerBound, max: LimitsConfig.headerBytesRange.upperBound)
+                r.size(
+                    $0,
+                    path: $1,
+                    min: LimitsConfig.headerBytesRange.lowerBound,
+                    max: LimitsConfig.headerBytesRange.upperBound
+                )
             } ?? defaults.maxHeaderBytes,
             maxConnections: r.optional(s, "max_connections") { r.int($0, path: $1, min: 1) } ?? defaults.maxConnections,
             maxBufferedBody: r.optional(s, "max_buffered_body") { r.size($0, path: $1, min: 0) }
@@ -216,7 +221,11 @@ final class ConfigDecoder {
             metricsOpen: r.optional(s, "metrics_open", r.bool) ?? defaults.metricsOpen
         )
         if admin.token != nil, admin.tokenEnv != nil, let tokenEnvNode = s.values["token_env"] {
-            r.report("set either 'token' or 'token_env', not both", at: tokenEnvNode.mark, path: s.path(of: "token_env"))
+            r.report(
+                "set either 'token' or 'token_env', not both",
+                at: tokenEnvNode.mark,
+                path: s.path(of: "token_env")
+            )
         }
         self.sockets.append((admin.address, admin.port, s.values["port"] ?? node, s.path(of: "port")))
         return admin
@@ -251,7 +260,11 @@ final class ConfigDecoder {
         var firstID: [String: (node: Node, path: String)] = [:]
         for entry in self.backendIDs {
             if let first = firstID[entry.id] {
-                r.report("duplicate backend id '\(entry.id)', first used by \(Self.place(first.node, first.path))", at: entry.node.mark, path: entry.path)
+                r.report(
+                    "duplicate backend id '\(entry.id)', first used by \(Self.place(first.node, first.path))",
+                    at: entry.node.mark,
+                    path: entry.path
+                )
             } else {
                 firstID[entry.id] = (entry.node, entry.path)
             }
@@ -261,7 +274,11 @@ final class ConfigDecoder {
         for socket in self.sockets {
             let key = "port \(socket.port) on \(socket.address)"
             if let first = firstSocket[key] {
-                r.report("\(key) is already used by \(Self.place(first.node, first.path))", at: socket.node.mark, path: socket.path)
+                r.report(
+                    "\(key) is already used by \(Self.place(first.node, first.path))",
+                    at: socket.node.mark,
+                    path: socket.path
+                )
             } else {
                 firstSocket[key] = (socket.node, socket.path)
             }
@@ -270,12 +287,21 @@ final class ConfigDecoder {
         var firstName: [String: (node: Node, path: String)] = [:]
         for listener in self.listenerNames {
             if let first = firstName[listener.name] {
-                r.report("duplicate listener name '\(listener.name)', first used by \(Self.place(first.node, first.path))", at: listener.node.mark, path: listener.path)
+                r.report(
+                    "duplicate listener name '\(listener.name)', first used by \(Self.place(first.node, first.path))",
+                    at: listener.node.mark,
+                    path: listener.path
+                )
             } else {
                 firstName[listener.name] = (listener.node, listener.path)
             }
         }
     }
+
+    /// Ids end up in metrics labels, log fields and admin URLs, where these characters need no escaping.
+    private static let backendIDCharacters: Set<Unicode.Scalar> = Set(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-".unicodeScalars
+    )
 
     private static func place(_ node: Node, _ path: String) -> String {
         guard let mark = node.mark else { return path }

@@ -46,7 +46,9 @@ public enum ConfigLoader {
 
     private static func read(path: String) -> Result<String, ConfigError> {
         func failure(_ problem: String) -> Result<String, ConfigError> {
-            .failure(ConfigError(file: path, line: 0, column: 0, path: "", message: "cannot read '\(path)': \(problem)"))
+            .failure(
+                ConfigError(file: path, line: 0, column: 0, path: "", message: "cannot read '\(path)': \(problem)")
+            )
         }
         var isDirectory: ObjCBool = false
         guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {

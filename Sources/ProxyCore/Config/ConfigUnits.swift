@@ -31,8 +31,8 @@ public enum ConfigUnits {
     /// even for zero (`0s`), since a bare number is ambiguous between seconds and milliseconds.
     public static func parseDuration(_ s: String) -> TimeAmount? {
         guard let (number, suffix) = self.splitNumber(s),
-              let unit = self.durationUnits.first(where: { $0.suffix == suffix }),
-              let nanoseconds = number.scaled(by: unit.nanoseconds)
+            let unit = self.durationUnits.first(where: { $0.suffix == suffix }),
+            let nanoseconds = number.scaled(by: unit.nanoseconds)
         else {
             return nil
         }

@@ -158,14 +158,23 @@ final class NodeReader {
             return nil
         }
         guard value >= min, value <= max else {
-            let range = max == .max ? "at least \(Self.sizeText(min))" : "between \(Self.sizeText(min)) and \(Self.sizeText(max))"
+            let range: String
+            if max == .max {
+                range = "at least \(Self.sizeText(min))"
+            } else {
+                range = "between \(Self.sizeText(min)) and \(Self.sizeText(max))"
+            }
             self.report("must be \(range), got \(node.summary)", at: node.mark, path: path)
             return nil
         }
         return value
     }
 
-    func choice<Value: RawRepresentable<String> & CaseIterable>(_ node: Node, path: String, of _: Value.Type) -> Value? {
+    func choice<Value: RawRepresentable<String> & CaseIterable>(
+        _ node: Node,
+        path: String,
+        of _: Value.Type
+    ) -> Value? {
         let allowed = Value.allCases.map(\.rawValue)
         guard let text = node.plainText, let value = Value(rawValue: text) else {
             var message = "expected one of \(allowed.joined(separator: ", ")), got \(node.summary)"
@@ -222,8 +231,10 @@ final class NodeReader {
 
     /// A byte count in the largest binary unit that divides it, so limits print as they are usually written.
     private static func sizeText(_ bytes: Int) -> String {
-        for (suffix, unit) in [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] where bytes != 0 && bytes % unit == 0 {
-            return "\(bytes / unit)\(suffix)"
+        for (suffix, unit) in [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if bytes != 0, bytes.isMultiple(of: unit) {
+                return "\(bytes / unit)\(suffix)"
+            }
         }
         return "\(bytes)B"
     }
