@@ -525,6 +525,7 @@ struct ConfigLoaderTests {
         #expect(
             errors(in: yaml) == [
                 error(line: 2, column: 11, path: "listeners[0].port", "must be between 1 and 65535, got 0"),
+                error(line: 3, column: 11, path: "listeners[0].pool", "unknown pool 'nowhere' (declared pools: rooms)"),
                 error(
                     line: 4,
                     column: 5,
@@ -550,10 +551,17 @@ struct ConfigLoaderTests {
         )
     }
 
-    @Test("the pool reference is checked even when the listener has other errors")
+    @Test("the pool reference is checked even when the listener's port is wrong too")
     func unknownPoolWithOtherErrors() {
-        let yaml = minimal.replacingOccurrences(of: "pool: rooms", with: "pool: nowhere\n    tls: {}")
-        #expect(errors(in: yaml).map(\.path) == ["listeners[0].pool", "listeners[0].tls", "listeners[0].tls"])
+        let yaml = minimal.replacingOccurrences(
+            of: "port: 8080\n    pool: rooms",
+            with: "port: x\n    pool: nowhere\n    tls: {}"
+        )
+        #expect(
+            errors(in: yaml).map(\.path) == [
+                "listeners[0].port", "listeners[0].pool", "listeners[0].tls", "listeners[0].tls",
+            ]
+        )
     }
 
     // MARK: Formatting and files

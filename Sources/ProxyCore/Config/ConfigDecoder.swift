@@ -54,20 +54,21 @@ final class ConfigDecoder {
         let port = r.required(s, "port") { r.int($0, path: $1, min: 1, max: 65535) }
         let pool = r.required(s, "pool", r.string)
         let tls = r.optional(s, "tls", self.tls)
-        guard let port, let pool else { return nil }
 
-        let listener = ListenerConfig(name: name, address: address, port: port, pool: pool, tls: tls)
-        if let poolNode = s.values["pool"] {
+        // Registered even when a sibling key is bad, so one run reports a wrong pool name along with a wrong port.
+        if let pool, let poolNode = s.values["pool"] {
             self.poolReferences.append((pool, poolNode, s.path(of: "pool")))
         }
-        if let portNode = s.values["port"] {
+        if let port, let portNode = s.values["port"] {
             self.sockets.append((address, port, portNode, s.path(of: "port")))
         }
         // Default names derive from address:port, so their clashes are already reported as socket clashes.
-        if let nameNode = s.values["name"] {
-            self.listenerNames.append((listener.name, nameNode, s.path(of: "name")))
+        if let name, let nameNode = s.values["name"] {
+            self.listenerNames.append((name, nameNode, s.path(of: "name")))
         }
-        return listener
+
+        guard let port, let pool else { return nil }
+        return ListenerConfig(name: name, address: address, port: port, pool: pool, tls: tls)
     }
 
     private func tls(_ node: Node, path: String) -> TLSConfig? {
