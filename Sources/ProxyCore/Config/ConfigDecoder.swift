@@ -1,0 +1,317 @@
+import NIOCore
+import Yams
+
+/// Maps the YAML schema documented in `docs/configuration.md` onto `ProxyConfig`.
+///
+/// Reading a section never stops early: a bad value is reported and replaced by its default, so that later sections
+/// are still checked and cross-references (listener → pool, backend ids) can be validated too.
+final class ConfigDecoder {
+    private let reader: NodeReader
+
+    /// Values whose validity depends on other parts of the file, remembered with their position for `validate()`.
+    private var poolReferences: [(name: String, node: Node, path: String)] = []
+    private var backendIDs: [(id: String, node: Node, path: String)] = []
+    private var sockets: [(address: String, port: Int, node: Node, path: String)] = []
+    private var listenerNames: [(name: String, node: Node, path: String)] = []
+
+    init(reader: NodeReader) {
+        self.reader = reader
+    }
+
+    func config(_ root: Node) -> ProxyConfig {
+        let r = self.reader
+        guard
+            let top = r.section(root, path: "", keys: ["listeners", "pools", "timeouts", "limits", "admin", "logging"])
+        else {
+            return ProxyConfig()
+        }
+        var config = ProxyConfig()
+        config.listeners = r.required(top, "listeners", self.listeners) ?? []
+        config.pools = r.required(top, "pools", self.pools) ?? []
+        config.timeouts = r.optional(top, "timeouts", self.timeouts) ?? TimeoutsConfig()
+        config.limits = r.optional(top, "limits", self.limits) ?? LimitsConfig()
+        config.admin = r.optional(top, "admin", self.admin)
+        config.logging = r.optional(top, "logging", self.logging) ?? LoggingConfig()
+        self.validate(config)
+        return config
+    }
+
+    // MARK: listeners
+
+    private func listeners(_ node: Node, path: String) -> [ListenerConfig]? {
+        guard let items = self.reader.list(node, path: path) else { return nil }
+        if items.isEmpty {
+            self.reader.report("at least one listener is required", at: node.mark, path: path)
+        }
+        return items.enumerated().compactMap { index, item in self.listener(item, path: "\(path)[\(index)]") }
+    }
+
+    private func listener(_ node: Node, path: String) -> ListenerConfig? {
+        let r = self.reader
+        guard let s = r.section(node, path: path, keys: ["name", "address", "port", "pool", "tls"]) else { return nil }
+        let name = r.optional(s, "name", r.string)
+        let address = r.optional(s, "address", r.string) ?? "0.0.0.0"
+        let port = r.required(s, "port") { r.int($0, path: $1, min: 1, max: 65535) }
+        let pool = r.required(s, "pool", r.string)
+        let tls = r.optional(s, "tls", self.tls)
+
+        // Registered even when a sibling key is bad, so one run reports a wrong pool name along with a wrong port.
+        if let pool, let poolNode = s.values["pool"] {
+            self.poolReferences.append((pool, poolNode, s.path(of: "pool")))
+        }
+        if let port, let portNode = s.values["port"] {
+            self.sockets.append((address, port, portNode, s.path(of: "port")))
+        }
+        // Default names derive from address:port, so their clashes are already reported as socket clashes.
+        if let name, let nameNode = s.values["name"] {
+            self.listenerNames.append((name, nameNode, s.path(of: "name")))
+        }
+
+        guard let port, let pool else { return nil }
+        return ListenerConfig(name: name, address: address, port: port, pool: pool, tls: tls)
+    }
+
+    private func tls(_ node: Node, path: String) -> TLSConfig? {
+        let r = self.reader
+        guard let s = r.section(node, path: path, keys: ["certificate", "key"]) else { return nil }
+        let certificate = r.required(s, "certificate", r.string)
+        let key = r.required(s, "key", r.string)
+        guard let certificate, let key else { return nil }
+        return TLSConfig(certificatePath: certificate, keyPath: key)
+    }
+
+    // MARK: pools
+
+    private func pools(_ node: Node, path: String) -> [PoolConfig]? {
+        guard let entries = self.reader.namedEntries(node, path: path) else { return nil }
+        if entries.isEmpty {
+            self.reader.report("at least one pool is required", at: node.mark, path: path)
+        }
+        return entries.compactMap { name, keyNode, value in
+            let poolPath = "\(path).\(name)"
+            guard !name.isEmpty else {
+                self.reader.report("pool name must not be empty", at: keyNode.mark, path: path)
+                return nil
+            }
+            return self.pool(named: name, value, path: poolPath)
+        }
+    }
+
+    private func pool(named name: String, _ node: Node, path: String) -> PoolConfig? {
+        let r = self.reader
+        guard let s = r.section(node, path: path, keys: ["balance", "backends"]) else { return nil }
+        let balance = r.optional(s, "balance") { r.choice($0, path: $1, of: BalanceAlgorithm.self) }
+        let backends = r.optional(s, "backends") { node, path in
+            r.list(node, path: path)?.enumerated().compactMap { index, item in
+                self.backend(item, path: "\(path)[\(index)]")
+            }
+        }
+        return PoolConfig(name: name, balance: balance ?? .roundRobin, backends: backends ?? [])
+    }
+
+    private func backend(_ node: Node, path: String) -> BackendConfig? {
+        let r = self.reader
+        let keys = ["id", "address", "weight", "region", "tags", "max_keys", "max_connections"]
+        guard let s = r.section(node, path: path, keys: keys) else { return nil }
+        let id = r.required(s, "id", self.backendID)
+        let address = r.required(s, "address", self.hostAndPort)
+        let weight = r.optional(s, "weight") { r.int($0, path: $1, min: 1) }
+        let region = r.optional(s, "region", r.string)
+        let tags = r.optional(s, "tags") { node, path in
+            r.list(node, path: path)?.enumerated().compactMap { index, item in
+                r.string(item, path: "\(path)[\(index)]")
+            }
+        }
+        let maxKeys = r.optional(s, "max_keys") { r.int($0, path: $1, min: 1) }
+        let maxConnections = r.optional(s, "max_connections") { r.int($0, path: $1, min: 1) }
+        guard let id, let address else { return nil }
+        return BackendConfig(
+            id: id,
+            host: address.host,
+            port: address.port,
+            weight: weight ?? 1,
+            region: region,
+            tags: tags ?? [],
+            maxKeys: maxKeys,
+            maxConnections: maxConnections
+        )
+    }
+
+    private func backendID(_ node: Node, path: String) -> String? {
+        guard let id = self.reader.string(node, path: path) else { return nil }
+        guard id.unicodeScalars.allSatisfy(Self.backendIDCharacters.contains) else {
+            self.reader.report(
+                "backend id may only contain letters, digits, '.', '_', ':' and '-', got '\(id)'",
+                at: node.mark,
+                path: path
+            )
+            return nil
+        }
+        self.backendIDs.append((id, node, path))
+        return id
+    }
+
+    private func hostAndPort(_ node: Node, path: String) -> (host: String, port: Int)? {
+        guard let text = self.reader.string(node, path: path) else { return nil }
+        switch HostAndPort.parse(text) {
+        case .success(let address):
+            return address
+        case .failure(let problem):
+            self.reader.report(problem.message, at: node.mark, path: path)
+            return nil
+        }
+    }
+
+    // MARK: timeouts, limits, admin, logging
+
+    private func timeouts(_ node: Node, path: String) -> TimeoutsConfig? {
+        let r = self.reader
+        let keys = [
+            "connect", "request_header", "upstream_response_header", "idle_keep_alive", "upstream_idle", "tunnel_idle",
+            "shutdown_grace",
+        ]
+        guard let s = r.section(node, path: path, keys: keys) else { return nil }
+        func positive(_ key: String) -> TimeAmount? {
+            r.optional(s, key) { r.duration($0, path: $1, allowZero: false) }
+        }
+        let defaults = TimeoutsConfig()
+        return TimeoutsConfig(
+            connect: positive("connect") ?? defaults.connect,
+            requestHeader: positive("request_header") ?? defaults.requestHeader,
+            upstreamResponseHeader: positive("upstream_response_header") ?? defaults.upstreamResponseHeader,
+            idleKeepAlive: positive("idle_keep_alive") ?? defaults.idleKeepAlive,
+            upstreamIdle: positive("upstream_idle") ?? defaults.upstreamIdle,
+            tunnelIdle: positive("tunnel_idle") ?? defaults.tunnelIdle,
+            shutdownGrace: r.optional(s, "shutdown_grace") { r.duration($0, path: $1, allowZero: true) }
+                ?? defaults.shutdownGrace
+        )
+    }
+
+    private func limits(_ node: Node, path: String) -> LimitsConfig? {
+        let r = self.reader
+        let keys = ["max_header_bytes", "max_connections", "max_buffered_body", "max_idle_upstream_per_backend"]
+        guard let s = r.section(node, path: path, keys: keys) else { return nil }
+        let defaults = LimitsConfig()
+        return LimitsConfig(
+            maxHeaderBytes: r.optional(s, "max_header_bytes") {
+                r.size(
+                    $0,
+                    path: $1,
+                    min: LimitsConfig.headerBytesRange.lowerBound,
+                    max: LimitsConfig.headerBytesRange.upperBound
+                )
+            } ?? defaults.maxHeaderBytes,
+            maxConnections: r.optional(s, "max_connections") { r.int($0, path: $1, min: 1) } ?? defaults.maxConnections,
+            maxBufferedBody: r.optional(s, "max_buffered_body") { r.size($0, path: $1, min: 0) }
+                ?? defaults.maxBufferedBody,
+            maxIdleUpstreamPerBackend: r.optional(s, "max_idle_upstream_per_backend") { r.int($0, path: $1, min: 0) }
+                ?? defaults.maxIdleUpstreamPerBackend
+        )
+    }
+
+    private func admin(_ node: Node, path: String) -> AdminConfig? {
+        let r = self.reader
+        let keys = ["address", "port", "token", "token_env", "metrics_open"]
+        guard let s = r.section(node, path: path, keys: keys) else { return nil }
+        let defaults = AdminConfig()
+        let admin = AdminConfig(
+            address: r.optional(s, "address", r.string) ?? defaults.address,
+            port: r.optional(s, "port") { r.int($0, path: $1, min: 1, max: 65535) } ?? defaults.port,
+            token: r.optional(s, "token", r.string),
+            tokenEnv: r.optional(s, "token_env", r.string),
+            metricsOpen: r.optional(s, "metrics_open", r.bool) ?? defaults.metricsOpen
+        )
+        if admin.token != nil, admin.tokenEnv != nil, let tokenEnvNode = s.values["token_env"] {
+            r.report(
+                "set either 'token' or 'token_env', not both",
+                at: tokenEnvNode.mark,
+                path: s.path(of: "token_env")
+            )
+        }
+        self.sockets.append((admin.address, admin.port, s.values["port"] ?? node, s.path(of: "port")))
+        return admin
+    }
+
+    private func logging(_ node: Node, path: String) -> LoggingConfig? {
+        let r = self.reader
+        guard let s = r.section(node, path: path, keys: ["level", "format", "access_log"]) else { return nil }
+        let defaults = LoggingConfig()
+        return LoggingConfig(
+            level: r.optional(s, "level") { r.choice($0, path: $1, of: LogLevel.self) } ?? defaults.level,
+            format: r.optional(s, "format") { r.choice($0, path: $1, of: LogFormat.self) } ?? defaults.format,
+            accessLog: r.optional(s, "access_log", r.bool) ?? defaults.accessLog
+        )
+    }
+
+    // MARK: cross-references
+
+    private func validate(_ config: ProxyConfig) {
+        let r = self.reader
+        for reference in self.poolReferences where config.pool(named: reference.name) == nil {
+            let declared = config.pools.map(\.name)
+            var message = "unknown pool '\(reference.name)'"
+            if let suggestion = NodeReader.closest(to: reference.name, in: declared) {
+                message += " (did you mean '\(suggestion)'?)"
+            } else if !declared.isEmpty {
+                message += " (declared pools: \(declared.joined(separator: ", ")))"
+            }
+            r.report(message, at: reference.node.mark, path: reference.path)
+        }
+
+        var firstID: [String: (node: Node, path: String)] = [:]
+        for entry in self.backendIDs {
+            if let first = firstID[entry.id] {
+                r.report(
+                    "duplicate backend id '\(entry.id)', first used by \(Self.place(first.node, first.path))",
+                    at: entry.node.mark,
+                    path: entry.path
+                )
+            } else {
+                firstID[entry.id] = (entry.node, entry.path)
+            }
+        }
+
+        var firstSocket: [String: (node: Node, path: String)] = [:]
+        for socket in self.sockets {
+            let key = "port \(socket.port) on \(socket.address)"
+            if let first = firstSocket[key] {
+                r.report(
+                    "\(key) is already used by \(Self.place(first.node, first.path))",
+                    at: socket.node.mark,
+                    path: socket.path
+                )
+            } else {
+                firstSocket[key] = (socket.node, socket.path)
+            }
+        }
+
+        var firstName: [String: (node: Node, path: String)] = [:]
+        for listener in self.listenerNames {
+            if let first = firstName[listener.name] {
+                r.report(
+                    "duplicate listener name '\(listener.name)', first used by \(Self.place(first.node, first.path))",
+                    at: listener.node.mark,
+                    path: listener.path
+                )
+            } else {
+                firstName[listener.name] = (listener.node, listener.path)
+            }
+        }
+    }
+
+    /// Ids end up in metrics labels, log fields and admin URLs, where these characters need no escaping.
+    private static let backendIDCharacters: Set<Unicode.Scalar> = Set(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-".unicodeScalars
+    )
+
+    private static func place(_ node: Node, _ path: String) -> String {
+        guard let mark = node.mark else { return path }
+        return "\(path) (line \(mark.line))"
+    }
+}
+
+extension LimitsConfig {
+    /// NIOHTTP1's decoder refuses more than 80 KiB of header fields with its default limits, so a larger value would be
+    /// a promise the proxy does not keep; below 1 KiB ordinary browser requests would be refused.
+    public static let headerBytesRange: ClosedRange<Int> = 1024...(80 * 1024)
+}

@@ -1,0 +1,2 @@
+// Placeholder so the package resolves while integration tests are written on another branch; delete on merge.
+enum IntegrationTestsPlaceholder {}
