@@ -1,0 +1,35 @@
+import Foundation
+
+/// JSON bodies the room server sends. Encoded with `JSONEncoder` (never string interpolation)
+/// so room names and chat text containing quotes or control characters stay valid JSON.
+struct RoomInfo: Encodable {
+    let room: String
+    let backend: String
+    let members: Int
+    let created: Bool
+}
+
+struct JoinedEvent: Encodable {
+    let event = "joined"
+    let room: String
+    let backend: String
+    let members: Int
+}
+
+struct MessageEvent: Encodable {
+    let event = "message"
+    let room: String
+    let backend: String
+    let text: String
+}
+
+enum RoomJSON {
+    static func encode<Value: Encodable>(_ value: Value) -> String {
+        let encoder = JSONEncoder()
+        // Unescaped slashes keep the output readable in demos; it is still valid JSON.
+        encoder.outputFormatting = [.withoutEscapingSlashes]
+        // Encoding these flat structs of strings/ints/bools cannot fail.
+        let data = (try? encoder.encode(value)) ?? Data("{}".utf8)
+        return String(decoding: data, as: UTF8.self)
+    }
+}
