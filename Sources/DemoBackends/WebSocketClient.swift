@@ -124,7 +124,9 @@ public final class WebSocketClient: Sendable {
             }
         )
         let sync = channel.pipeline.syncOperations
-        try sync.addHTTPClientHandlers(withClientUpgrade: upgrade)
+        // The server's first frame (room "joined") often arrives in the same read as the 101;
+        // the default `.dropBytes` would silently discard it when the HTTP decoder is removed.
+        try sync.addHTTPClientHandlers(leftOverBytesStrategy: .forwardBytes, withClientUpgrade: upgrade)
         try sync.addHandler(WebSocketUpgradeOutcomeHandler(upgraded: upgraded), name: Self.outcomeHandlerName)
     }
 
