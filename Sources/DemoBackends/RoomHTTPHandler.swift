@@ -1,5 +1,6 @@
 import NIOCore
 import NIOHTTP1
+import NIOWebSocket
 
 /// Plain HTTP side of the room server: `GET /rooms/{name}` returns room JSON, anything else a
 /// text line naming the backend. Responses always use Content-Length framing so keep-alive works
@@ -70,7 +71,10 @@ final class RoomHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // A broken connection has no one left to answer; just drop it.
+        // The upgrader reports a declined upgrade (not a room URL) as an error before handing the
+        // request to us as plain HTTP; that request still deserves its normal 200 answer.
+        if error is NIOWebSocketUpgradeError { return }
+        // Anything else means a broken connection with no one left to answer; just drop it.
         context.close(promise: nil)
     }
 }
