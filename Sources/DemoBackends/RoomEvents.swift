@@ -26,8 +26,9 @@ struct MessageEvent: Encodable {
 enum RoomJSON {
     static func encode<Value: Encodable>(_ value: Value) -> String {
         let encoder = JSONEncoder()
-        // Unescaped slashes keep the output readable in demos; it is still valid JSON.
-        encoder.outputFormatting = [.withoutEscapingSlashes]
+        // Sorted keys: Foundation otherwise emits keys in per-process random order, which makes
+        // demo output and logs needlessly hard to compare. Unescaped slashes are still valid JSON.
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         // Encoding these flat structs of strings/ints/bools cannot fail.
         let data = (try? encoder.encode(value)) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)
