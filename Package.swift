@@ -61,6 +61,16 @@ let package = Package(
             dependencies: ["ProxyCore"]
         ),
         .testTarget(
+            name: "DemoBackendsTests",
+            dependencies: [
+                "DemoBackends",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOWebSocket", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(
             name: "IntegrationTests",
             dependencies: [
                 "ProxyCore",
