@@ -53,7 +53,7 @@ final class Exchange {
 ///
 /// Re-entrancy rule: state is updated *before* any write, because writing a response end lets the pipelining handler
 /// deliver the next buffered request synchronously.
-final class ProxyHandler: ChannelDuplexHandler, UpstreamResponseSink {
+final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, UpstreamResponseSink {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundIn = HTTPServerResponsePart
     typealias OutboundOut = HTTPServerResponsePart
@@ -583,7 +583,6 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponseSink {
     private func startTunnel(_ exchange: Exchange, responseHead: HTTPResponseHead, context: ChannelHandlerContext) {
         guard let upstream = exchange.upstream else { return }
         exchange.upstream = nil
-        upstream.sink = nil
         exchange.responseStarted = true
         exchange.responseEnded = true
         self.state = .tunnel
@@ -591,6 +590,14 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponseSink {
             from: responseHead, requestMethod: exchange.head.method, keepAlive: true, clientVersion: exchange.head.version)
         context.writeAndFlush(Self.wrapOutboundOut(.head(head)), promise: nil)
         self.runtime.metrics.tunnelsOpen.increment()
+        // The decoders are still inside their decode loops (the 101's `.end` follows synchronously); rebuild the
+        // pipelines once they have returned. Bytes that arrive meanwhile stay buffered in the stopped decoders.
+        context.eventLoop.assumeIsolated().execute {
+            self.spliceTunnel(exchange, upstream: upstream, context: context)
+        }
+    }
+
+    private func spliceTunnel(_ exchange: Exchange, upstream: UpstreamConnection, context: ChannelHandlerContext) {
 
         let (clientSide, backendSide) = TunnelHandler.pair()
         let runtime = self.runtime
@@ -612,6 +619,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponseSink {
             try upstreamPipeline.addHandler(backendSide)
             // Removing the decoders last forwards any bytes that arrived right behind the heads (a first WebSocket
             // frame) to the tunnel handlers, in order.
+            upstream.sink = nil
             upstreamPipeline.removeHandler(upstream.handler, promise: nil)
             upstreamPipeline.removeHandler(upstream.encoder, promise: nil)
             upstreamPipeline.removeHandler(upstream.decoder, promise: nil)

@@ -29,7 +29,8 @@ final class TunnelHandler: ChannelDuplexHandler {
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         if !context.channel.isActive {
-            self.partnerClosed()
+            // Closed before the tunnel was spliced: take the other side down too.
+            self.partner?.partnerClosed()
         }
     }
 
@@ -105,6 +106,7 @@ final class TunnelHandler: ChannelDuplexHandler {
     private func partnerClosed() {
         guard !self.closing, let context = self.context else { return }
         self.closing = true
+        guard context.channel.isActive else { return }
         let buffer = context.channel.allocator.buffer(capacity: 0)
         context.writeAndFlush(Self.wrapOutboundOut(buffer)).assumeIsolated().whenComplete { _ in
             context.close(promise: nil)
