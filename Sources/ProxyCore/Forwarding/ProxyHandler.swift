@@ -218,11 +218,18 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         }
 
         let backend: Backend
-        switch decision {
-        case .respond(let status, let headers, let body):
-            self.answerLocally(head: head, framing: framing, status: status, body: body, headers: headers, context: context)
+        switch decision.action {
+        case .respond(let response):
+            self.answerLocally(
+                head: head, framing: framing, status: response.status, body: response.body,
+                headers: response.headers.map { ($0.name, $0.value) }, context: context)
             return
-        case .pool(let name):
+        case .needBody:
+            // Buffered re-routing arrives with the scripting plugin; the built-in policies never ask for it.
+            self.runtime.logger.error("routing policy asked for the body, which this listener does not support")
+            self.answerLocally(head: head, framing: framing, status: .internalServerError, body: "routing error", context: context)
+            return
+        case .forward(.pool(let name)), .forward(.keyed(_, let name, _)):
             guard let pool = self.runtime.table.pools[name] else {
                 self.runtime.logger.error("routing decision names an unknown pool", metadata: ["pool": "\(name)"])
                 self.answerLocally(head: head, framing: framing, status: .internalServerError, body: "routing error", context: context)
@@ -234,7 +241,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
                 return
             }
             backend = picked
-        case .backend(let id):
+        case .forward(.backend(let id)):
             guard let named = self.runtime.table.backends[id] else {
                 self.runtime.logger.error("routing decision names an unknown backend", metadata: ["backend": "\(id)"])
                 self.answerLocally(head: head, framing: framing, status: .internalServerError, body: "routing error", context: context)

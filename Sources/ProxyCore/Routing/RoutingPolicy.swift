@@ -20,6 +20,8 @@ public struct RouteRequest: Sendable {
     public var isUpgrade: Bool
     /// The listener the request arrived on.
     public var listener: String
+    /// The request body, only when the policy asked for it with `needBody` (bounded by `limits.max_buffered_body`).
+    public var body: ByteBuffer?
 
     public init(
         method: HTTPMethod,
@@ -41,27 +43,71 @@ public struct RouteRequest: Sendable {
         self.clientIP = clientIP
         self.isUpgrade = isUpgrade
         self.listener = listener
+        self.body = nil
     }
 }
 
-/// What a routing policy decides for one request.
-public enum RouteDecision: Sendable, Equatable {
+/// A response the proxy writes itself, without a backend.
+public struct LocalResponse: Sendable, Equatable {
+    public var status: HTTPResponseStatus
+    public var headers: [Header]
+    public var body: String
+
+    public init(status: HTTPResponseStatus, headers: [Header] = [], body: String = "") {
+        self.status = status
+        self.headers = headers
+        self.body = body
+    }
+}
+
+/// One header field, as a policy sets it.
+public struct Header: Sendable, Equatable {
+    public var name: String
+    public var value: String
+
+    public init(_ name: String, _ value: String) {
+        self.name = name
+        self.value = value
+    }
+}
+
+/// Where a forwarded request goes.
+public enum RouteTarget: Sendable, Equatable {
     /// Any backend of the pool, chosen by the pool's stateless balancer.
     case pool(String)
     /// Exactly this backend (by id).
     case backend(String)
-    /// Answer the client directly without contacting a backend.
-    case respond(status: HTTPResponseStatus, headers: [(String, String)], body: String)
+    /// The backend that owns `key`, placing the key on the pool by `placement` if nobody owns it yet.
+    case keyed(key: String, pool: String, placement: String?)
+}
 
-    public static func == (lhs: RouteDecision, rhs: RouteDecision) -> Bool {
-        switch (lhs, rhs) {
-        case (.pool(let a), .pool(let b)): return a == b
-        case (.backend(let a), .backend(let b)): return a == b
-        case (.respond(let s1, let h1, let b1), .respond(let s2, let h2, let b2)):
-            return s1 == s2 && b1 == b2 && h1.elementsEqual(h2, by: { $0 == $1 })
-        default: return false
-        }
+/// What a routing policy decides for one request.
+public struct RouteDecision: Sendable, Equatable {
+    public enum Action: Sendable, Equatable {
+        case forward(RouteTarget)
+        case respond(LocalResponse)
+        /// Read the request body (up to `limits.max_buffered_body`) and route again with it.
+        case needBody
     }
+
+    public var action: Action
+    /// Set (replace) these request headers before forwarding.
+    public var setHeaders: [Header]
+    /// Remove these request headers before forwarding (lower-case names).
+    public var removeHeaders: [String]
+    /// Replace the request path (the query is kept) before forwarding.
+    public var path: String?
+
+    public init(action: Action, setHeaders: [Header] = [], removeHeaders: [String] = [], path: String? = nil) {
+        self.action = action
+        self.setHeaders = setHeaders
+        self.removeHeaders = removeHeaders
+        self.path = path
+    }
+
+    public static func pool(_ name: String) -> RouteDecision { RouteDecision(action: .forward(.pool(name))) }
+    public static func backend(_ id: String) -> RouteDecision { RouteDecision(action: .forward(.backend(id))) }
+    public static func respond(_ response: LocalResponse) -> RouteDecision { RouteDecision(action: .respond(response)) }
 }
 
 /// The seam between the generic core and a routing plugin (the Lua scripts arrive as one).
