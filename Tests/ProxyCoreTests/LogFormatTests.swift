@@ -33,6 +33,22 @@ struct LogFormatTests {
         #expect(LineLogHandler.render([("k", value)], format: .logfmt) == "k=\(expected)")
     }
 
+    @Test(
+        "control characters are quoted and escaped, so a value stays one value on one line",
+        arguments: [
+            ("a\tb", #""a\tb""#),
+            ("a\rb", #""a\rb""#),
+            ("a\r\nb", #""a\r\nb""#),
+            ("bell\u{07}", #""bell\u0007""#),
+            ("\u{1B}[31mred", #""\u001b[31mred""#),
+        ]
+    )
+    func logfmtControlCharacters(value: String, expected: String) {
+        let line = LineLogHandler.render([("k", value), ("next", "v")], format: .logfmt)
+        #expect(line == "k=\(expected) next=v")
+        #expect(!line.unicodeScalars.contains { $0.value < 0x20 })
+    }
+
     @Test("non-ASCII text is written as is")
     func logfmtUnicode() {
         #expect(LineLogHandler.render([("city", "Zürich"), ("e", "🎉")], format: .logfmt) == "city=Zürich e=🎉")
