@@ -127,6 +127,23 @@ struct RequestValidatorTests {
         #expect(framing(head([("Content-Length", " 5 x")])) == .failure(.invalidContentLength))
     }
 
+    @Test(
+        "a Transfer-Encoding or Content-Length field with no list elements is not the same as no field",
+        arguments: [
+            ([("Transfer-Encoding", ""), ("Content-Length", "5")], RequestRejection.conflictingFraming),
+            ([("Transfer-Encoding", ","), ("Content-Length", "5")], .conflictingFraming),
+            ([("Transfer-Encoding", "")], .unsupportedTransferEncoding),
+            ([("Transfer-Encoding", " , ")], .unsupportedTransferEncoding),
+            ([("Content-Length", "")], .invalidContentLength),
+            ([("Content-Length", ",")], .invalidContentLength),
+            ([("Content-Length", "5"), ("Content-Length", "")], .invalidContentLength),
+        ]
+    )
+    func emptyFramingFields(fields: [(String, String)], expected: RequestRejection) {
+        #expect(framing(head(fields)) == .failure(expected))
+        #expect(framing(head(fields, method: .GET)) == .failure(expected))
+    }
+
     // MARK: Host
 
     @Test("HTTP/1.1 without Host → missingHost")
