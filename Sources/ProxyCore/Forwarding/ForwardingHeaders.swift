@@ -177,9 +177,13 @@ public enum RequestValidator {
     public static func framing(of head: HTTPRequestHead) throws(RequestRejection) -> RequestFraming {
         let encodings = head.headers[canonicalForm: "transfer-encoding"]
         let lengths = head.headers[canonicalForm: "content-length"]
+        // `canonicalForm` drops empty list elements, so a field whose value is empty (or only commas) would look
+        // absent: decide on the fields' presence, not on what is left of their values.
+        let hasEncoding = head.headers.contains(name: "transfer-encoding")
+        let rawLengths = head.headers["content-length"]
 
-        if !encodings.isEmpty {
-            if !lengths.isEmpty { throw .conflictingFraming }
+        if hasEncoding {
+            if !rawLengths.isEmpty { throw .conflictingFraming }
             // Only plain `chunked` is understood; anything else ("gzip, chunked", "xchunked", "chunked, identity",
             // or a Transfer-Encoding on HTTP/1.0) is a classic smuggling vector.
             guard head.version.minor >= 1, encodings.count == 1, encodings[0].lowercased() == "chunked" else {
@@ -187,7 +191,8 @@ public enum RequestValidator {
             }
             return .chunked
         }
-        if !lengths.isEmpty {
+        if !rawLengths.isEmpty {
+            if rawLengths.contains(where: { $0.allSatisfy { $0 == "," } }) { throw .invalidContentLength }
             var value: Int? = nil
             for raw in lengths {
                 guard let parsed = parseContentLength(raw) else { throw .invalidContentLength }

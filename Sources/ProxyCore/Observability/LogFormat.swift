@@ -47,10 +47,12 @@ public struct LineLogHandler: LogHandler {
     }
 
     static func logfmtValue(_ value: String) -> String {
-        let needsQuotes = value.isEmpty || value.contains { $0 == " " || $0 == "=" || $0 == "\"" || $0 == "\n" || $0 == "\\" }
+        // Any control character (tab, CR, ESC, ...) must be quoted and escaped too, or one value splits in two.
+        let needsQuotes = value.isEmpty || value.unicodeScalars.contains {
+            $0.value <= 0x20 || $0 == "=" || $0 == "\"" || $0 == "\\"
+        }
         guard needsQuotes else { return value }
-        return "\"" + value.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
-            .replacingOccurrences(of: "\n", with: "\\n") + "\""
+        return jsonString(value)
     }
 
     static func jsonString(_ value: String) -> String {
