@@ -137,3 +137,17 @@ struct AdminServerTests {
         #expect(admin.respond(method: .GET, path: "/metrics", headers: bearer("from-env")).0 == .unauthorized)
     }
 }
+
+@Suite struct BearerTokenTests {
+    @Test(arguments: [
+        ("Bearer s3cret", true), ("bearer s3cret", true), ("BEARER s3cret", true), ("Bearer s3cre", false),
+        ("Bearer s3cretx", false), ("Basic s3cret", false), ("s3cret", false), ("Bearer ", false),
+    ])
+    func bearerMatching(header: String, expected: Bool) {
+        #expect(AdminServer.bearerMatches(header, token: "s3cret") == expected)
+    }
+
+    @Test func missingHeaderIsRefused() {
+        #expect(AdminServer.bearerMatches(nil, token: "s3cret") == false)
+    }
+}

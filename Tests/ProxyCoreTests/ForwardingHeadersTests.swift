@@ -218,7 +218,7 @@ struct UpstreamRequestHeadTests {
                 ["Accept", "text/html"],
                 ["x-forwarded-for", "10.0.0.7"],
                 ["x-forwarded-proto", "http"],
-                ["via", "1.1 ott-proxy"],
+                ["via", "1.0 ott-proxy"],
             ])
     }
 }
@@ -367,5 +367,22 @@ struct DownstreamResponseHeadTests {
     func viaAppended() {
         let (head, _) = downstream(response(.ok, [("Content-Length", "0"), ("Via", "1.1 cache")]))
         #expect(head.headers["via"] == ["1.1 cache, 1.1 ott-proxy"])
+    }
+}
+
+@Suite struct ForwardingHeadersEdgeTests {
+    @Test func connectionCannotStripHost() {
+        let head = HTTPRequestHead(
+            version: .http1_1, method: .GET, uri: "/",
+            headers: HTTPHeaders([("Host", "example.com"), ("Connection", "host, x-drop"), ("X-Drop", "1")]))
+        let out = ForwardingHeaders.upstreamRequestHead(from: head, framing: .none, upgrade: nil, clientIP: "10.0.0.1", scheme: "http")
+        #expect(out.headers["host"] == ["example.com"])
+        #expect(out.headers["x-drop"].isEmpty)
+    }
+
+    @Test func viaNamesTheReceivedVersion() {
+        let head = HTTPRequestHead(version: .http1_0, method: .GET, uri: "/", headers: HTTPHeaders([("Via", "1.1 edge")]))
+        let out = ForwardingHeaders.upstreamRequestHead(from: head, framing: .none, upgrade: nil, clientIP: "10.0.0.1", scheme: "http")
+        #expect(out.headers["via"] == ["1.1 edge, 1.0 ott-proxy"])
     }
 }

@@ -40,8 +40,7 @@ struct AdminServer: Sendable {
         let route = path.split(separator: "?", maxSplits: 1).first.map(String.init) ?? path
         let open = route == "/healthz" || route == "/readyz" || (route == "/metrics" && self.config.metricsOpen)
         if !open, let token = self.token {
-            let presented = headers.first(name: "authorization") ?? ""
-            guard presented == "Bearer \(token)" else {
+            guard Self.bearerMatches(headers.first(name: "authorization"), token: token) else {
                 return (.unauthorized, "text/plain; charset=utf-8", "unauthorized: bearer token required\n")
             }
         }
@@ -57,6 +56,21 @@ struct AdminServer: Sendable {
         default:
             return (.notFound, "text/plain; charset=utf-8", "not found\n")
         }
+    }
+}
+
+extension AdminServer {
+    /// The auth scheme is case-insensitive (RFC 9110 §11.1); the token comparison takes the same time wherever the
+    /// first difference is, so response timing does not reveal a prefix of the token.
+    static func bearerMatches(_ header: String?, token: String) -> Bool {
+        guard let header, header.count > 7, header.prefix(7).lowercased() == "bearer " else { return false }
+        let presented = Array(header.dropFirst(7).utf8)
+        let expected = Array(token.utf8)
+        var difference = presented.count ^ expected.count
+        for index in 0..<expected.count {
+            difference |= Int(expected[index] ^ (index < presented.count ? presented[index] : 0))
+        }
+        return difference == 0
     }
 }
 

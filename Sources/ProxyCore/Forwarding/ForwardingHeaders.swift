@@ -11,6 +11,9 @@ public enum ForwardingHeaders {
         "connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
     ]
 
+    /// Fields that `Connection` cannot make hop-by-hop: removing them would change what the request means.
+    static let endToEndOnly: Set<String> = ["host", "content-length", "x-forwarded-for"]
+
     /// The value the proxy adds to `Via` (RFC 9110 §7.6.3): protocol version and a pseudonym, never a host name.
     public static let viaValue = "1.1 ott-proxy"
 
@@ -33,7 +36,8 @@ public enum ForwardingHeaders {
         headers = HTTPHeaders(
             headers.filter { field in
                 let name = field.name.lowercased()
-                return !hopByHop.contains(name) && !listed.contains(name)
+                // A client may not strip the message's own routing fields by naming them in Connection.
+                return !hopByHop.contains(name) && (!listed.contains(name) || endToEndOnly.contains(name))
             }
         )
         return listed
@@ -135,12 +139,14 @@ public enum ForwardingHeaders {
         return (HTTPResponseHead(version: version, status: head.status, headers: headers), closeAfter)
     }
 
+    /// RFC 9110 §7.6.3: each proxy appends the protocol version it *received* the message with.
     private static func appendVia(_ headers: inout HTTPHeaders, requestVersion: HTTPVersion) {
+        let entry = requestVersion == .http1_0 ? "1.0 ott-proxy" : viaValue
         let existing = headers[canonicalForm: "via"]
         if existing.isEmpty {
-            headers.add(name: "via", value: viaValue)
+            headers.add(name: "via", value: entry)
         } else {
-            headers.replaceOrAdd(name: "via", value: existing.joined(separator: ", ") + ", " + viaValue)
+            headers.replaceOrAdd(name: "via", value: existing.joined(separator: ", ") + ", " + entry)
         }
     }
 }
