@@ -5,8 +5,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # Debian packages every build and test needs: Lua 5.4 for routing scripts, pkg-config to find it,
-# redis-server for the shared ownership directory tests.
-BASE_PACKAGES=(pkg-config liblua5.4-dev redis-server)
+# redis-server for the shared ownership directory tests, openssl to make throwaway TLS certificates in tests.
+BASE_PACKAGES=(pkg-config liblua5.4-dev redis-server openssl)
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
