@@ -48,12 +48,15 @@ final class ConfigDecoder {
 
     private func listener(_ node: Node, path: String) -> ListenerConfig? {
         let r = self.reader
-        guard let s = r.section(node, path: path, keys: ["name", "address", "port", "pool", "tls"]) else { return nil }
+        guard let s = r.section(node, path: path, keys: ["name", "address", "port", "pool", "tls", "routing"]) else {
+            return nil
+        }
         let name = r.optional(s, "name", r.string)
         let address = r.optional(s, "address", r.string) ?? "0.0.0.0"
         let port = r.required(s, "port") { r.int($0, path: $1, min: 1, max: 65535) }
         let pool = r.required(s, "pool", r.string)
         let tls = r.optional(s, "tls", self.tls)
+        let routing = r.optional(s, "routing", self.routing)
 
         // Registered even when a sibling key is bad, so one run reports a wrong pool name along with a wrong port.
         if let pool, let poolNode = s.values["pool"] {
@@ -68,7 +71,50 @@ final class ConfigDecoder {
         }
 
         guard let port, let pool else { return nil }
-        return ListenerConfig(name: name, address: address, port: port, pool: pool, tls: tls)
+        return ListenerConfig(name: name, address: address, port: port, pool: pool, tls: tls, routing: routing)
+    }
+
+    private func routing(_ node: Node, path: String) -> RoutingScriptConfig? {
+        let r = self.reader
+        let keys = ["script", "options", "instruction_limit", "memory_limit", "fallback_pool"]
+        guard let s = r.section(node, path: path, keys: keys) else { return nil }
+        let script = r.required(s, "script", r.string)
+        let options = r.optional(s, "options") { node, _ in Self.value(node) } ?? .map([:])
+        let instructions = r.optional(s, "instruction_limit") { r.int($0, path: $1, min: 1000) }
+        let memory = r.optional(s, "memory_limit") { r.size($0, path: $1, min: 256 * 1024) }
+        let fallback = r.optional(s, "fallback_pool", r.string)
+        if let fallback, let fallbackNode = s.values["fallback_pool"] {
+            self.poolReferences.append((fallback, fallbackNode, s.path(of: "fallback_pool")))
+        }
+        guard let script else { return nil }
+        return RoutingScriptConfig(
+            script: r.resolvePath(script),
+            options: options,
+            instructionLimit: instructions ?? 1_000_000,
+            memoryLimit: memory ?? 16 * 1024 * 1024,
+            fallbackPool: fallback
+        )
+    }
+
+    /// Any YAML node as plain data: scalars by their resolved tag, sequences and mappings recursively.
+    static func value(_ node: Node) -> ConfigValue {
+        switch node {
+        case .scalar:
+            if node.isNull { return .null }
+            if node.hasTag(.bool), let value = node.bool { return .bool(value) }
+            if node.hasTag(.int), let value = node.int { return .int(value) }
+            if node.hasTag(.float), let value = node.float { return .double(value) }
+            return .string(node.string ?? "")
+        case .sequence(let sequence):
+            return .list(sequence.map { value($0) })
+        case .mapping(let mapping):
+            var result: [String: ConfigValue] = [:]
+            for (key, item) in mapping { result[key.string ?? "\(key)"] = value(item) }
+            return .map(result)
+        case .alias:
+            // `compose` resolves aliases to their anchored nodes; an unresolved one carries no data.
+            return .null
+        }
     }
 
     private func tls(_ node: Node, path: String) -> TLSConfig? {

@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 import Yams
 
@@ -87,6 +88,13 @@ final class NodeReader {
             return nil
         }
         return scalar.string
+    }
+
+    /// A path from the file, made absolute against the configuration file's directory (as nginx does with its prefix).
+    func resolvePath(_ path: String) -> String {
+        if path.hasPrefix("/") { return path }
+        let directory = URL(fileURLWithPath: self.file).deletingLastPathComponent()
+        return directory.appendingPathComponent(path).standardizedFileURL.path
     }
 
     // MARK: Keys of a section

@@ -44,14 +44,63 @@ public struct ListenerConfig: Sendable, Equatable {
     public var pool: String
     /// Optional TLS termination.
     public var tls: TLSConfig?
+    /// Optional routing script; without one every request goes to `pool`.
+    public var routing: RoutingScriptConfig?
 
-    public init(name: String? = nil, address: String = "0.0.0.0", port: Int, pool: String, tls: TLSConfig? = nil) {
+    public init(
+        name: String? = nil,
+        address: String = "0.0.0.0",
+        port: Int,
+        pool: String,
+        tls: TLSConfig? = nil,
+        routing: RoutingScriptConfig? = nil
+    ) {
         self.name = name ?? "\(address):\(port)"
         self.address = address
         self.port = port
         self.pool = pool
         self.tls = tls
+        self.routing = routing
     }
+}
+
+/// A Lua routing script attached to a listener (see `docs/routing-api.md`).
+public struct RoutingScriptConfig: Sendable, Equatable {
+    /// Absolute path of the script (a relative path in the file is resolved against the file's directory).
+    public var script: String
+    /// Any YAML value, handed to the script as `proxy.options`.
+    public var options: ConfigValue
+    /// Lua VM instructions one call may run before it is stopped (the request then fails).
+    public var instructionLimit: Int
+    /// Bytes the script's Lua state may allocate in total.
+    public var memoryLimit: Int
+    /// When the script fails for a request, send it to any backend of this pool instead of answering 500.
+    public var fallbackPool: String?
+
+    public init(
+        script: String,
+        options: ConfigValue = .map([:]),
+        instructionLimit: Int = 1_000_000,
+        memoryLimit: Int = 16 * 1024 * 1024,
+        fallbackPool: String? = nil
+    ) {
+        self.script = script
+        self.options = options
+        self.instructionLimit = instructionLimit
+        self.memoryLimit = memoryLimit
+        self.fallbackPool = fallbackPool
+    }
+}
+
+/// A YAML value kept as data (for script options).
+public enum ConfigValue: Sendable, Equatable {
+    case null
+    case bool(Bool)
+    case int(Int)
+    case double(Double)
+    case string(String)
+    case list([ConfigValue])
+    case map([String: ConfigValue])
 }
 
 public struct TLSConfig: Sendable, Equatable {
