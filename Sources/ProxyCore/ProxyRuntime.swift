@@ -9,14 +9,23 @@ public final class ProxyRuntime: Sendable {
     public let accessLogger: Logger
     public let accessLog: Bool
     public let metrics: ProxyMetrics
+    /// Claimed key owners; shared by every generation, so a reload keeps them.
+    public let owners: KeyOwners
+    /// Counts reloads: 1 for the configuration the server started with.
+    public let generation: Int
 
-    public init(config: ProxyConfig, table: RoutingTable, logger: Logger, accessLogger: Logger, metrics: ProxyMetrics) {
+    public init(
+        config: ProxyConfig, table: RoutingTable, logger: Logger, accessLogger: Logger, metrics: ProxyMetrics,
+        owners: KeyOwners = KeyOwners(), generation: Int = 1
+    ) {
         self.config = config
         self.table = table
         self.logger = logger
         self.accessLogger = accessLogger
         self.accessLog = config.logging.accessLog
         self.metrics = metrics
+        self.owners = owners
+        self.generation = generation
     }
 }
 

@@ -4,24 +4,47 @@ import NIOHTTP1
 import NIOPosix
 import NIOSSL
 import ServiceLifecycle
+import UnixSignals
 import Synchronization
 
 /// Makes the routing policy for one listener on one event loop (policies are loop-confined; Lua states are too).
-public typealias RoutingPolicyFactory = @Sendable (ListenerConfig, EventLoop) throws -> RoutingPolicy
+/// Called again for every reload; a throw fails the start or the reload, with the error reported.
+public typealias RoutingPolicyFactory = @Sendable (ListenerConfig, EventLoop, RoutingEnvironment) throws -> RoutingPolicy
+
+/// Why a reload was refused. The previous generation stays in force.
+public struct ReloadError: Error, CustomStringConvertible, Sendable {
+    public var description: String
+}
 
 /// The assembled proxy: listeners, the admin listener, per-loop upstream pools, and graceful shutdown.
 ///
 /// Use it as a ServiceLifecycle `Service` (`run()` serves until graceful shutdown is triggered, then drains), or
 /// drive it directly with `start()` and `shutdown()` (tests do).
 public final class ProxyServer: Service, Sendable {
-    /// Per-event-loop state: the upstream pool and each listener's policy live on one loop and never cross it.
+    /// Per-event-loop state: the upstream pool and the current generation's policies live on one loop and never
+    /// cross it.
     final class LoopState {
         let pool: UpstreamPool
-        var policies: [String: RoutingPolicy]
+        var generation: LoopGeneration
 
-        init(pool: UpstreamPool, policies: [String: RoutingPolicy]) {
+        init(pool: UpstreamPool, generation: LoopGeneration) {
             self.pool = pool
+            self.generation = generation
+        }
+    }
+
+    /// One configuration generation as one event loop sees it.
+    final class LoopGeneration {
+        let runtime: ProxyRuntime
+        let policies: [String: RoutingPolicy]
+
+        init(runtime: ProxyRuntime, policies: [String: RoutingPolicy]) {
+            self.runtime = runtime
             self.policies = policies
+        }
+
+        func policy(for listener: String) -> RoutingPolicy {
+            self.policies[listener] ?? StaticPoolPolicy(pool: "")
         }
     }
 
@@ -31,7 +54,12 @@ public final class ProxyServer: Service, Sendable {
         var loopStates: [ObjectIdentifier: NIOLoopBound<LoopState>]
     }
 
-    public let runtime: ProxyRuntime
+    private let current: Mutex<ProxyRuntime>
+    /// The generation in force (the one new requests use).
+    public var runtime: ProxyRuntime { self.current.withLock { $0 } }
+    private let reloading = Mutex(false)
+    /// Where `reload()` reads the configuration from (the CLI passes the file it was started with).
+    private let configSource: (@Sendable () throws -> ProxyConfig)?
     private let group: EventLoopGroup
     private let ownsGroup: Bool
     private let policyFactory: RoutingPolicyFactory
@@ -43,19 +71,23 @@ public final class ProxyServer: Service, Sendable {
     /// - Parameters:
     ///   - group: the event loops to serve on; by default one thread per core, owned and shut down by the server.
     ///   - policyFactory: the routing policy per listener; by default every request goes to the listener's pool.
+    ///   - configSource: re-reads the configuration for `reload()` (SIGHUP, admin `POST /reload`).
     public init(
         config: ProxyConfig,
         logger: Logger = Logger(label: "ott-proxy"),
         accessLogger: Logger = Logger(label: "ott-proxy.access"),
         group: EventLoopGroup? = nil,
-        policyFactory: RoutingPolicyFactory? = nil
+        policyFactory: RoutingPolicyFactory? = nil,
+        configSource: (@Sendable () throws -> ProxyConfig)? = nil
     ) throws {
         let table = try RoutingTable(config: config)
         let metrics = ProxyMetrics(listeners: config.listeners.map(\.name))
-        self.runtime = ProxyRuntime(config: config, table: table, logger: logger, accessLogger: accessLogger, metrics: metrics)
+        self.current = Mutex(
+            ProxyRuntime(config: config, table: table, logger: logger, accessLogger: accessLogger, metrics: metrics))
+        self.configSource = configSource
         self.ownsGroup = group == nil
         self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
-        self.policyFactory = policyFactory ?? { listener, _ in StaticPoolPolicy(pool: listener.pool) }
+        self.policyFactory = policyFactory ?? { listener, _, _ in StaticPoolPolicy(pool: listener.pool) }
         self.connections = ConnectionRegistry(limit: config.limits.maxConnections)
     }
 
@@ -66,26 +98,24 @@ public final class ProxyServer: Service, Sendable {
 
     /// Binds every listener and the admin listener. Fails (and binds nothing) if any address is unusable.
     public func start() async throws {
-        let config = self.runtime.config
-        var loopStates: [ObjectIdentifier: NIOLoopBound<LoopState>] = [:]
-        let factory = self.policyFactory
+        let runtime = self.runtime
+        let config = runtime.config
         let settings = UpstreamPool.Settings(
             connectTimeout: config.timeouts.connect,
             idleTimeout: config.timeouts.upstreamIdle,
             maxIdlePerBackend: config.limits.maxIdleUpstreamPerBackend
         )
-        for loop in self.group.makeIterator() {
-            let state = try await loop.submit {
-                var policies: [String: RoutingPolicy] = [:]
-                for listener in config.listeners {
-                    policies[listener.name] = try factory(listener, loop)
-                }
-                return NIOLoopBound(
-                    LoopState(pool: UpstreamPool(eventLoop: loop, settings: settings), policies: policies),
+        var loopStates: [ObjectIdentifier: NIOLoopBound<LoopState>] = [:]
+        for (loop, policies) in try await self.makePolicies(for: runtime) {
+            loopStates[ObjectIdentifier(loop)] = try await loop.submit {
+                NIOLoopBound(
+                    LoopState(
+                        pool: UpstreamPool(eventLoop: loop, settings: settings),
+                        generation: LoopGeneration(runtime: runtime, policies: policies.value)
+                    ),
                     eventLoop: loop
                 )
             }.get()
-            loopStates[ObjectIdentifier(loop)] = state
         }
 
         var channels: [Channel] = []
@@ -100,7 +130,7 @@ public final class ProxyServer: Service, Sendable {
             }
             var adminChannel: Channel? = nil
             if let admin = config.admin {
-                let server = AdminServer(config: admin, runtime: self.runtime, connections: self.connections)
+                let server = AdminServer(config: admin, proxy: self, connections: self.connections)
                 let channel = try await server.bind(group: self.group)
                 adminChannel = channel
                 self.boundAdminPort.withLock { $0 = channel.localAddress?.port }
@@ -114,12 +144,120 @@ public final class ProxyServer: Service, Sendable {
         }
     }
 
+    /// Serves until graceful shutdown; SIGHUP reloads the configuration (when a `configSource` was given).
     public func run() async throws {
         if self.started.withLock({ $0 == nil }) {
             try await self.start()
         }
-        try? await gracefulShutdown()
+        let hangups = await UnixSignalsSequence(trapping: .sighup)
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask {
+                for await _ in hangups {
+                    _ = await self.reload()
+                }
+            }
+            try? await gracefulShutdown()
+            group.cancelAll()
+        }
         await self.shutdown()
+    }
+
+    /// Re-reads the configuration and scripts and swaps them in for new requests. On any error the old generation
+    /// stays in force and the error is returned (and logged). In-flight requests and open tunnels are not touched.
+    @discardableResult
+    public func reload() async -> Result<Int, ReloadError> {
+        guard let configSource = self.configSource else {
+            return .failure(ReloadError(description: "reload is not available: the proxy was not started from a file"))
+        }
+        let config: ProxyConfig
+        do {
+            config = try configSource()
+        } catch {
+            return self.reloadFailed("\(error)")
+        }
+        return await self.reload(config)
+    }
+
+    /// Swaps in `config` (see `reload()`). Listener and admin changes need a restart and are refused.
+    public func reload(_ config: ProxyConfig) async -> Result<Int, ReloadError> {
+        guard self.reloading.withLock({ busy in
+            if busy { return false }
+            busy = true
+            return true
+        }) else {
+            return self.reloadFailed("another reload is in progress")
+        }
+        defer { self.reloading.withLock { $0 = false } }
+        guard let loopStates = self.started.withLock({ $0?.loopStates }) else {
+            return self.reloadFailed("the proxy is not running")
+        }
+        let old = self.runtime
+        let unchanged = { (listener: ListenerConfig) -> ListenerConfig in
+            var copy = listener
+            copy.routing = nil
+            return copy
+        }
+        guard config.listeners.map(unchanged) == old.config.listeners.map(unchanged), config.admin == old.config.admin else {
+            return self.reloadFailed("listeners and the admin listener cannot change on reload: restart the proxy")
+        }
+        let table: RoutingTable
+        do {
+            table = try RoutingTable(config: config)
+        } catch {
+            return self.reloadFailed("a backend address does not resolve: \(error)")
+        }
+        let runtime = ProxyRuntime(
+            config: config, table: table, logger: old.logger, accessLogger: old.accessLogger, metrics: old.metrics,
+            owners: old.owners, generation: old.generation + 1)
+        let policies: [(EventLoop, NIOLoopBound<[String: RoutingPolicy]>)]
+        do {
+            policies = try await self.makePolicies(for: runtime)
+        } catch {
+            return self.reloadFailed("\(error)")
+        }
+        // Every policy compiled: commit on each loop. A request reads its loop's generation once, at its head.
+        let settings = UpstreamPool.Settings(
+            connectTimeout: config.timeouts.connect,
+            idleTimeout: config.timeouts.upstreamIdle,
+            maxIdlePerBackend: config.limits.maxIdleUpstreamPerBackend
+        )
+        self.current.withLock { $0 = runtime }
+        for (loop, loopPolicies) in policies {
+            guard let state = loopStates[ObjectIdentifier(loop)] else { continue }
+            try? await loop.submit {
+                state.value.generation = LoopGeneration(runtime: runtime, policies: loopPolicies.value)
+                state.value.pool.settings = settings
+            }.get()
+        }
+        runtime.metrics.countReload(succeeded: true)
+        runtime.logger.info("configuration reloaded", metadata: ["generation": "\(runtime.generation)"])
+        return .success(runtime.generation)
+    }
+
+    private func reloadFailed(_ why: String) -> Result<Int, ReloadError> {
+        let runtime = self.runtime
+        runtime.metrics.countReload(succeeded: false)
+        runtime.logger.error("reload failed; the previous configuration stays in force", metadata: ["error": "\(why)"])
+        return .failure(ReloadError(description: why))
+    }
+
+    /// Builds every listener's policy on every loop (each on its own loop, where it will live).
+    private func makePolicies(for runtime: ProxyRuntime) async throws -> [(EventLoop, NIOLoopBound<[String: RoutingPolicy]>)] {
+        let factory = self.policyFactory
+        let environment = LiveRoutingEnvironment(table: runtime.table, owners: runtime.owners)
+        let listeners = runtime.config.listeners
+        var result: [(EventLoop, NIOLoopBound<[String: RoutingPolicy]>)] = []
+        for loop in self.group.makeIterator() {
+            let policies = try await loop.submit {
+                var policies: [String: RoutingPolicy] = [:]
+                for listener in listeners {
+                    policies[listener.name] = try factory(listener, loop, environment)
+                }
+                return NIOLoopBound(policies, eventLoop: loop)
+            }.get()
+            result.append((loop, policies))
+        }
+        return result
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `shutdown_grace`, then closes whatever is left
@@ -175,11 +313,6 @@ public final class ProxyServer: Service, Sendable {
             )
         }
         let context = ListenerContext(name: listener.name, scheme: sslContext == nil ? "http" : "https")
-        var limits = NIOHTTPDecoderLimitConfiguration()
-        limits.maxHeaderListSize = runtime.config.limits.maxHeaderBytes
-        limits.maxHeaderFieldSize = runtime.config.limits.maxHeaderBytes
-        let decoderLimits = limits
-        let timeouts = runtime.config.timeouts
 
         return try await ServerBootstrap(group: self.group)
             .serverChannelOption(.backlog, value: 1024)
@@ -198,11 +331,15 @@ public final class ProxyServer: Service, Sendable {
                         connections.remove(channel)
                         runtime.metrics.connectionClosed(listener: context.name)
                     }
-                    guard let loopState = loopStates[ObjectIdentifier(channel.eventLoop)]?.value,
-                        let policy = loopState.policies[listener.name]
-                    else {
+                    guard let loopState = loopStates[ObjectIdentifier(channel.eventLoop)]?.value else {
                         preconditionFailure("no loop state for the channel's event loop")
                     }
+                    // Limits and timeouts of the generation in force when the connection was accepted.
+                    let config = loopState.generation.runtime.config
+                    let timeouts = config.timeouts
+                    var decoderLimits = NIOHTTPDecoderLimitConfiguration()
+                    decoderLimits.maxHeaderListSize = config.limits.maxHeaderBytes
+                    decoderLimits.maxHeaderFieldSize = config.limits.maxHeaderBytes
                     let sync = channel.pipeline.syncOperations
                     if let sslContext {
                         try sync.addHandler(NIOSSLServerHandler(context: sslContext))
@@ -224,13 +361,7 @@ public final class ProxyServer: Service, Sendable {
                     try sync.addHandler(handlers.decoder)
                     try sync.addHandler(handlers.pipelining)
                     try sync.addHandler(
-                        ProxyHandler(
-                            runtime: runtime,
-                            listener: context,
-                            policy: policy,
-                            upstreamPool: loopState.pool,
-                            httpHandlers: handlers
-                        )
+                        ProxyHandler(listener: context, loop: loopState, httpHandlers: handlers)
                     )
                 }
             }

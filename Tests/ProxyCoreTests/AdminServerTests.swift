@@ -11,14 +11,7 @@ struct AdminServerTests {
     private static let unauthorized = "unauthorized: bearer token required\n"
 
     private func server(_ config: AdminConfig) -> AdminServer {
-        let runtime = ProxyRuntime(
-            config: ProxyConfig(admin: config),
-            table: RoutingTable(pools: []),
-            logger: Logger(label: "test"),
-            accessLogger: Logger(label: "test.access"),
-            metrics: ProxyMetrics(listeners: ["l"])
-        )
-        return AdminServer(config: config, runtime: runtime, connections: ConnectionRegistry(limit: 10))
+        AdminServer(config: config, metrics: ProxyMetrics(listeners: ["l"]), connections: ConnectionRegistry(limit: 10))
     }
 
     private func bearer(_ token: String) -> HTTPHeaders {

@@ -12,7 +12,10 @@ struct DownstreamHTTPHandlers {
 
 /// One request in flight on a client connection, from head to the end of its response.
 final class Exchange {
+    /// The head as it goes to the backend (after the policy's path and header rewrites).
     let head: HTTPRequestHead
+    /// The request target as the client sent it (what the access log shows).
+    let clientURI: String
     let backend: Backend
     let framing: RequestFraming
     let upgrade: String?
@@ -35,8 +38,15 @@ final class Exchange {
     var bytesIn = 0
     var bytesOut = 0
 
-    init(head: HTTPRequestHead, backend: Backend, framing: RequestFraming, upgrade: String?) {
+    /// Set when the policy observes responses: what it is called with.
+    var observed: (policy: RoutingPolicy, request: RouteRequest, wantsBody: Bool)?
+    var observedHead: HTTPResponseHead?
+    var observedBody: ByteBuffer?
+    var observedBodyTooLarge = false
+
+    init(head: HTTPRequestHead, clientURI: String, backend: Backend, framing: RequestFraming, upgrade: String?) {
         self.head = head
+        self.clientURI = clientURI
         self.backend = backend
         self.framing = framing
         self.upgrade = upgrade
@@ -63,14 +73,36 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         case proxying(Exchange)
         /// A local answer was written for a bodiless request whose `.end` has not been read yet.
         case answered(keepAlive: Bool)
+        /// The policy asked for the body: it is being read (bounded) before routing again.
+        case bufferingBody(BufferedRequest)
         case tunnel
         case closed
     }
 
-    private let runtime: ProxyRuntime
+    /// A request whose body is being collected for a second routing pass.
+    final class BufferedRequest {
+        let head: HTTPRequestHead
+        let framing: RequestFraming
+        let upgrade: String?
+        var request: RouteRequest
+        var body: ByteBuffer
+
+        init(head: HTTPRequestHead, framing: RequestFraming, upgrade: String?, request: RouteRequest, body: ByteBuffer) {
+            self.head = head
+            self.framing = framing
+            self.upgrade = upgrade
+            self.request = request
+            self.body = body
+        }
+    }
+
+    /// The configuration generation and policy in force; refreshed from the loop state at every request head, so a
+    /// reload applies to the next request while the current one finishes under what it started with.
+    private var runtime: ProxyRuntime
+    private var policy: RoutingPolicy
     private let listener: ListenerContext
-    private let policy: RoutingPolicy
-    private let upstreamPool: UpstreamPool
+    private let loop: ProxyServer.LoopState
+    private var upstreamPool: UpstreamPool { self.loop.pool }
     private let httpHandlers: DownstreamHTTPHandlers
     private var state: State = .idle
     private var context: ChannelHandlerContext?
@@ -79,17 +111,11 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     private var upstreamNeedsFlush = false
     private var clientIP = ""
 
-    init(
-        runtime: ProxyRuntime,
-        listener: ListenerContext,
-        policy: RoutingPolicy,
-        upstreamPool: UpstreamPool,
-        httpHandlers: DownstreamHTTPHandlers
-    ) {
-        self.runtime = runtime
+    init(listener: ListenerContext, loop: ProxyServer.LoopState, httpHandlers: DownstreamHTTPHandlers) {
         self.listener = listener
-        self.policy = policy
-        self.upstreamPool = upstreamPool
+        self.loop = loop
+        self.runtime = loop.generation.runtime
+        self.policy = loop.generation.policy(for: listener.name)
         self.httpHandlers = httpHandlers
     }
 
@@ -108,7 +134,19 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         switch Self.unwrapInboundIn(data) {
         case .head(let head):
             self.receivedHead(head, context: context)
-        case .body(let buffer):
+        case .body(var buffer):
+            if case .bufferingBody(let pending) = self.state {
+                guard pending.body.readableBytes + buffer.readableBytes <= self.runtime.config.limits.maxBufferedBody else {
+                    self.state = .closed
+                    self.countLocal(.payloadTooLarge)
+                    self.writeLocalResponse(
+                        status: .payloadTooLarge, body: "payload too large: the routing policy reads the body, which is limited",
+                        headers: [], keepAlive: false, context: context)
+                    return
+                }
+                pending.body.writeBuffer(&buffer)
+                return
+            }
             guard case .proxying(let exchange) = self.state, !exchange.responseEnded else { return }
             exchange.bytesIn += buffer.readableBytes
             let part = HTTPClientRequestPart.body(.byteBuffer(buffer))
@@ -171,7 +209,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         let status: HTTPResponseStatus = parserError == .headerOverflow ? .requestHeaderFieldsTooLarge : .badRequest
         let reason = status == .badRequest ? "bad request: malformed HTTP" : "request header fields too large"
         switch self.state {
-        case .idle, .answered:
+        case .idle, .answered, .bufferingBody:
             self.state = .closed
             self.writeLocalResponse(status: status, body: reason, headers: [], keepAlive: false, context: context)
             self.countLocal(status)
@@ -194,6 +232,9 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             return
         }
         context.triggerUserOutboundEvent(RequestHeadTimerEvent.headReceived, promise: nil)
+        let generation = self.loop.generation
+        self.runtime = generation.runtime
+        self.policy = generation.policy(for: self.listener.name)
 
         let framing: RequestFraming
         do {
@@ -206,55 +247,161 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             return
         }
         let upgrade = RequestValidator.upgradeProtocol(of: head)
+        self.decide(self.routeRequest(for: head, isUpgrade: upgrade != nil), head: head, framing: framing,
+                    upgrade: upgrade, bufferedBody: nil, context: context)
+    }
 
-        let decision: RouteDecision
+    /// Asks the policy and acts on its decision. `bufferedBody` is set on the second pass of a `needBody` decision,
+    /// when the client's request has been read completely.
+    private func decide(
+        _ request: RouteRequest,
+        head: HTTPRequestHead,
+        framing: RequestFraming,
+        upgrade: String?,
+        bufferedBody: ByteBuffer?,
+        context: ChannelHandlerContext
+    ) {
+        let requestEnded = bufferedBody != nil
+        var decision: RouteDecision
         do {
-            decision = try self.policy.route(self.routeRequest(for: head, isUpgrade: upgrade != nil))
+            decision = try self.policy.route(request)
         } catch {
             self.runtime.logger.error(
-                "routing policy failed", metadata: ["error": "\(error)", "method": "\(head.method)", "uri": "\(head.uri)"])
-            self.answerLocally(head: head, framing: framing, status: .internalServerError, body: "routing error", context: context)
-            return
+                "routing policy failed",
+                metadata: ["error": "\(error)", "method": "\(head.method.rawValue)", "uri": "\(head.uri)"])
+            self.runtime.metrics.countRoutingError()
+            guard let fallback = self.listenerFallbackPool else {
+                self.answerLocally(head: head, framing: framing, requestEnded: requestEnded,
+                                   status: .internalServerError, body: "routing error", context: context)
+                return
+            }
+            decision = .pool(fallback)
         }
 
-        let backend: Backend
         switch decision.action {
         case .respond(let response):
             self.answerLocally(
-                head: head, framing: framing, status: response.status, body: response.body,
+                head: head, framing: framing, requestEnded: requestEnded, status: response.status, body: response.body,
                 headers: response.headers.map { ($0.name, $0.value) }, context: context)
-            return
         case .needBody:
-            // Buffered re-routing arrives with the scripting plugin; the built-in policies never ask for it.
-            self.runtime.logger.error("routing policy asked for the body, which this listener does not support")
-            self.answerLocally(head: head, framing: framing, status: .internalServerError, body: "routing error", context: context)
-            return
-        case .forward(.pool(let name)), .forward(.keyed(_, let name, _)):
-            guard let pool = self.runtime.table.pools[name] else {
-                self.runtime.logger.error("routing decision names an unknown pool", metadata: ["pool": "\(name)"])
-                self.answerLocally(head: head, framing: framing, status: .internalServerError, body: "routing error", context: context)
-                return
+            if bufferedBody != nil {
+                self.runtime.logger.error("routing policy asked for the body again after receiving it", metadata: ["uri": "\(head.uri)"])
+                self.answerLocally(head: head, framing: framing, requestEnded: true, status: .internalServerError,
+                                   body: "routing error", context: context)
+            } else if framing == .none {
+                var again = request
+                again.body = context.channel.allocator.buffer(capacity: 0)
+                self.decide(again, head: head, framing: framing, upgrade: upgrade, bufferedBody: again.body, context: context)
+            } else {
+                if case .contentLength(let length) = framing, length > self.runtime.config.limits.maxBufferedBody {
+                    self.state = .closed
+                    self.countLocal(.payloadTooLarge)
+                    self.writeLocalResponse(
+                        status: .payloadTooLarge, body: "payload too large: the routing policy reads the body, which is limited",
+                        headers: [], keepAlive: false, context: context)
+                    return
+                }
+                self.state = .bufferingBody(
+                    BufferedRequest(head: head, framing: framing, upgrade: upgrade, request: request,
+                                    body: context.channel.allocator.buffer(capacity: 0)))
             }
-            guard let picked = pool.pick() else {
-                self.answerLocally(
-                    head: head, framing: framing, status: .serviceUnavailable, body: "no backend available", context: context)
-                return
+        case .forward(let target):
+            guard let backend = self.resolve(target, head: head, framing: framing, requestEnded: requestEnded, context: context)
+            else { return }
+            let forwardedHead = Self.rewrite(head, with: decision)
+            let bodyFraming: RequestFraming = bufferedBody.map { .contentLength($0.readableBytes) } ?? framing
+            let exchange = Exchange(head: forwardedHead, clientURI: head.uri, backend: backend, framing: bodyFraming, upgrade: upgrade)
+            if let bufferedBody {
+                exchange.requestEnded = true
+                if bufferedBody.readableBytes > 0 {
+                    exchange.pending.append(.body(.byteBuffer(bufferedBody)))
+                    exchange.bytesIn = bufferedBody.readableBytes
+                }
+                exchange.pending.append(.end(nil))
             }
-            backend = picked
-        case .forward(.backend(let id)):
-            guard let named = self.runtime.table.backends[id] else {
-                self.runtime.logger.error("routing decision names an unknown backend", metadata: ["backend": "\(id)"])
-                self.answerLocally(head: head, framing: framing, status: .internalServerError, body: "routing error", context: context)
-                return
+            if self.policy.observesResponses {
+                exchange.observed = (self.policy, request, decision.responseBody)
             }
-            backend = named
+            backend.acquire()
+            self.state = .proxying(exchange)
+            self.readsHeld = true
+            self.connectUpstream(exchange, allowPooled: true)
         }
+    }
 
-        let exchange = Exchange(head: head, backend: backend, framing: framing, upgrade: upgrade)
-        backend.acquire()
-        self.state = .proxying(exchange)
-        self.readsHeld = true
-        self.connectUpstream(exchange, allowPooled: true)
+    private var listenerFallbackPool: String? {
+        self.runtime.config.listeners.first { $0.name == self.listener.name }?.routing?.fallbackPool
+    }
+
+    /// Placement strategies a keyed decision may name. Until the ownership directory implements them, every one places
+    /// by rendezvous hashing over the pool, so all proxies agree without talking to each other.
+    static let placementStrategies: Set<String> = [
+        "least-keys", "least-connections", "power-of-two-choices", "random", "weighted-round-robin",
+        "rendezvous", "ketama", "maglev", "bounded-load",
+    ]
+
+    /// The backend a forwarding decision names, or nil after answering the client with why there is none.
+    private func resolve(
+        _ target: RouteTarget, head: HTTPRequestHead, framing: RequestFraming, requestEnded: Bool,
+        context: ChannelHandlerContext
+    ) -> Backend? {
+        let table = self.runtime.table
+        func refuse(_ status: HTTPResponseStatus, _ body: String, log: String? = nil, _ metadata: Logger.Metadata = [:]) -> Backend? {
+            if let log { self.runtime.logger.error("\(log)", metadata: metadata) }
+            if status == .internalServerError { self.runtime.metrics.countRoutingError() }
+            self.answerLocally(head: head, framing: framing, requestEnded: requestEnded, status: status, body: body, context: context)
+            return nil
+        }
+        switch target {
+        case .pool(let name):
+            guard let pool = table.pools[name] else {
+                return refuse(.internalServerError, "routing error", log: "routing decision names an unknown pool", ["pool": "\(name)"])
+            }
+            return pool.pick() ?? refuse(.serviceUnavailable, "no backend available")
+        case .backend(let id):
+            guard let backend = table.backends[id] else {
+                return refuse(.internalServerError, "routing error", log: "routing decision names an unknown backend", ["backend": "\(id)"])
+            }
+            return backend
+        case .keyed(let key, let name, let placement):
+            guard let pool = table.pools[name] else {
+                return refuse(.internalServerError, "routing error", log: "routing decision names an unknown pool", ["pool": "\(name)"])
+            }
+            if let placement, !Self.placementStrategies.contains(placement) {
+                return refuse(.internalServerError, "routing error", log: "routing decision names an unknown placement strategy",
+                              ["place": "\(placement)"])
+            }
+            if let ownerID = self.runtime.owners.owner(of: key), let owner = table.backends[ownerID],
+                pool.backends.contains(where: { $0 === owner })
+            {
+                return owner
+            }
+            guard let id = ConsistentHashing.rendezvous(key: key, backends: pool.hashInputs), let backend = table.backends[id] else {
+                return refuse(.serviceUnavailable, "no backend available")
+            }
+            return backend
+        }
+    }
+
+    /// Applies a decision's path and header rewrites. Framing fields are the proxy's to decide and are left alone.
+    static func rewrite(_ head: HTTPRequestHead, with decision: RouteDecision) -> HTTPRequestHead {
+        guard decision.path != nil || !decision.setHeaders.isEmpty || !decision.removeHeaders.isEmpty else { return head }
+        var head = head
+        let protected: Set<String> = ["content-length", "transfer-encoding", "connection", "upgrade"]
+        for name in decision.removeHeaders where !protected.contains(name.lowercased()) {
+            head.headers.remove(name: name)
+        }
+        for header in decision.setHeaders where !protected.contains(header.name.lowercased()) {
+            head.headers.replaceOrAdd(name: header.name, value: header.value)
+        }
+        if let path = decision.path {
+            if let mark = head.uri.firstIndex(of: "?") {
+                head.uri = path + head.uri[mark...]
+            } else {
+                head.uri = path
+            }
+        }
+        return head
     }
 
     private func receivedEnd(_ trailers: HTTPHeaders?, context: ChannelHandlerContext) {
@@ -271,6 +418,11 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             } else {
                 exchange.pending.append(.end(trailers))
             }
+        case .bufferingBody(let pending):
+            var request = pending.request
+            request.body = pending.body
+            self.decide(request, head: pending.head, framing: pending.framing, upgrade: pending.upgrade,
+                        bufferedBody: pending.body, context: context)
         case .answered(let keepAlive):
             if keepAlive {
                 self.state = .idle
@@ -377,6 +529,16 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         case .body(let buffer):
             guard exchange.responseStarted, !exchange.responseEnded else { return }
             exchange.bytesOut += buffer.readableBytes
+            if exchange.observedBody != nil && !exchange.observedBodyTooLarge {
+                if exchange.observedBody!.readableBytes + buffer.readableBytes <= self.runtime.config.limits.maxBufferedBody {
+                    var copy = buffer
+                    exchange.observedBody!.writeBuffer(&copy)
+                } else {
+                    // Too large to hand to the policy: it sees the head only (documented).
+                    exchange.observedBodyTooLarge = true
+                    exchange.observedBody = nil
+                }
+            }
             context.write(Self.wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
         case .end(let trailers):
             guard exchange.responseStarted, !exchange.responseEnded else { return }
@@ -419,11 +581,43 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         )
         exchange.closeAfter = exchange.closeAfter || closeAfter
         exchange.responseStarted = true
+        if let observed = exchange.observed {
+            if observed.wantsBody {
+                exchange.observedHead = head
+                exchange.observedBody = context.channel.allocator.buffer(capacity: 0)
+            } else {
+                self.observeResponse(exchange, head: head, body: nil)
+            }
+        }
         context.write(Self.wrapOutboundOut(.head(responseHead)), promise: nil)
+    }
+
+    /// Lets the policy see a response; a claim takes effect before the client has the complete response, so the
+    /// client's next request for that key already finds its owner.
+    private func observeResponse(_ exchange: Exchange, head: HTTPResponseHead, body: ByteBuffer?) {
+        guard let observed = exchange.observed else { return }
+        let response = RouteResponse(status: Int(head.status.code), headers: head.headers, body: body, backend: exchange.backend.id)
+        do {
+            switch try observed.policy.onResponse(observed.request, response) {
+            case .claim(let key):
+                self.runtime.owners.claim(key, backend: exchange.backend.id)
+                self.runtime.logger.debug("key claimed from a response", metadata: ["key": "\(key)", "backend": "\(exchange.backend.id)"])
+            case nil:
+                break
+            }
+        } catch {
+            self.runtime.metrics.countRoutingError()
+            self.runtime.logger.error("routing policy failed in on_response", metadata: ["error": "\(error)", "uri": "\(exchange.clientURI)"])
+        }
     }
 
     private func receivedResponseEnd(_ trailers: HTTPHeaders?, exchange: Exchange, context: ChannelHandlerContext) {
         exchange.responseEnded = true
+        if let head = exchange.observedHead {
+            exchange.observedHead = nil
+            self.observeResponse(exchange, head: head, body: exchange.observedBody)
+            exchange.observedBody = nil
+        }
         if let upstream = exchange.upstream {
             exchange.upstream = nil
             if exchange.requestEnded && exchange.upstreamKeepAlive {
@@ -540,13 +734,21 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     private func answerLocally(
         head: HTTPRequestHead,
         framing: RequestFraming,
+        requestEnded: Bool,
         status: HTTPResponseStatus,
         body: String,
         headers: [(String, String)] = [],
         context: ChannelHandlerContext
     ) {
-        let keepAlive = head.isKeepAlive && framing == .none && RequestValidator.upgradeProtocol(of: head) == nil
-        self.state = keepAlive ? .answered(keepAlive: true) : .answered(keepAlive: false)
+        let keepAlive = head.isKeepAlive && (framing == .none || requestEnded) && RequestValidator.upgradeProtocol(of: head) == nil
+        if requestEnded {
+            self.state = keepAlive ? .idle : .closed
+            if keepAlive {
+                context.triggerUserOutboundEvent(RequestHeadTimerEvent.awaitingHead, promise: nil)
+            }
+        } else {
+            self.state = .answered(keepAlive: keepAlive)
+        }
         self.countLocal(status)
         self.logLocal(head: head, status: status)
         self.writeLocalResponse(status: status, body: body, headers: headers, keepAlive: keepAlive, context: context)
@@ -683,7 +885,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
                 "listener": "\(listener.name)",
                 "client": "\(clientIP)",
                 "method": "\(exchange.head.method.rawValue)",
-                "path": "\(exchange.head.uri)",
+                "path": "\(exchange.clientURI)",
                 "status": "\(status)",
                 "backend": "\(exchange.backend.id)",
                 "bytes_in": "\(exchange.bytesIn)",

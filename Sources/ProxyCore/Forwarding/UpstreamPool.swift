@@ -26,7 +26,8 @@ final class UpstreamPool {
     }
 
     let eventLoop: EventLoop
-    let settings: Settings
+    /// Replaced on reload; applies to connections opened and released from then on.
+    var settings: Settings
     private var idle: [String: [IdleEntry]] = [:]
     private(set) var connectsOpened = 0
     private var closed = false

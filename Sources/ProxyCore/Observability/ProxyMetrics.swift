@@ -10,6 +10,8 @@ public final class ProxyMetrics: Sendable {
     let tunnelsOpen: Gauge
     let requestDuration: DurationHistogram
     let rejectedConnections: Counter
+    let routingErrors: Counter
+    let reloads: [String: Counter]
 
     public enum UpstreamErrorKind: String, CaseIterable, Sendable {
         case connectFailed = "connect_failed"
@@ -66,6 +68,27 @@ public final class ProxyMetrics: Sendable {
             descriptor: MetricNameDescriptor(
                 namespace: "ott_proxy", metricName: "rejected_connections", unitName: "total",
                 helpText: "Client connections closed at accept because max_connections was reached."))
+        self.routingErrors = registry.makeCounter(
+            descriptor: MetricNameDescriptor(
+                namespace: "ott_proxy", metricName: "routing_errors", unitName: "total",
+                helpText: "Requests the routing policy failed on (script error, budget exceeded, bad decision)."))
+        var reloads: [String: Counter] = [:]
+        for result in ["ok", "failed"] {
+            reloads[result] = registry.makeCounter(
+                descriptor: MetricNameDescriptor(
+                    namespace: "ott_proxy", metricName: "reloads", unitName: "total",
+                    helpText: "Configuration reloads, by result."),
+                labels: [("result", result)])
+        }
+        self.reloads = reloads
+    }
+
+    func countRoutingError() {
+        self.routingErrors.increment()
+    }
+
+    func countReload(succeeded: Bool) {
+        self.reloads[succeeded ? "ok" : "failed"]?.increment()
     }
 
     func countRequest(listener: String, status: Int) {

@@ -91,6 +91,8 @@ public struct RouteDecision: Sendable, Equatable {
     }
 
     public var action: Action
+    /// Hand the response body (up to `limits.max_buffered_body`) to the policy's `onResponse`.
+    public var responseBody: Bool
     /// Set (replace) these request headers before forwarding.
     public var setHeaders: [Header]
     /// Remove these request headers before forwarding (lower-case names).
@@ -98,8 +100,15 @@ public struct RouteDecision: Sendable, Equatable {
     /// Replace the request path (the query is kept) before forwarding.
     public var path: String?
 
-    public init(action: Action, setHeaders: [Header] = [], removeHeaders: [String] = [], path: String? = nil) {
+    public init(
+        action: Action,
+        setHeaders: [Header] = [],
+        removeHeaders: [String] = [],
+        path: String? = nil,
+        responseBody: Bool = false
+    ) {
         self.action = action
+        self.responseBody = responseBody
         self.setHeaders = setHeaders
         self.removeHeaders = removeHeaders
         self.path = path
@@ -110,12 +119,44 @@ public struct RouteDecision: Sendable, Equatable {
     public static func respond(_ response: LocalResponse) -> RouteDecision { RouteDecision(action: .respond(response)) }
 }
 
-/// The seam between the generic core and a routing plugin (the Lua scripts arrive as one).
+/// What the core tells a policy about a backend's response, when the policy observes responses.
+public struct RouteResponse: Sendable {
+    public var status: Int
+    public var headers: HTTPHeaders
+    /// The response body, only when the decision asked for it (`responseBody`) and it fit the buffer limit.
+    public var body: ByteBuffer?
+    /// The backend that answered.
+    public var backend: String
+
+    public init(status: Int, headers: HTTPHeaders, body: ByteBuffer?, backend: String) {
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.backend = backend
+    }
+}
+
+/// What a policy may do after seeing a response.
+public enum ResponseAction: Sendable, Equatable {
+    /// The backend that answered now owns this key (a key named only in a response, like a generated room name).
+    case claim(String)
+}
+
+/// The seam between the generic core and a routing plugin (Lua scripts are one).
 ///
 /// `route` runs on the event loop of the client connection, once per request head, and must not block or do I/O.
 /// A policy is created per event loop by a `RoutingPolicyFactory`, so it may keep loop-confined state.
 public protocol RoutingPolicy: AnyObject {
     func route(_ request: RouteRequest) throws -> RouteDecision
+    /// Whether the core should call `onResponse` (it keeps the request around only then).
+    var observesResponses: Bool { get }
+    /// Called with the response head (and the body when the decision asked for it) before the response completes.
+    func onResponse(_ request: RouteRequest, _ response: RouteResponse) throws -> ResponseAction?
+}
+
+extension RoutingPolicy {
+    public var observesResponses: Bool { false }
+    public func onResponse(_ request: RouteRequest, _ response: RouteResponse) throws -> ResponseAction? { nil }
 }
 
 /// Routes every request of a listener to one pool: the built-in policy until a script is configured.
