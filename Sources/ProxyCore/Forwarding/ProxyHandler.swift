@@ -628,6 +628,14 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             downstream.removeHandler(self.httpHandlers.encoder, promise: nil)
             downstream.removeHandler(context: context, promise: nil)
             downstream.removeHandler(self.httpHandlers.decoder, promise: nil)
+            // A decoder hands its leftover bytes over from a task it enqueues on removal, with no read-complete
+            // after them, so the tunnel handlers never flush them: flush both sides once those tasks have run.
+            let clientChannel = context.channel
+            let backendChannel = upstream.channel
+            context.eventLoop.assumeIsolated().execute {
+                backendChannel.flush()
+                clientChannel.flush()
+            }
         } catch {
             self.runtime.logger.error("could not set up tunnel", metadata: ["error": "\(error)"])
             upstream.channel.close(promise: nil)
