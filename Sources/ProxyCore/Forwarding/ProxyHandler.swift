@@ -419,10 +419,13 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         exchange.responseEnded = true
         if let upstream = exchange.upstream {
             exchange.upstream = nil
-            if exchange.requestEnded && exchange.upstreamKeepAlive {
+            // A refused upgrade request leaves the backend's parser stopped (it saw `Connection: upgrade`), so that
+            // connection cannot carry another request.
+            if exchange.requestEnded && exchange.upstreamKeepAlive && exchange.upgrade == nil {
                 self.upstreamPool.release(upstream)
             } else {
-                // The backend answered before the request body was complete: the connection's state is unknown.
+                // The backend answered before the request body was complete (or refused an upgrade): the connection's
+                // state is unknown.
                 upstream.sink = nil
                 upstream.channel.close(promise: nil)
             }
