@@ -55,4 +55,23 @@ import Testing
             #expect(wrongToken.status == 401)
         }
     }
+
+    @Test func shutdownClosesTheAdminListenerAndItsConnections() async throws {
+        let room = try await RoomServer.start(id: "a", group: MultiThreadedEventLoopGroup.singleton)
+        defer { Task { try? await room.stop() } }
+        let admin = AdminConfig(address: "127.0.0.1", port: 0)
+        try await withProxy(backends: [(id: "a", port: room.port)], admin: admin) { proxy in
+            let adminPort = try #require(proxy.adminPort)
+            let keepAlive = try await RawHTTPConnection.connect(port: adminPort)
+            try await keepAlive.send("GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+            #expect(try await keepAlive.readResponse().status == 200)
+
+            await proxy.server.shutdown()
+            #expect(await keepAlive.waitForClose(timeout: .seconds(3)), "an admin keep-alive connection outlived shutdown")
+            await #expect(throws: (any Error).self) {
+                let connection = try await RawHTTPConnection.connect(port: adminPort)
+                await connection.close()
+            }
+        }
+    }
 }
