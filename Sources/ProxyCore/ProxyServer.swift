@@ -64,6 +64,9 @@ public final class ProxyServer: Service, Sendable {
     private let ownsGroup: Bool
     private let policyFactory: RoutingPolicyFactory
     private let connections: ConnectionRegistry
+    /// Open admin connections: closed with the admin listener (keep-alive ones would otherwise outlive the server
+    /// when the event loops are not the server's own).
+    private let adminConnections = ConnectionRegistry(limit: Int.max)
     private let started = Mutex<Started?>(nil)
     private let boundPorts = Mutex<[String: Int]>([:])
     private let boundAdminPort = Mutex<Int?>(nil)
@@ -131,7 +134,7 @@ public final class ProxyServer: Service, Sendable {
             var adminChannel: Channel? = nil
             if let admin = config.admin {
                 let server = AdminServer(config: admin, proxy: self, connections: self.connections)
-                let channel = try await server.bind(group: self.group)
+                let channel = try await server.bind(group: self.group, tracking: self.adminConnections)
                 adminChannel = channel
                 self.boundAdminPort.withLock { $0 = channel.localAddress?.port }
                 self.runtime.logger.info(
@@ -295,6 +298,9 @@ public final class ProxyServer: Service, Sendable {
         }
         if let admin = started.adminChannel {
             try? await admin.close()
+        }
+        for channel in self.adminConnections.all() {
+            try? await channel.close()
         }
         if self.ownsGroup {
             try? await self.group.shutdownGracefully()

@@ -43,12 +43,17 @@ struct AdminServer: Sendable {
         return nil
     }
 
-    func bind(group: EventLoopGroup) async throws -> Channel {
+    /// - Parameter tracking: receives every admin connection while it is open, so shutdown can close them.
+    func bind(group: EventLoopGroup, tracking: ConnectionRegistry) async throws -> Channel {
         let server = self
         return try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
+                guard tracking.add(channel) else {
+                    return channel.close()
+                }
+                channel.closeFuture.whenComplete { _ in tracking.remove(channel) }
+                return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
                     try channel.pipeline.syncOperations.addHandler(AdminHandler(server: server))
                 }

@@ -620,10 +620,13 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         }
         if let upstream = exchange.upstream {
             exchange.upstream = nil
-            if exchange.requestEnded && exchange.upstreamKeepAlive {
+            // A refused upgrade request leaves the backend's parser stopped (it saw `Connection: upgrade`), so that
+            // connection cannot carry another request.
+            if exchange.requestEnded && exchange.upstreamKeepAlive && exchange.upgrade == nil {
                 self.upstreamPool.release(upstream)
             } else {
-                // The backend answered before the request body was complete: the connection's state is unknown.
+                // The backend answered before the request body was complete (or refused an upgrade): the connection's
+                // state is unknown.
                 upstream.sink = nil
                 upstream.channel.close(promise: nil)
             }
@@ -837,6 +840,14 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             downstream.removeHandler(self.httpHandlers.encoder, promise: nil)
             downstream.removeHandler(context: context, promise: nil)
             downstream.removeHandler(self.httpHandlers.decoder, promise: nil)
+            // A decoder hands its leftover bytes over from a task it enqueues on removal, with no read-complete
+            // after them, so the tunnel handlers never flush them: flush both sides once those tasks have run.
+            let clientChannel = context.channel
+            let backendChannel = upstream.channel
+            context.eventLoop.assumeIsolated().execute {
+                backendChannel.flush()
+                clientChannel.flush()
+            }
         } catch {
             self.runtime.logger.error("could not set up tunnel", metadata: ["error": "\(error)"])
             upstream.channel.close(promise: nil)

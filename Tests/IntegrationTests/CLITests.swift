@@ -1,0 +1,212 @@
+import Foundation
+import NIOCore
+import NIOPosix
+import Testing
+
+/// The built `ott-proxy` executable, run as a subprocess.
+@Suite struct CLITests {
+    /// The package root, from this file's location (`Tests/IntegrationTests/CLITests.swift`).
+    static let packageRoot = URL(fileURLWithPath: #filePath)
+        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    /// `ott-proxy` sits next to the test bundle in the build directory.
+    static func executable() throws -> URL {
+        var candidates: [URL] = []
+        if let bundle = Bundle.main.executableURL {
+            candidates.append(bundle.deletingLastPathComponent().appendingPathComponent("ott-proxy"))
+        }
+        let argument0 = URL(fileURLWithPath: CommandLine.arguments[0])
+        candidates.append(argument0.deletingLastPathComponent().appendingPathComponent("ott-proxy"))
+        // The .xctest bundle itself may be a directory (macOS): look beside it too.
+        for url in Array(candidates) {
+            candidates.append(url.deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("ott-proxy"))
+        }
+        candidates.append(Self.packageRoot.appendingPathComponent(".build-ws/debug/ott-proxy"))
+        candidates.append(Self.packageRoot.appendingPathComponent(".build/debug/ott-proxy"))
+        guard let found = candidates.first(where: { FileManager.default.isExecutableFile(atPath: $0.path) }) else {
+            throw CLIError.executableNotFound(candidates.map(\.path))
+        }
+        return found
+    }
+
+    enum CLIError: Error { case executableNotFound([String]), didNotExit }
+
+    struct Outcome {
+        var status: Int32
+        var reason: Process.TerminationReason
+        var stdout: String
+        var stderr: String
+    }
+
+    /// Runs the executable to completion (killing it after `timeout`).
+    static func run(_ arguments: [String], timeout: Duration = .seconds(20)) async throws -> Outcome {
+        let process = Process()
+        process.executableURL = try self.executable()
+        process.arguments = arguments
+        process.currentDirectoryURL = self.packageRoot
+        let out = Pipe()
+        let err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        // Drain both pipes concurrently so a chatty child cannot block on a full pipe.
+        async let stdout = Self.readToEnd(out)
+        async let stderr = Self.readToEnd(err)
+        let exited = await WSSupport.waitUntil(timeout: timeout) { !process.isRunning }
+        if !exited {
+            process.terminate()
+            throw CLIError.didNotExit
+        }
+        process.waitUntilExit()
+        return Outcome(
+            status: process.terminationStatus,
+            reason: process.terminationReason,
+            stdout: String(decoding: await stdout, as: UTF8.self),
+            stderr: String(decoding: await stderr, as: UTF8.self)
+        )
+    }
+
+    /// Reads a pipe to its end on a Dispatch thread: a blocking read on the cooperative pool (two threads on a
+    /// two-core machine) would stall every other test running in parallel.
+    static func readToEnd(_ pipe: Pipe) async -> Data {
+        await withCheckedContinuation { continuation in
+            DispatchQueue.global().async {
+                continuation.resume(returning: pipe.fileHandleForReading.readDataToEndOfFile())
+            }
+        }
+    }
+
+    static func temporaryFile(_ contents: String, name: String) throws -> URL {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("ott-proxy-cli-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        let url = directory.appendingPathComponent(name)
+        try contents.write(to: url, atomically: true, encoding: .utf8)
+        return url
+    }
+
+    /// A port nothing listens on right now (bound and released).
+    static func freePort() async throws -> Int {
+        let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .bind(host: "127.0.0.1", port: 0).get()
+        let port = channel.localAddress!.port!
+        try await channel.close()
+        return port
+    }
+
+    @Test func checkAcceptsTheBasicExample() async throws {
+        let outcome = try await Self.run(["check", "--config", "examples/basic.yaml"])
+        #expect(outcome.status == 0, "stderr: \(outcome.stderr)")
+        #expect(outcome.stdout.contains("is valid"))
+    }
+
+    @Test func checkReportsEveryErrorWithItsLocation() async throws {
+        let file = try Self.temporaryFile(
+            """
+            listeners:
+              - name: public
+                port: 8080
+                pool: rooms
+            pools:
+              rooms:
+                backends:
+                  - id: a
+                    address: 127.0.0.1:9001
+            timeouts:
+              connect: 5 parsecs
+            bogus_key: 1
+
+            """,
+            name: "two-errors.yaml"
+        )
+        defer { try? FileManager.default.removeItem(at: file.deletingLastPathComponent()) }
+        let outcome = try await Self.run(["check", "--config", file.path])
+        #expect(outcome.status == 1)
+        #expect(outcome.reason == .exit)
+        #expect(outcome.stderr.contains("\(file.path):11:12:"), "stderr: \(outcome.stderr)")
+        #expect(outcome.stderr.contains("timeouts.connect"), "stderr: \(outcome.stderr)")
+        #expect(outcome.stderr.contains("\(file.path):12:1:"), "stderr: \(outcome.stderr)")
+        #expect(outcome.stderr.contains("bogus_key"), "stderr: \(outcome.stderr)")
+        #expect(outcome.stderr.contains("2 errors"), "stderr: \(outcome.stderr)")
+        #expect(!outcome.stdout.contains("is valid"))
+    }
+
+    @Test func versionPrintsTheVersion() async throws {
+        // The version the source declares, so this test need not change with every release.
+        let source = try String(
+            contentsOf: Self.packageRoot.appendingPathComponent("Sources/ott-proxy/OttProxy.swift"), encoding: .utf8)
+        let declared = try #require(
+            source.split(separator: "\n").first { $0.contains("static let version") }?
+                .split(separator: "\"").dropFirst().first.map(String.init))
+        let outcome = try await Self.run(["--version"])
+        #expect(outcome.status == 0)
+        #expect(outcome.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == declared)
+    }
+
+    @Test func runHelpExitsZero() async throws {
+        let outcome = try await Self.run(["run", "--help"])
+        #expect(outcome.status == 0)
+        #expect(outcome.stdout.contains("--config"))
+    }
+
+    @Test func runStopsGracefullyOnSIGTERM() async throws {
+        let port = try await Self.freePort()
+        let file = try Self.temporaryFile(
+            """
+            listeners:
+              - name: public
+                address: 127.0.0.1
+                port: \(port)
+                pool: rooms
+            pools:
+              rooms:
+                backends:
+                  - id: a
+                    address: 127.0.0.1:9
+            timeouts:
+              shutdown_grace: 2s
+            logging:
+              level: info
+
+            """,
+            name: "run.yaml"
+        )
+        defer { try? FileManager.default.removeItem(at: file.deletingLastPathComponent()) }
+
+        let process = Process()
+        process.executableURL = try Self.executable()
+        process.arguments = ["run", "--config", file.path]
+        let err = Pipe()
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = err
+        try process.run()
+        async let stderr = Self.readToEnd(err)
+
+        // Wait until it accepts connections.
+        let listening = await WSSupport.waitUntil(timeout: .seconds(10)) {
+            guard process.isRunning else { return false }
+            guard let connection = try? await RawHTTPConnection.connect(port: port) else { return false }
+            await connection.close()
+            return true
+        }
+        #expect(listening, "ott-proxy run never listened on \(port)")
+
+        let signalled = ContinuousClock.now
+        process.terminate()  // SIGTERM
+        let exited = await WSSupport.waitUntil(timeout: .seconds(5)) { !process.isRunning }
+        if !exited {
+            kill(process.processIdentifier, SIGKILL)
+        }
+        process.waitUntilExit()
+        let log = String(decoding: await stderr, as: UTF8.self)
+        #expect(exited, "still running 5 s after SIGTERM; log: \(log)")
+        #expect(process.terminationReason == .exit, "killed by signal \(process.terminationStatus); log: \(log)")
+        #expect(process.terminationStatus == 0, "log: \(log)")
+        #expect(ContinuousClock.now - signalled < .seconds(5))
+        #expect(log.contains("shutting down"), "log: \(log)")
+        // And the port is free again.
+        await #expect(throws: (any Error).self) {
+            let connection = try await RawHTTPConnection.connect(port: port)
+            await connection.close()
+        }
+    }
+}
