@@ -248,3 +248,25 @@ import Testing
         }
     }
 }
+
+/// Bytes a backend sends right behind its `101` (a WebSocket server's first frame) arrive in the same read as the
+/// head; they must reach the client without waiting for some later event to flush them.
+@Suite struct UpgradeLeftoverTests {
+    @Test func bytesBehindSwitchingProtocolsAreRelayedAtOnce() async throws {
+        let raw = try await RawOrigin.start(
+            response: "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nFIRST-FRAME",
+            closeAfterResponse: false)
+        defer { Task { await raw.stop() } }
+        try await withProxy(backends: [(id: "raw", port: raw.port)]) { proxy in
+            let connection = try await RawHTTPConnection.connect(port: proxy.port)
+            defer { Task { await connection.close() } }
+            try await connection.send(
+                "GET /ws HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                    + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            let head = try await connection.readResponse()
+            #expect(head.status == 101)
+            let first = try await connection.readBytes(count: 11, timeout: .seconds(2))
+            #expect(String(decoding: first, as: UTF8.self) == "FIRST-FRAME")
+        }
+    }
+}
