@@ -11,35 +11,42 @@ import Testing
     /// The proxy, the origin and the client all live in this process; none of them may hold more than a few chunks.
     static let allowedGrowth = 64 * mebibyte
 
+    /// The backend stops reading for half a second early on: without back-pressure the proxy would buffer everything
+    /// the client sends meanwhile (hundreds of MiB on loopback).
     @Test(.timeLimit(.minutes(1)))
     func largeUploadStreamsWithBoundedMemory() async throws {
         try await withOrigin { origin in
             try await withProxy(backends: [(id: "o", port: origin.port)]) { proxy in
-                let client = try await StreamingClient.connect(port: proxy.port)
-                defer { Task { await client.close() } }
+                let warmup = try await StreamingClient.connect(port: proxy.port)
                 // Warm up every component once, so first-use allocations do not count as growth.
-                try await client.send("POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: \(4 * Self.mebibyte)\r\n\r\n")
-                try await client.sendBody(count: 4 * Self.mebibyte)
-                _ = try await client.wait(timeout: .seconds(10)) { $0.headComplete && $0.bodyBytes >= 7 }
+                try await warmup.send("POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: \(4 * Self.mebibyte)\r\n\r\n")
+                try await warmup.sendBody(count: 4 * Self.mebibyte)
+                _ = try await warmup.wait(timeout: .seconds(10)) { $0.headComplete && $0.bodyBytes >= 7 }
+                await warmup.close()
                 let before = try #require(residentMemory())
 
-                let second = try await StreamingClient.connect(port: proxy.port)
-                defer { Task { await second.close() } }
-                try await second.send("POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: \(Self.largeBody)\r\n\r\n")
-                try await second.sendBody(count: Self.largeBody)
+                let client = try await StreamingClient.connect(port: proxy.port)
+                defer { Task { await client.close() } }
+                try await client.send("POST /upload?pause=500 HTTP/1.1\r\nHost: test\r\nContent-Length: \(Self.largeBody)\r\n\r\n")
+                let sending = Task { try await client.sendBody(count: Self.largeBody) }
                 let expected = String(Self.largeBody)
-                let state = try await second.wait(timeout: .seconds(20)) { $0.headComplete && $0.bodyBytes >= expected.utf8.count }
-                let after = try #require(residentMemory())
+                let (state, peak) = try await Self.sampleMemory(from: before, timeout: .seconds(20)) {
+                    let state = client.snapshot
+                    return (state.headComplete && state.bodyBytes >= expected.utf8.count) || state.closed ? state : nil
+                }
+                try await sending.value
 
-                let head = try #require(second.responseHead)
+                let head = try #require(client.responseHead)
                 #expect(head.status == 200)
-                #expect(String(decoding: state.firstBodyBytes, as: UTF8.self) == expected)
+                #expect(String(decoding: try #require(state).firstBodyBytes, as: UTF8.self) == expected)
                 #expect(origin.lastRequest?.bodyLength == Self.largeBody)
-                #expect(after - before < Self.allowedGrowth, "RSS grew by \((after - before) / Self.mebibyte) MiB")
+                #expect(peak - before < Self.allowedGrowth, "RSS grew by \((peak - before) / Self.mebibyte) MiB")
             }
         }
     }
 
+    /// The client stops reading for half a second early on: without back-pressure the proxy would buffer everything
+    /// the backend sends meanwhile.
     @Test(.timeLimit(.minutes(1)))
     func largeDownloadStreamsWithBoundedMemory() async throws {
         try await withOrigin { origin in
@@ -53,23 +60,36 @@ import Testing
                 let client = try await StreamingClient.connect(port: proxy.port)
                 defer { Task { await client.close() } }
                 try await client.send("GET /download/\(Self.largeBody) HTTP/1.1\r\nHost: test\r\n\r\n")
-                var peak = before
-                let deadline = ContinuousClock.now + .seconds(20)
-                while client.snapshot.bodyBytes < Self.largeBody && !client.snapshot.closed && ContinuousClock.now < deadline {
-                    peak = max(peak, residentMemory() ?? 0)
-                    try await Task.sleep(for: .milliseconds(50))
+                _ = try await client.wait(timeout: .seconds(10)) { $0.bodyBytes >= 8 * Self.mebibyte }
+                let pausing = Task { try await client.pauseReading(for: .milliseconds(500)) }
+                let (state, peak) = try await Self.sampleMemory(from: before, timeout: .seconds(20)) {
+                    let state = client.snapshot
+                    return state.bodyBytes >= Self.largeBody || state.closed ? state : nil
                 }
-                let state = client.snapshot
-                peak = max(peak, residentMemory() ?? 0)
+                try await pausing.value
 
                 let head = try #require(client.responseHead)
                 #expect(head.status == 200)
                 #expect(head.header("content-length") == String(Self.largeBody))
-                #expect(state.bodyBytes == Self.largeBody)
-                #expect(!state.closed)
+                #expect(state?.bodyBytes == Self.largeBody)
+                #expect(state?.closed == false)
                 #expect(peak - before < Self.allowedGrowth, "RSS grew by \((peak - before) / Self.mebibyte) MiB")
             }
         }
+    }
+
+    /// Polls `done` every 20 ms until it returns a value or the timeout passes, tracking the highest RSS seen.
+    private static func sampleMemory<T>(
+        from start: Int, timeout: Duration, done: () -> T?
+    ) async throws -> (T?, peak: Int) {
+        var peak = start
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            peak = max(peak, residentMemory() ?? 0)
+            if let result = done() { return (result, peak) }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        return (nil, max(peak, residentMemory() ?? 0))
     }
 
     @Test func backendKilledMidDownloadClosesClient() async throws {

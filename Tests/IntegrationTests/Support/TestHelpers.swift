@@ -137,6 +137,14 @@ final class StreamingClient: Sendable {
         }
     }
 
+    /// Stops reading for `duration` (a slow client), then resumes.
+    func pauseReading(for duration: Duration) async throws {
+        try await self.channel.setOption(.autoRead, value: false).get()
+        try await Task.sleep(for: duration)
+        try await self.channel.setOption(.autoRead, value: true).get()
+        self.channel.read()
+    }
+
     var snapshot: State { self.state.withLockedValue { $0 } }
 
     /// The response head's status and headers, once complete.

@@ -12,7 +12,8 @@ import NIOPosix
 /// - `/head`: a fixed body for GET; HEAD gets the same `Content-Length` and no body.
 /// - `/slow/{ms}`: the response head is sent after `ms` milliseconds.
 /// - `/download/{bytes}`: that many bytes in 64 KiB chunks, each written once the previous write completed.
-/// - `/upload`: consumes a body of any size without keeping it and answers with the byte count.
+/// - `/upload`: consumes a body of any size without keeping it and answers with the byte count; `?pause={ms}` stops
+///   reading for that long after the first body part (a slow backend, to exercise back-pressure).
 /// - `/continue`: sends `100 Continue` when asked to (`Expect: 100-continue`), then echoes the body.
 /// - anything else: 404.
 final class TestOrigin: Sendable {
@@ -99,16 +100,19 @@ private final class TestOriginHandler: ChannelInboundHandler {
     typealias OutboundOut = HTTPServerResponsePart
 
     private enum Route {
-        case echo, chunked, status(Int), head, slow(Int), download(Int), upload, expectContinue, notFound
+        case echo, chunked, status(Int), head, slow(Int), download(Int), upload(pause: Int?), expectContinue, notFound
 
         init(uri: String) {
-            let path = uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? uri
+            let halves = uri.split(separator: "?", maxSplits: 1).map(String.init)
+            let path = halves.first ?? uri
+            let query = halves.count > 1 ? halves[1] : ""
             let parts = path.split(separator: "/").map(String.init)
             switch (parts.first, parts.count) {
             case ("echo", 1): self = .echo
             case ("chunked", 1): self = .chunked
             case ("head", 1): self = .head
-            case ("upload", 1): self = .upload
+            case ("upload", 1):
+                self = .upload(pause: query.hasPrefix("pause=") ? Int(query.dropFirst("pause=".count)) : nil)
             case ("continue", 1): self = .expectContinue
             case ("status", 2): self = Int(parts[1]).map { .status($0) } ?? .notFound
             case ("slow", 2): self = Int(parts[1]).map { .slow($0) } ?? .notFound
@@ -123,6 +127,7 @@ private final class TestOriginHandler: ChannelInboundHandler {
     private var route: Route = .notFound
     private var body: [UInt8] = []
     private var bodyLength = 0
+    private var paused = false
 
     init(state: NIOLockedValueBox<TestOrigin.State>) {
         self.state = state
@@ -142,7 +147,13 @@ private final class TestOriginHandler: ChannelInboundHandler {
             }
         case .body(let buffer):
             self.bodyLength += buffer.readableBytes
-            if case .upload = self.route { return }
+            if case .upload(let pause) = self.route {
+                if let pause, !self.paused {
+                    self.paused = true
+                    self.pauseReading(for: .milliseconds(Int64(pause)), context: context)
+                }
+                return
+            }
             self.body.append(contentsOf: buffer.readableBytesView)
         case .end(let trailers):
             guard let head = self.head else { return }
@@ -203,6 +214,15 @@ private final class TestOriginHandler: ChannelInboundHandler {
             self.send(status: .ok, body: Array(String(request.bodyLength).utf8), keepAlive: keepAlive, context: context)
         case .notFound:
             self.send(status: .notFound, body: Array("not found\n".utf8), keepAlive: keepAlive, context: context)
+        }
+    }
+
+    private func pauseReading(for delay: TimeAmount, context: ChannelHandlerContext) {
+        let options = context.channel.syncOptions
+        try? options?.setOption(.autoRead, value: false)
+        context.eventLoop.assumeIsolated().scheduleTask(in: delay) {
+            try? options?.setOption(.autoRead, value: true)
+            context.read()
         }
     }
 
