@@ -171,17 +171,17 @@ import Testing
 
     @Test func idleKeepAliveConnectionIsClosed() async throws {
         try await withProxyAndHealthyBackend(
-            backends: [], configure: { $0.timeouts.idleKeepAlive = .milliseconds(400) }
+            backends: [], configure: { $0.timeouts.idleKeepAlive = .milliseconds(600) }
         ) { proxy, _ in
             let connection = try await RawHTTPConnection.connect(port: proxy.port)
             defer { Task { await connection.close() } }
             try await connection.send("GET /echo HTTP/1.1\r\nHost: test\r\nx-test-backend: healthy\r\n\r\n")
             #expect(try await connection.readResponse().status == 200)
             let answered = ContinuousClock.now
-            try await Task.sleep(for: .milliseconds(150))
+            try await Task.sleep(for: .milliseconds(100))
             #expect(!connection.isClosed, "closed well before the idle timeout")
             #expect(await connection.waitForClose(timeout: .seconds(3)))
-            #expect(ContinuousClock.now - answered >= .milliseconds(350))
+            #expect(ContinuousClock.now - answered >= .milliseconds(550))
             #expect(try await connection.readUntilClosed(timeout: .milliseconds(10)).isEmpty, "closed without a response")
             try await expectProxyStillServes(proxy)
         }
