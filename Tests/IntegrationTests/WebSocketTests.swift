@@ -131,9 +131,9 @@ import Testing
         defer { Task { try? await room.stop() } }
         // One event loop, so the second request would lease from the same per-loop pool as the first.
         let loop = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let proxy = try await ProxyHarness.start(backends: [(id: "a", port: room.port)], group: loop) { config in
+        let proxy = try await ProxyHarness.start(backends: [(id: "a", port: room.port)], group: loop, configure: { config in
             config.timeouts.upstreamResponseHeader = .seconds(2)
-        }
+        })
         do {
             let first = try await RawHTTPConnection.connect(port: proxy.port)
             try await first.send(WSSupport.upgradeRequest(path: "/not-a-room"))

@@ -830,24 +830,19 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             let upstreamPipeline = upstream.channel.pipeline.syncOperations
             try upstreamPipeline.addHandler(backendSide)
             // Removing the decoders last forwards any bytes that arrived right behind the heads (a first WebSocket
-            // frame) to the tunnel handlers, in order.
+            // frame) to the tunnel handlers, in order. That delivery comes with no `channelReadComplete`, so the
+            // tunnel would never flush those bytes: flush the partner once each decoder is gone.
             upstream.sink = nil
+            let clientChannel = context.channel
+            let upstreamChannel = upstream.channel
             upstreamPipeline.removeHandler(upstream.handler, promise: nil)
             upstreamPipeline.removeHandler(upstream.encoder, promise: nil)
-            upstreamPipeline.removeHandler(upstream.decoder, promise: nil)
+            upstreamPipeline.removeHandler(upstream.decoder).whenComplete { _ in clientChannel.flush() }
             downstream.removeHandler(self.httpHandlers.headTimer, promise: nil)
             downstream.removeHandler(self.httpHandlers.pipelining, promise: nil)
             downstream.removeHandler(self.httpHandlers.encoder, promise: nil)
             downstream.removeHandler(context: context, promise: nil)
-            downstream.removeHandler(self.httpHandlers.decoder, promise: nil)
-            // A decoder hands its leftover bytes over from a task it enqueues on removal, with no read-complete
-            // after them, so the tunnel handlers never flush them: flush both sides once those tasks have run.
-            let clientChannel = context.channel
-            let backendChannel = upstream.channel
-            context.eventLoop.assumeIsolated().execute {
-                backendChannel.flush()
-                clientChannel.flush()
-            }
+            downstream.removeHandler(self.httpHandlers.decoder).whenComplete { _ in upstreamChannel.flush() }
         } catch {
             self.runtime.logger.error("could not set up tunnel", metadata: ["error": "\(error)"])
             upstream.channel.close(promise: nil)

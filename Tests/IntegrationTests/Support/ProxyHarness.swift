@@ -15,6 +15,7 @@ struct ProxyHarness {
         balance: BalanceAlgorithm = .roundRobin,
         admin: AdminConfig? = nil,
         group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        policyFactory: RoutingPolicyFactory? = nil,
         configure: (inout ProxyConfig) -> Void = { _ in }
     ) async throws -> ProxyHarness {
         var config = ProxyConfig(
@@ -33,7 +34,7 @@ struct ProxyHarness {
         configure(&config)
         var logger = Logger(label: "test-proxy")
         logger.logLevel = .warning
-        let server = try ProxyServer(config: config, logger: logger, accessLogger: logger, group: group)
+        let server = try ProxyServer(config: config, logger: logger, accessLogger: logger, group: group, policyFactory: policyFactory)
         try await server.start()
         return ProxyHarness(server: server, port: server.listenerPorts["test"]!, adminPort: server.adminPort)
     }
@@ -48,10 +49,12 @@ func withProxy<T>(
     backends: [(id: String, port: Int)],
     balance: BalanceAlgorithm = .roundRobin,
     admin: AdminConfig? = nil,
+    policyFactory: RoutingPolicyFactory? = nil,
     configure: (inout ProxyConfig) -> Void = { _ in },
     _ body: (ProxyHarness) async throws -> T
 ) async throws -> T {
-    let harness = try await ProxyHarness.start(backends: backends, balance: balance, admin: admin, configure: configure)
+    let harness = try await ProxyHarness.start(
+        backends: backends, balance: balance, admin: admin, policyFactory: policyFactory, configure: configure)
     do {
         let result = try await body(harness)
         await harness.stop()

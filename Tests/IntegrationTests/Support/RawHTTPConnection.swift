@@ -70,6 +70,22 @@ final class RawHTTPConnection: Sendable {
         }
     }
 
+    /// Waits until at least `count` unread bytes have arrived and returns exactly `count` of them.
+    func readBytes(count: Int, timeout: Duration = .seconds(5)) async throws -> [UInt8] {
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            let bytes: [UInt8]? = self.state.withLockedValue { state in
+                guard state.buffer.count >= count else { return nil }
+                defer { state.buffer.removeFirst(count) }
+                return Array(state.buffer.prefix(count))
+            }
+            if let bytes { return bytes }
+            if self.isClosed { throw Failure.closedBeforeResponse }
+            if ContinuousClock.now > deadline { throw Failure.timedOut }
+            try await Task.sleep(for: .milliseconds(2))
+        }
+    }
+
     /// Waits for the connection to close; true if it did within the timeout.
     func waitForClose(timeout: Duration = .seconds(5)) async -> Bool {
         let deadline = ContinuousClock.now + timeout
