@@ -263,3 +263,78 @@ void clua_pushnowfunction(lua_State *L) {
 int clua_loadtext(lua_State *L, const char *buffer, size_t size, const char *chunkname) {
     return luaL_loadbufferx(L, buffer, size, chunkname, "t");
 }
+
+/* ---- Query parsing ----------------------------------------------------------------------------------------- */
+
+static int hexval(int c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* Pushes s[0..n) with '+' → ' ' and valid %XX escapes decoded. */
+static void push_unescaped(lua_State *L, const char *s, size_t n) {
+    size_t i;
+    for (i = 0; i < n; i++) {
+        if (s[i] == '%' || s[i] == '+') break;
+    }
+    if (i == n) {
+        lua_pushlstring(L, s, n);
+        return;
+    }
+    luaL_Buffer b;
+    char *out = luaL_buffinitsize(L, &b, n);
+    size_t o = 0;
+    for (i = 0; i < n; i++) {
+        char c = s[i];
+        if (c == '+') {
+            c = ' ';
+        } else if (c == '%' && i + 2 < n && hexval((unsigned char)s[i + 1]) >= 0 && hexval((unsigned char)s[i + 2]) >= 0) {
+            c = (char)(hexval((unsigned char)s[i + 1]) * 16 + hexval((unsigned char)s[i + 2]));
+            i += 2;
+        }
+        out[o++] = c;
+    }
+    luaL_pushresultsize(&b, o);
+}
+
+int clua_parsequery(lua_State *L) {
+    size_t n = 0;
+    const char *q = lua_type(L, 1) == LUA_TSTRING ? lua_tolstring(L, 1, &n) : "";
+    lua_settop(L, 1);
+    lua_createtable(L, 0, 4); /* 2: args */
+    lua_createtable(L, 0, 4); /* 3: all */
+    size_t start = 0;
+    while (start < n) {
+        size_t end = start;
+        while (end < n && q[end] != '&') end++;
+        if (end > start) {
+            size_t eq = start;
+            while (eq < end && q[eq] != '=') eq++;
+            push_unescaped(L, q + start, eq - start); /* 4: key */
+            if (eq < end) push_unescaped(L, q + eq + 1, end - eq - 1);
+            else lua_pushliteral(L, "");              /* 5: value */
+            lua_pushvalue(L, 4);
+            lua_pushvalue(L, 5);
+            lua_rawset(L, 2);
+            lua_pushvalue(L, 4);
+            if (lua_rawget(L, 3) == LUA_TNIL) {        /* 6: list */
+                lua_pop(L, 1);
+                lua_createtable(L, 1, 0);
+                lua_pushvalue(L, 5);
+                lua_rawseti(L, -2, 1);
+                lua_pushvalue(L, 4);
+                lua_insert(L, -2);
+                lua_rawset(L, 3);
+            } else {
+                lua_pushvalue(L, 5);
+                lua_rawseti(L, 6, (lua_Integer)lua_rawlen(L, 6) + 1);
+                lua_pop(L, 1);
+            }
+            lua_pop(L, 2);
+        }
+        start = end + 1;
+    }
+    return 2;
+}

@@ -91,6 +91,8 @@ import Testing
             end
             """#)
         #expect(try p.body(request(.GET, "/?name=J%C3%BCrgen+M&tag=a&tag=b&flag&sp%20ace=%2F")) == "Jürgen M|b|2:a,b||nil|/")
+        // Malformed escapes stay as they are; empty pairs are skipped.
+        #expect(try p.body(request(.GET, "/?name=%zz%4&tag=%41&&tag=%&flag=1&sp%20ace=x%")) == "%zz%4|%|2:A,%|1|nil|x%")
         let empty = try policy(#"function route(req) return { respond = { status = 200, body = tostring(next(req.args)) } } end"#)
         #expect(try empty.body(request(.GET, "/")) == "nil")
     }

@@ -61,6 +61,10 @@ void clua_pushswiftfunction(lua_State *L, clua_SwiftFn fn, void *ctx);
 /* Pushes `proxy.now()`: wall-clock seconds since the epoch, as a float. */
 void clua_pushnowfunction(lua_State *L);
 
+/* parse_query(q) -> args, all: `a=1&b=x+y&a=2&flag` gives {a="2", b="x y", flag=""} and
+   {a={"1","2"}, b={"x y"}, flag={""}}; '+' and valid %XX escapes are decoded. A Lua C function. */
+int clua_parsequery(lua_State *L);
+
 /* Loads a text chunk; the same as luaL_loadbufferx with mode "t". */
 int clua_loadtext(lua_State *L, const char *buffer, size_t size, const char *chunkname);
 

@@ -114,11 +114,11 @@ public final class LuaRoutingPolicy: RoutingPolicy {
         self.pushRequest(L, request)
         lua_createtable(L, 0, 4)
         lua_pushinteger(L, lua_Integer(status))
-        lua_setfield(L, -2, "status")
+        setField(L, -2, "status")
         self.pushHeaders(L, headers, into: lua_gettop(L))
         if let body {
             pushString(L, body)
-            lua_setfield(L, -2, "body")
+            setField(L, -2, "body")
         }
         lua_rawgeti(L, clua_registryindex(), lua_Integer(self.requestMetatableRef))
         lua_setmetatable(L, -2)
@@ -149,27 +149,27 @@ public final class LuaRoutingPolicy: RoutingPolicy {
         lua_createtable(L, 0, 12)
         let table = lua_gettop(L)
         pushString(L, request.method.rawValue)
-        lua_setfield(L, table, "method")
+        setField(L, table, "method")
         pushString(L, request.path)
-        lua_setfield(L, table, "path")
+        setField(L, table, "path")
         pushSubstring(L, request.query)
-        lua_setfield(L, table, "query")
+        setField(L, table, "query")
         pushString(L, request.host)
-        lua_setfield(L, table, "host")
+        setField(L, table, "host")
         pushString(L, request.scheme)
-        lua_setfield(L, table, "scheme")
+        setField(L, table, "scheme")
         pushString(L, request.clientIP)
-        lua_setfield(L, table, "client_ip")
+        setField(L, table, "client_ip")
         lua_pushboolean(L, request.isUpgrade ? 1 : 0)
-        lua_setfield(L, table, "is_upgrade")
+        setField(L, table, "is_upgrade")
         pushString(L, request.listener)
-        lua_setfield(L, table, "listener")
+        setField(L, table, "listener")
         self.pushHeaders(L, request.headers, into: table)
         if let body = request.body {
             body.withUnsafeReadableBytes { bytes in
                 _ = lua_pushlstring(L, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count)
             }
-            lua_setfield(L, table, "body")
+            setField(L, table, "body")
         }
         lua_rawgeti(L, clua_registryindex(), lua_Integer(self.requestMetatableRef))
         lua_setmetatable(L, table)
@@ -201,7 +201,7 @@ public final class LuaRoutingPolicy: RoutingPolicy {
                 }
             }
         }
-        lua_setfield(L, table, "headers")
+        setField(L, table, "headers")
         guard repeated else { return }
         lua_createtable(L, 0, Int32(clamping: headers.count))
         let all = lua_gettop(L)
@@ -221,7 +221,7 @@ public final class LuaRoutingPolicy: RoutingPolicy {
                 clua_pop(L, 2)
             }
         }
-        lua_setfield(L, table, "headers_all")
+        setField(L, table, "headers_all")
     }
 
     // MARK: - Reading a decision
@@ -480,12 +480,13 @@ public final class LuaRoutingPolicy: RoutingPolicy {
 
         try self.script.load(luaPrelude, name: "=prelude")
         lua_pushvalue(L, proxy)
-        try self.script.call(arguments: 1, results: 2)
+        clua_pushcfunction(L, clua_parsequery)
+        try self.script.call(arguments: 2, results: 2)
         self.nullRef = luaL_ref(L, clua_registryindex())
         self.requestMetatableRef = luaL_ref(L, clua_registryindex())
 
         options.push(L, nullRef: self.nullRef)
-        lua_setfield(L, proxy, "options")
+        setField(L, proxy, "options")
     }
 }
 

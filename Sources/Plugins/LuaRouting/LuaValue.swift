@@ -97,3 +97,15 @@ func pushLowercased(_ L: OpaquePointer, _ string: String) {
         }
     }
 }
+
+/// `t[name] = top` (raw; pops the value) for the table at `index`, with `name` pushed from its static bytes: a
+/// Swift `String` literal passed as `const char *` would be copied into a temporary C string on every call.
+@inline(__always)
+func setField(_ L: OpaquePointer, _ index: Int32, _ name: StaticString) {
+    let table = lua_absindex(L, index)
+    name.withUTF8Buffer { bytes in
+        _ = lua_pushlstring(L, UnsafeRawPointer(bytes.baseAddress!).assumingMemoryBound(to: CChar.self), bytes.count)
+    }
+    clua_insert(L, -2)
+    lua_rawset(L, table)
+}

@@ -1,40 +1,12 @@
-/// Lua run once per state before the script, with the `proxy` table as its argument. It returns the metatable of
-/// `req`/`res` tables (lazy `args`, `args_all`, `headers_all`, `header_list`) and the `proxy.json.null` sentinel,
-/// and routes `print` to `proxy.log("info", …)`. It keeps the library functions it needs in locals, so a script
-/// replacing `string.gsub` and the like does not change how requests are parsed.
+/// Lua run once per state before the script, with the `proxy` table and the C query parser as its arguments.
+/// It returns the metatable of `req`/`res` tables (lazy `args`, `args_all`, `headers_all`, `header_list`) and the
+/// `proxy.json.null` sentinel, and routes `print` to `proxy.log("info", …)`. It keeps the library functions it
+/// needs in locals, so a script replacing `string.lower` and the like does not change how requests are parsed.
 let luaPrelude = #"""
-local proxy = ...
-local rawget, rawset, type, pairs, tonumber, tostring, select = rawget, rawset, type, pairs, tonumber, tostring, select
-local gsub, char, lower, gmatch, find, sub, concat = string.gsub, string.char, string.lower, string.gmatch,
-    string.find, string.sub, table.concat
+local proxy, parse_query = ...
+local rawget, rawset, type, pairs, tostring, select = rawget, rawset, type, pairs, tostring, select
+local lower, concat = string.lower, table.concat
 local log = proxy.log
-
-local function hexchar(h) return char(tonumber(h, 16)) end
-
-local function unescape(s)
-    s = gsub(s, "+", " ")
-    return (gsub(s, "%%(%x%x)", hexchar))
-end
-
--- "a=1&b=x%20y&a=2&flag" -> args = {a="2", b="x y", flag=""}, all = {a={"1","2"}, b={"x y"}, flag={""}}
-local function parse_query(q)
-    local args, all = {}, {}
-    if type(q) == "string" and q ~= "" then
-        for pair in gmatch(q, "[^&]+") do
-            local eq = find(pair, "=", 1, true)
-            local k, v
-            if eq then
-                k, v = unescape(sub(pair, 1, eq - 1)), unescape(sub(pair, eq + 1))
-            else
-                k, v = unescape(pair), ""
-            end
-            args[k] = v
-            local list = all[k]
-            if list then list[#list + 1] = v else all[k] = { v } end
-        end
-    end
-    return args, all
-end
 
 local mt = { __metatable = false }
 mt.__index = function(t, k)

@@ -60,7 +60,7 @@ extension LuaRoutingPolicy {
         add(proxy, "owner") { L, context in policy(context).luaOwner(L!) }
         add(proxy, "log") { L, context in policy(context).luaLog(L!) }
         clua_pushnowfunction(L)
-        lua_setfield(L, proxy, "now")
+        setField(L, proxy, "now")
 
         lua_createtable(L, 0, 4)
         let hash = lua_gettop(L)
@@ -68,13 +68,13 @@ extension LuaRoutingPolicy {
         add(hash, "ketama") { L, context in policy(context).luaHash(L!, .ketama) }
         add(hash, "maglev") { L, context in policy(context).luaHash(L!, .maglev) }
         add(hash, "jump") { L, context in policy(context).luaJump(L!) }
-        lua_setfield(L, proxy, "hash")
+        setField(L, proxy, "hash")
 
         lua_createtable(L, 0, 3)
         let json = lua_gettop(L)
         add(json, "decode") { L, context in policy(context).luaJSONDecode(L!) }
         add(json, "encode") { L, context in policy(context).luaJSONEncode(L!) }
-        lua_setfield(L, proxy, "json")
+        setField(L, proxy, "json")
     }
 
     // MARK: proxy.backends(pool), proxy.owner(key)
@@ -91,29 +91,29 @@ extension LuaRoutingPolicy {
         for (i, backend) in backends.enumerated() {
             lua_createtable(L, 0, 9)
             pushString(L, backend.id)
-            lua_setfield(L, -2, "id")
+            setField(L, -2, "id")
             pushString(L, backend.pool)
-            lua_setfield(L, -2, "pool")
+            setField(L, -2, "pool")
             lua_pushboolean(L, backend.healthy ? 1 : 0)
-            lua_setfield(L, -2, "healthy")
+            setField(L, -2, "healthy")
             lua_pushboolean(L, backend.draining ? 1 : 0)
-            lua_setfield(L, -2, "draining")
+            setField(L, -2, "draining")
             if let region = backend.region {
                 pushString(L, region)
-                lua_setfield(L, -2, "region")
+                setField(L, -2, "region")
             }
             lua_createtable(L, Int32(clamping: backend.tags.count), 0)
             for (j, tag) in backend.tags.enumerated() {
                 pushString(L, tag)
                 lua_rawseti(L, -2, lua_Integer(j + 1))
             }
-            lua_setfield(L, -2, "tags")
+            setField(L, -2, "tags")
             lua_pushinteger(L, lua_Integer(backend.weight))
-            lua_setfield(L, -2, "weight")
+            setField(L, -2, "weight")
             lua_pushinteger(L, lua_Integer(backend.keys))
-            lua_setfield(L, -2, "keys")
+            setField(L, -2, "keys")
             lua_pushinteger(L, lua_Integer(backend.connections))
-            lua_setfield(L, -2, "connections")
+            setField(L, -2, "connections")
             lua_rawseti(L, -2, lua_Integer(i + 1))
         }
         return 1
