@@ -39,7 +39,9 @@ public final class LuaRoutingPolicy: RoutingPolicy {
         "rendezvous", "ketama", "maglev", "jump", "least_keys", "least_connections",
     ]
 
-    public let script: LuaScript
+    /// Internal: the state calls back into this policy through unretained pointers, so the script must not outlive
+    /// it.
+    let script: LuaScript
     let environment: any RoutingEnvironment
     let logger: Logger
     let placements: Set<String>
@@ -78,6 +80,16 @@ public final class LuaRoutingPolicy: RoutingPolicy {
         }
         self.routeRef = route
         self.onResponseRef = self.script.globalFunctionRef("on_response") ?? LUA_NOREF
+    }
+
+    /// The script file, as given.
+    public var scriptPath: String {
+        self.script.path
+    }
+
+    /// Bytes the Lua state currently holds (bounded by `LuaLimits.memoryLimit`).
+    public var memoryInUse: Int {
+        self.script.memoryInUse
     }
 
     /// True when the script defines `on_response(req, res)`.
