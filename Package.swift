@@ -7,6 +7,7 @@ let package = Package(
     products: [
         .executable(name: "ott-proxy", targets: ["ott-proxy"]),
         .library(name: "ProxyCore", targets: ["ProxyCore"]),
+        .library(name: "LuaRouting", targets: ["LuaRouting"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -35,6 +36,30 @@ let package = Package(
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             ]
         ),
+        // Lua 5.4 from the system (`liblua5.4-dev`), and the C shims Swift needs around it.
+        .systemLibrary(
+            name: "CLua",
+            path: "Sources/CLua",
+            pkgConfig: "lua5.4",
+            providers: [.apt(["liblua5.4-dev"])]
+        ),
+        .target(
+            name: "CLuaShim",
+            dependencies: ["CLua"],
+            path: "Sources/CLuaShim"
+        ),
+        // The Lua routing plugin: a `RoutingPolicy` driven by a sandboxed Lua script.
+        .target(
+            name: "LuaRouting",
+            dependencies: [
+                "ProxyCore",
+                "CLuaShim",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Sources/Plugins/LuaRouting"
+        ),
         // Small stateful servers that behave like a room server: used by `ott-proxy demo` and by the tests.
         .target(
             name: "DemoBackends",
@@ -58,6 +83,20 @@ let package = Package(
         ),
         .testTarget(
             name: "ProxyCoreTests",
+            dependencies: ["ProxyCore"]
+        ),
+        .testTarget(
+            name: "LuaRoutingTests",
+            dependencies: [
+                "LuaRouting",
+                "ProxyCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "PlacementTests",
             dependencies: ["ProxyCore"]
         ),
         .testTarget(

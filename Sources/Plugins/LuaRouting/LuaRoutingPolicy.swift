@@ -1,0 +1,536 @@
+import CLuaShim
+import Logging
+import NIOCore
+import NIOHTTP1
+import ProxyCore
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// What a Lua decision says beyond `RouteDecision`.
+public struct LuaDecisionExtras: Sendable, Equatable {
+    /// The decision had `response_body = true`: buffer the response body (bounded by the proxy's limits) and pass it
+    /// to `on_response` as `res.body`.
+    public var wantsResponseBody: Bool
+
+    public init(wantsResponseBody: Bool = false) {
+        self.wantsResponseBody = wantsResponseBody
+    }
+}
+
+/// A decision and its extras, from `LuaRoutingPolicy.decide(_:)`.
+public struct LuaRouteResult: Sendable, Equatable {
+    public var decision: RouteDecision
+    public var extras: LuaDecisionExtras
+}
+
+/// A routing policy running a Lua 5.4 script's `route(req)` (and optionally `on_response(req, res)`).
+///
+/// One instance per event loop: it is not `Sendable`, and every method must be called on the thread that uses it.
+/// See `docs/routing-api.md` for the script contract.
+public final class LuaRoutingPolicy: RoutingPolicy {
+    /// The `place` values a decision may name unless the host passes its own set.
+    public static let defaultPlacements: Set<String> = [
+        "rendezvous", "ketama", "maglev", "jump", "least_keys", "least_connections",
+    ]
+
+    /// Internal: the state calls back into this policy through unretained pointers, so the script must not outlive
+    /// it.
+    let script: LuaScript
+    let environment: any RoutingEnvironment
+    let logger: Logger
+    let placements: Set<String>
+
+    private var routeRef: Int32 = LUA_NOREF
+    private var onResponseRef: Int32 = LUA_NOREF
+    private var requestMetatableRef: Int32 = LUA_NOREF
+    var nullRef: Int32 = LUA_NOREF
+
+    var ringCache = RingCache()
+
+    /// The extras of the last successful `route`/`decide` call: the side channel for hosts that only call `route`.
+    public private(set) var lastExtras = LuaDecisionExtras()
+
+    /// Loads the script, exposes `options` as `proxy.options`, runs the main chunk and finds `route` (required) and
+    /// `on_response` (optional).
+    public init(
+        scriptPath: String,
+        options: LuaValue = [:],
+        environment: any RoutingEnvironment,
+        limits: LuaLimits = LuaLimits(),
+        logger: Logger,
+        placements: Set<String> = LuaRoutingPolicy.defaultPlacements
+    ) throws {
+        self.script = try LuaScript(path: scriptPath, limits: limits)
+        self.environment = environment
+        var logger = logger
+        logger[metadataKey: "script"] = "\(scriptPath)"
+        self.logger = logger
+        self.placements = placements
+        // All properties are set: from here a throw runs `deinit`, which releases the state through `script`.
+        try self.installProxyModule(options: options)
+        try self.script.run()
+        guard let route = self.script.globalFunctionRef("route") else {
+            throw LuaScriptError.missingFunction("\(scriptPath): no global function 'route'")
+        }
+        self.routeRef = route
+        self.onResponseRef = self.script.globalFunctionRef("on_response") ?? LUA_NOREF
+    }
+
+    /// The script file, as given.
+    public var scriptPath: String {
+        self.script.path
+    }
+
+    /// Bytes the Lua state currently holds (bounded by `LuaLimits.memoryLimit`).
+    public var memoryInUse: Int {
+        self.script.memoryInUse
+    }
+
+    /// True when the script defines `on_response(req, res)`.
+    public var hasOnResponse: Bool {
+        self.onResponseRef != LUA_NOREF
+    }
+
+    public func route(_ request: RouteRequest) throws -> RouteDecision {
+        try self.decide(request).decision
+    }
+
+    /// `route`, with the extras (also left in `lastExtras`).
+    public func decide(_ request: RouteRequest) throws(LuaScriptError) -> LuaRouteResult {
+        let L = self.script.L
+        let top = lua_gettop(L)
+        defer { lua_settop(L, top) }
+        lua_rawgeti(L, clua_registryindex(), lua_Integer(self.routeRef))
+        self.pushRequest(L, request)
+        try self.script.call(arguments: 1, results: 1)
+        let result = try self.readDecision(L, lua_gettop(L), request: request)
+        self.lastExtras = result.extras
+        return result
+    }
+
+    /// Runs `on_response(req, res)` when the script has it: `res` has `status`, `headers` (like `req.headers`),
+    /// and `body` when given. Returns the key the response claims (`{claim = K}`), nil when it returns nil, `{}`,
+    /// or the script has no `on_response`.
+    public func onResponse(request: RouteRequest, status: Int, headers: HTTPHeaders, body: String?) throws -> String? {
+        guard self.hasOnResponse else { return nil }
+        let L = self.script.L
+        let top = lua_gettop(L)
+        defer { lua_settop(L, top) }
+        lua_rawgeti(L, clua_registryindex(), lua_Integer(self.onResponseRef))
+        self.pushRequest(L, request)
+        lua_createtable(L, 0, 4)
+        lua_pushinteger(L, lua_Integer(status))
+        setField(L, -2, "status")
+        self.pushHeaders(L, headers, into: lua_gettop(L))
+        if let body {
+            pushString(L, body)
+            setField(L, -2, "body")
+        }
+        lua_rawgeti(L, clua_registryindex(), lua_Integer(self.requestMetatableRef))
+        lua_setmetatable(L, -2)
+        try self.script.call(arguments: 2, results: 1)
+        let index = lua_gettop(L)
+        switch lua_type(L, index) {
+        case LUA_TNIL:
+            return nil
+        case LUA_TTABLE:
+            var claim: String?
+            lua_pushnil(L)
+            while lua_next(L, index) != 0 {
+                guard lua_type(L, -2) == LUA_TSTRING, self.script.string(at: -2) == "claim" else {
+                    throw LuaScriptError.badDecision("on_response: unknown field \(self.keyDescription(L, -2))")
+                }
+                claim = try self.nonEmptyString(L, field: "on_response: claim")
+                clua_pop(L, 1)
+            }
+            return claim
+        default:
+            throw LuaScriptError.badDecision("on_response must return nil or a table, got \(typeName(L, index))")
+        }
+    }
+
+    // MARK: - The request table
+
+    private func pushRequest(_ L: OpaquePointer, _ request: RouteRequest) {
+        lua_createtable(L, 0, 12)
+        let table = lua_gettop(L)
+        pushString(L, request.method.rawValue)
+        setField(L, table, "method")
+        pushString(L, request.path)
+        setField(L, table, "path")
+        pushSubstring(L, request.query)
+        setField(L, table, "query")
+        pushString(L, request.host)
+        setField(L, table, "host")
+        pushString(L, request.scheme)
+        setField(L, table, "scheme")
+        pushString(L, request.clientIP)
+        setField(L, table, "client_ip")
+        lua_pushboolean(L, request.isUpgrade ? 1 : 0)
+        setField(L, table, "is_upgrade")
+        pushString(L, request.listener)
+        setField(L, table, "listener")
+        self.pushHeaders(L, request.headers, into: table)
+        if let body = request.body {
+            body.withUnsafeReadableBytes { bytes in
+                _ = lua_pushlstring(L, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count)
+            }
+            setField(L, table, "body")
+        }
+        lua_rawgeti(L, clua_registryindex(), lua_Integer(self.requestMetatableRef))
+        lua_setmetatable(L, table)
+    }
+
+    /// Sets `headers` (lower-case name → value; repeated fields joined with ", ", except `set-cookie` which keeps
+    /// its first value) on the table at `table`, and `headers_all` (name → list of values) when a name repeats
+    /// (otherwise the prelude derives it from `headers` on first use).
+    private func pushHeaders(_ L: OpaquePointer, _ headers: HTTPHeaders, into table: Int32) {
+        lua_createtable(L, 0, Int32(clamping: headers.count))
+        let map = lua_gettop(L)
+        var repeated = false
+        for (name, value) in headers {
+            pushLowercased(L, name)
+            lua_pushvalue(L, -1)
+            if lua_rawget(L, map) == LUA_TNIL {
+                clua_pop(L, 1)
+                pushString(L, value)
+                lua_rawset(L, map)
+            } else {
+                repeated = true
+                if name.utf8.count == 10, name.lowercased() == "set-cookie" {
+                    clua_pop(L, 2)
+                } else {
+                    _ = lua_pushlstring(L, ", ", 2)
+                    pushString(L, value)
+                    lua_concat(L, 3)
+                    lua_rawset(L, map)
+                }
+            }
+        }
+        setField(L, table, "headers")
+        guard repeated else { return }
+        lua_createtable(L, 0, Int32(clamping: headers.count))
+        let all = lua_gettop(L)
+        for (name, value) in headers {
+            pushLowercased(L, name)
+            lua_pushvalue(L, -1)
+            if lua_rawget(L, all) == LUA_TNIL {
+                clua_pop(L, 1)
+                lua_createtable(L, 1, 0)
+                pushString(L, value)
+                lua_rawseti(L, -2, 1)
+                lua_rawset(L, all)
+            } else {
+                let next = lua_Integer(lua_rawlen(L, -1)) + 1
+                pushString(L, value)
+                lua_rawseti(L, -2, next)
+                clua_pop(L, 2)
+            }
+        }
+        setField(L, table, "headers_all")
+    }
+
+    // MARK: - Reading a decision
+
+    private func readDecision(
+        _ L: OpaquePointer,
+        _ index: Int32,
+        request: RouteRequest
+    ) throws(LuaScriptError) -> LuaRouteResult {
+        guard lua_type(L, index) == LUA_TTABLE else {
+            throw LuaScriptError.badDecision("route must return a table, got \(typeName(L, index))")
+        }
+        var key: String?
+        var pool: String?
+        var place: String?
+        var backend: String?
+        var path: String?
+        var respond: LocalResponse?
+        var needBody = false
+        var responseBody = false
+        var setHeaders: [Header] = []
+        var removeHeaders: [String] = []
+
+        lua_pushnil(L)
+        while lua_next(L, index) != 0 {
+            guard lua_type(L, -2) == LUA_TSTRING else {
+                throw LuaScriptError.badDecision("decision fields are named, found \(self.keyDescription(L, -2))")
+            }
+            var length = 0
+            let pointer = lua_tolstring(L, -2, &length)!
+            let field = UnsafeRawBufferPointer(start: pointer, count: length)
+            if fieldIs(field, "key") {
+                key = try self.nonEmptyString(L, field: "key")
+            } else if fieldIs(field, "pool") {
+                pool = try self.nonEmptyString(L, field: "pool")
+            } else if fieldIs(field, "backend") {
+                backend = try self.nonEmptyString(L, field: "backend")
+            } else if fieldIs(field, "place") {
+                let value = try self.nonEmptyString(L, field: "place")
+                guard self.placements.contains(value) else {
+                    let known = self.placements.sorted().joined(separator: ", ")
+                    throw LuaScriptError.badDecision("unknown place '\(value)' (known: \(known))")
+                }
+                place = value
+            } else if fieldIs(field, "path") {
+                let value = try self.nonEmptyString(L, field: "path")
+                guard value.utf8.first == UInt8(ascii: "/"),
+                    !value.utf8.contains(where: { $0 <= 0x20 || $0 == 0x7f || $0 == UInt8(ascii: "?") || $0 == UInt8(ascii: "#") })
+                else {
+                    throw LuaScriptError.badDecision(
+                        "path must start with '/' and hold no spaces, control characters, '?' or '#'"
+                    )
+                }
+                path = value
+            } else if fieldIs(field, "need_body") {
+                needBody = try self.boolean(L, field: "need_body")
+            } else if fieldIs(field, "response_body") {
+                responseBody = try self.boolean(L, field: "response_body")
+            } else if fieldIs(field, "respond") {
+                respond = try self.readResponse(L, lua_gettop(L))
+            } else if fieldIs(field, "set_headers") {
+                setHeaders = try self.readHeaderMap(L, lua_gettop(L), field: "set_headers")
+            } else if fieldIs(field, "remove_headers") {
+                removeHeaders = try self.readNameList(L, lua_gettop(L), field: "remove_headers")
+            } else {
+                throw LuaScriptError.badDecision("unknown field '\(String(decoding: field, as: UTF8.self))'")
+            }
+            clua_pop(L, 1)
+        }
+
+        let action: RouteDecision.Action
+        if let respond {
+            if let other = [key.map { _ in "key" }, backend.map { _ in "backend" }, pool.map { _ in "pool" }]
+                .compactMap({ $0 }).first ?? (needBody ? "need_body" : nil)
+            {
+                throw LuaScriptError.badDecision("respond cannot be combined with \(other)")
+            }
+            if !setHeaders.isEmpty || !removeHeaders.isEmpty || path != nil {
+                throw LuaScriptError.badDecision(
+                    "set_headers, remove_headers and path apply to forwarded requests, not to respond"
+                )
+            }
+            action = .respond(respond)
+        } else if needBody {
+            if key != nil || backend != nil || pool != nil {
+                throw LuaScriptError.badDecision("need_body cannot be combined with key, backend or pool")
+            }
+            if request.body != nil {
+                throw LuaScriptError.badDecision("need_body returned although req.body is already present")
+            }
+            action = .needBody
+        } else if let key {
+            if backend != nil {
+                throw LuaScriptError.badDecision("key and backend are exclusive")
+            }
+            guard let pool else {
+                throw LuaScriptError.badDecision("key needs a pool to place it on")
+            }
+            action = .forward(.keyed(key: key, pool: pool, placement: place))
+        } else if let backend {
+            if pool != nil {
+                throw LuaScriptError.badDecision("backend and pool are exclusive (a backend id names one backend)")
+            }
+            action = .forward(.backend(backend))
+        } else if let pool {
+            action = .forward(.pool(pool))
+        } else {
+            throw LuaScriptError.badDecision(
+                "the decision names no action (expected key+pool, backend, pool, respond or need_body)"
+            )
+        }
+        if place != nil, key == nil {
+            throw LuaScriptError.badDecision("place applies only with key")
+        }
+        return LuaRouteResult(
+            decision: RouteDecision(action: action, setHeaders: setHeaders, removeHeaders: removeHeaders, path: path),
+            extras: LuaDecisionExtras(wantsResponseBody: responseBody)
+        )
+    }
+
+    private func readResponse(_ L: OpaquePointer, _ index: Int32) throws(LuaScriptError) -> LocalResponse {
+        guard lua_type(L, index) == LUA_TTABLE else {
+            throw LuaScriptError.badDecision("respond must be a table, got \(typeName(L, index))")
+        }
+        var status: Int?
+        var headers: [Header] = []
+        var body = ""
+        lua_pushnil(L)
+        while lua_next(L, index) != 0 {
+            let name = lua_type(L, -2) == LUA_TSTRING ? self.script.string(at: -2) : nil
+            switch name {
+            case "status":
+                guard lua_type(L, -1) == LUA_TNUMBER, lua_isinteger(L, -1) != 0 else {
+                    throw LuaScriptError.badDecision("respond.status must be an integer, got \(typeName(L, -1))")
+                }
+                let value = lua_tointegerx(L, -1, nil)
+                guard (100...599).contains(value) else {
+                    throw LuaScriptError.badDecision("respond.status must be in 100...599, got \(value)")
+                }
+                status = Int(value)
+            case "headers":
+                headers = try self.readHeaderMap(L, lua_gettop(L), field: "respond.headers")
+            case "body":
+                guard lua_type(L, -1) == LUA_TSTRING else {
+                    throw LuaScriptError.badDecision("respond.body must be a string, got \(typeName(L, -1))")
+                }
+                body = self.script.string(at: -1) ?? ""
+            default:
+                throw LuaScriptError.badDecision("unknown field respond.\(self.keyDescription(L, -2))")
+            }
+            clua_pop(L, 1)
+        }
+        guard let status else {
+            throw LuaScriptError.badDecision("respond needs a status")
+        }
+        return LocalResponse(status: HTTPResponseStatus(statusCode: status), headers: headers, body: body)
+    }
+
+    /// A table name → value (string or number), validated as HTTP header fields; sorted by name so the result does
+    /// not depend on Lua's table order.
+    private func readHeaderMap(_ L: OpaquePointer, _ index: Int32, field: String) throws(LuaScriptError) -> [Header] {
+        guard lua_type(L, index) == LUA_TTABLE else {
+            throw LuaScriptError.badDecision("\(field) must be a table of name = value, got \(typeName(L, index))")
+        }
+        var headers: [Header] = []
+        lua_pushnil(L)
+        while lua_next(L, index) != 0 {
+            guard lua_type(L, -2) == LUA_TSTRING, let name = self.script.string(at: -2), isToken(name) else {
+                throw LuaScriptError.badDecision("\(field): \(self.keyDescription(L, -2)) is not a valid header name")
+            }
+            let valueType = lua_type(L, -1)
+            guard valueType == LUA_TSTRING || valueType == LUA_TNUMBER else {
+                throw LuaScriptError.badDecision(
+                    "\(field).\(name) must be a string or a number, got \(typeName(L, -1))"
+                )
+            }
+            lua_pushvalue(L, -1)  // tolstring converts numbers in place: convert a copy
+            var length = 0
+            let pointer = lua_tolstring(L, -1, &length)!
+            let value = String(decoding: UnsafeRawBufferPointer(start: pointer, count: length), as: UTF8.self)
+            clua_pop(L, 1)
+            guard !value.utf8.contains(where: { $0 == 0x0d || $0 == 0x0a || $0 == 0 }) else {
+                throw LuaScriptError.badDecision("\(field).\(name) holds a CR, LF or NUL")
+            }
+            headers.append(Header(name, value))
+            clua_pop(L, 1)
+        }
+        headers.sort { $0.name < $1.name }
+        return headers
+    }
+
+    /// A list of header names, lower-cased.
+    private func readNameList(_ L: OpaquePointer, _ index: Int32, field: String) throws(LuaScriptError) -> [String] {
+        guard lua_type(L, index) == LUA_TTABLE else {
+            throw LuaScriptError.badDecision("\(field) must be a list of header names, got \(typeName(L, index))")
+        }
+        let count = lua_rawlen(L, index)
+        var names: [String] = []
+        names.reserveCapacity(Int(count))
+        var seen = 0
+        lua_pushnil(L)
+        while lua_next(L, index) != 0 {
+            seen += 1
+            clua_pop(L, 1)
+        }
+        guard seen == count else {
+            throw LuaScriptError.badDecision("\(field) must be a list (keys 1...n)")
+        }
+        if count > 0 {
+            for i in 1...count {
+                lua_rawgeti(L, index, lua_Integer(i))
+                guard let name = self.script.string(at: -1), isToken(name) else {
+                    throw LuaScriptError.badDecision("\(field)[\(i)] is not a valid header name")
+                }
+                names.append(name.lowercased())
+                clua_pop(L, 1)
+            }
+        }
+        return names
+    }
+
+    private func nonEmptyString(_ L: OpaquePointer, field: String) throws(LuaScriptError) -> String {
+        guard lua_type(L, -1) == LUA_TSTRING, let value = self.script.string(at: -1) else {
+            throw LuaScriptError.badDecision("\(field) must be a string, got \(typeName(L, -1))")
+        }
+        guard !value.isEmpty else {
+            throw LuaScriptError.badDecision("\(field) must not be empty")
+        }
+        return value
+    }
+
+    private func boolean(_ L: OpaquePointer, field: String) throws(LuaScriptError) -> Bool {
+        guard lua_type(L, -1) == LUA_TBOOLEAN else {
+            throw LuaScriptError.badDecision("\(field) must be a boolean, got \(typeName(L, -1))")
+        }
+        return lua_toboolean(L, -1) != 0
+    }
+
+    private func keyDescription(_ L: OpaquePointer, _ index: Int32) -> String {
+        if lua_type(L, index) == LUA_TSTRING, let name = self.script.string(at: index) {
+            return "'\(name)'"
+        }
+        return "a \(typeName(L, index)) key (\(self.script.describe(at: index) ?? "?"))"
+    }
+
+    // MARK: - Setup
+
+    private func installProxyModule(options: LuaValue) throws {
+        let L = self.script.L
+        let top = lua_gettop(L)
+        defer { lua_settop(L, top) }
+        self.pushProxyModule(L)
+        let proxy = lua_gettop(L)
+        lua_pushvalue(L, proxy)
+        lua_setglobal(L, "proxy")
+
+        try self.script.load(luaPrelude, name: "=prelude")
+        lua_pushvalue(L, proxy)
+        clua_pushcfunction(L, clua_parsequery)
+        try self.script.call(arguments: 2, results: 2)
+        self.nullRef = luaL_ref(L, clua_registryindex())
+        self.requestMetatableRef = luaL_ref(L, clua_registryindex())
+
+        options.push(L, nullRef: self.nullRef)
+        setField(L, proxy, "options")
+    }
+}
+
+@inline(__always)
+func fieldIs(_ field: UnsafeRawBufferPointer, _ name: StaticString) -> Bool {
+    field.count == name.utf8CodeUnitCount && memcmp(field.baseAddress!, name.utf8Start, field.count) == 0
+}
+
+@inline(__always)
+func pushSubstring(_ L: OpaquePointer, _ string: Substring) {
+    if let done: Void = string.utf8.withContiguousStorageIfAvailable({ bytes in
+        bytes.withMemoryRebound(to: CChar.self) { _ = lua_pushlstring(L, $0.baseAddress, $0.count) }
+    }) {
+        return done
+    }
+    pushString(L, String(string))
+}
+
+func typeName(_ L: OpaquePointer, _ index: Int32) -> String {
+    String(cString: lua_typename(L, lua_type(L, index)))
+}
+
+/// An HTTP token (RFC 9110 field name).
+func isToken(_ name: String) -> Bool {
+    guard !name.isEmpty else { return false }
+    return name.utf8.allSatisfy { byte in
+        switch byte {
+        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+            UInt8(ascii: "0")...UInt8(ascii: "9"):
+            return true
+        default:
+            return "!#$%&'*+-.^_`|~".utf8.contains(byte)
+        }
+    }
+}
