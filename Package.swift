@@ -75,6 +75,7 @@ let package = Package(
             name: "ott-proxy",
             dependencies: [
                 "ProxyCore",
+                "LuaRouting",
                 "DemoBackends",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Logging
 import ProxyCore
 
 struct Check: AsyncParsableCommand {
@@ -18,6 +19,18 @@ struct Check: AsyncParsableCommand {
             printError("error: \(self.config): a backend address does not resolve: \(error)")
             throw ExitCode.failure
         }
+        // Scripts are compiled and run to their end (defining `route`), exactly as `run` would.
+        var failed = false
+        for listener in proxyConfig.listeners where listener.routing != nil {
+            do {
+                _ = try PolicyRegistry.policy(
+                    for: listener, environment: PolicyRegistry.staticEnvironment(proxyConfig), logger: Logger(label: "check"))
+            } catch {
+                printError("error: listener '\(listener.name)': \(error)")
+                failed = true
+            }
+        }
+        if failed { throw ExitCode.failure }
         print("configuration file \(self.config) is valid")
     }
 }

@@ -10,7 +10,7 @@ struct OttProxy: AsyncParsableCommand {
         commandName: "ott-proxy",
         abstract: "A reverse proxy that lets a stateful server scale out: every request for one key reaches one backend.",
         version: version,
-        subcommands: [Run.self, Check.self, Demo.self, WebSocketCat.self],
+        subcommands: [Run.self, Check.self, RouteCommand.self, Demo.self, WebSocketCat.self],
         defaultSubcommand: nil
     )
 }

@@ -14,16 +14,23 @@ struct Run: AsyncParsableCommand {
     func run() async throws {
         guard let proxyConfig = loadConfig(self.config) else { throw ExitCode.failure }
         bootstrapLogging(proxyConfig.logging)
-        try await serve(proxyConfig)
+        let path = self.config
+        // SIGHUP and admin `POST /reload` re-read this file (and the scripts it names).
+        try await serve(proxyConfig, configSource: { try ConfigLoader.load(path: path) })
     }
 }
 
 /// Runs a proxy as a ServiceLifecycle service: SIGTERM and SIGINT start a graceful shutdown.
-func serve(_ config: ProxyConfig, extraServices: [any Service] = []) async throws {
+func serve(
+    _ config: ProxyConfig,
+    configSource: (@Sendable () throws -> ProxyConfig)? = nil,
+    extraServices: [any Service] = []
+) async throws {
     let logger = Logger(label: "ott-proxy")
     let server: ProxyServer
     do {
-        server = try ProxyServer(config: config, logger: logger)
+        server = try ProxyServer(
+            config: config, logger: logger, policyFactory: PolicyRegistry.factory(), configSource: configSource)
         try await server.start()
     } catch {
         logger.critical("could not start", metadata: ["error": "\(error)"])

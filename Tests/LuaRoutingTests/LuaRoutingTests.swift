@@ -181,7 +181,7 @@ import Testing
         ("return { key = 'k' }", "key needs a pool to place it on"),
         ("return { key = 1, pool = 'p' }", "key must be a string, got number"),
         ("return { key = '', pool = 'p' }", "key must not be empty"),
-        ("return { key = 'k', pool = 'p', place = 'random' }", "unknown place 'random' (known: jump, ketama, least_connections, least_keys, maglev, rendezvous)"),
+        ("return { key = 'k', pool = 'p', place = 'nearest' }", "unknown place 'nearest' (known: bounded-load, jump, ketama, least-connections, least-keys, maglev, power-of-two-choices, random, rendezvous, weighted-round-robin)"),
         ("return { pool = 'p', place = 'jump' }", "place applies only with key"),
         ("return { backend = 'b', pool = 'p' }", "backend and pool are exclusive (a backend id names one backend)"),
         ("return { respond = { status = 700 } }", "respond.status must be in 100...599, got 700"),

@@ -34,10 +34,8 @@ public struct LuaRouteResult: Sendable, Equatable {
 /// One instance per event loop: it is not `Sendable`, and every method must be called on the thread that uses it.
 /// See `docs/routing-api.md` for the script contract.
 public final class LuaRoutingPolicy: RoutingPolicy {
-    /// The `place` values a decision may name unless the host passes its own set.
-    public static let defaultPlacements: Set<String> = [
-        "rendezvous", "ketama", "maglev", "jump", "least_keys", "least_connections",
-    ]
+    /// The `place` values a decision may name unless the host passes its own set: the core's strategies.
+    public static let defaultPlacements: Set<String> = PlacementStrategy.names
 
     /// Internal: the state calls back into this policy through unretained pointers, so the script must not outlive
     /// it.
@@ -98,7 +96,20 @@ public final class LuaRoutingPolicy: RoutingPolicy {
     }
 
     public func route(_ request: RouteRequest) throws -> RouteDecision {
-        try self.decide(request).decision
+        let result = try self.decide(request)
+        var decision = result.decision
+        decision.responseBody = result.extras.wantsResponseBody
+        return decision
+    }
+
+    public var observesResponses: Bool {
+        self.hasOnResponse
+    }
+
+    public func onResponse(_ request: RouteRequest, _ response: RouteResponse) throws -> ResponseAction? {
+        let body = response.body.map { String(buffer: $0) }
+        return try self.onResponse(request: request, status: response.status, headers: response.headers, body: body)
+            .map { .claim($0) }
     }
 
     /// `route`, with the extras (also left in `lastExtras`).

@@ -25,3 +25,50 @@ public final class RoutingTable: Sendable {
         )
     }
 }
+
+/// The outcome of turning a forwarding decision into a backend.
+public enum TargetResolution: Equatable {
+    case backend(Backend)
+    /// The pool exists but has no backend to offer (→ 503).
+    case noBackend
+    /// The decision is malformed for this configuration (→ 500, logged).
+    case unknownPool(String)
+    case unknownBackend(String)
+    case unknownPlacement(String)
+
+    public static func == (lhs: TargetResolution, rhs: TargetResolution) -> Bool {
+        switch (lhs, rhs) {
+        case (.backend(let a), .backend(let b)): return a === b
+        case (.noBackend, .noBackend): return true
+        case (.unknownPool(let a), .unknownPool(let b)), (.unknownBackend(let a), .unknownBackend(let b)),
+            (.unknownPlacement(let a), .unknownPlacement(let b)):
+            return a == b
+        default: return false
+        }
+    }
+}
+
+extension RoutingTable {
+    /// The backend a forwarding target names. Stateless targets are balanced (so this advances the pool's cursor);
+    /// a key goes to its claimed owner when that owner is in the pool, else to its rendezvous-hash backend.
+    public func resolve(_ target: RouteTarget, owners: KeyOwners) -> TargetResolution {
+        switch target {
+        case .pool(let name):
+            guard let pool = self.pools[name] else { return .unknownPool(name) }
+            return pool.pick().map { .backend($0) } ?? .noBackend
+        case .backend(let id):
+            return self.backends[id].map { .backend($0) } ?? .unknownBackend(id)
+        case .keyed(let key, let name, let placement):
+            guard let pool = self.pools[name] else { return .unknownPool(name) }
+            if let placement, !PlacementStrategy.names.contains(placement) { return .unknownPlacement(placement) }
+            if let ownerID = owners.owner(of: key), let owner = self.backends[ownerID],
+                pool.backends.contains(where: { $0 === owner })
+            {
+                return .backend(owner)
+            }
+            guard let id = ConsistentHashing.rendezvous(key: key, backends: pool.hashInputs), let backend = self.backends[id]
+            else { return .noBackend }
+            return .backend(backend)
+        }
+    }
+}

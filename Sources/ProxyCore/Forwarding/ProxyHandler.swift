@@ -333,53 +333,28 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         self.runtime.config.listeners.first { $0.name == self.listener.name }?.routing?.fallbackPool
     }
 
-    /// Placement strategies a keyed decision may name. Until the ownership directory implements them, every one places
-    /// by rendezvous hashing over the pool, so all proxies agree without talking to each other.
-    static let placementStrategies: Set<String> = [
-        "least-keys", "least-connections", "power-of-two-choices", "random", "weighted-round-robin",
-        "rendezvous", "ketama", "maglev", "bounded-load",
-    ]
-
     /// The backend a forwarding decision names, or nil after answering the client with why there is none.
     private func resolve(
         _ target: RouteTarget, head: HTTPRequestHead, framing: RequestFraming, requestEnded: Bool,
         context: ChannelHandlerContext
     ) -> Backend? {
-        let table = self.runtime.table
         func refuse(_ status: HTTPResponseStatus, _ body: String, log: String? = nil, _ metadata: Logger.Metadata = [:]) -> Backend? {
             if let log { self.runtime.logger.error("\(log)", metadata: metadata) }
             if status == .internalServerError { self.runtime.metrics.countRoutingError() }
             self.answerLocally(head: head, framing: framing, requestEnded: requestEnded, status: status, body: body, context: context)
             return nil
         }
-        switch target {
-        case .pool(let name):
-            guard let pool = table.pools[name] else {
-                return refuse(.internalServerError, "routing error", log: "routing decision names an unknown pool", ["pool": "\(name)"])
-            }
-            return pool.pick() ?? refuse(.serviceUnavailable, "no backend available")
-        case .backend(let id):
-            guard let backend = table.backends[id] else {
-                return refuse(.internalServerError, "routing error", log: "routing decision names an unknown backend", ["backend": "\(id)"])
-            }
+        switch self.runtime.table.resolve(target, owners: self.runtime.owners) {
+        case .backend(let backend):
             return backend
-        case .keyed(let key, let name, let placement):
-            guard let pool = table.pools[name] else {
-                return refuse(.internalServerError, "routing error", log: "routing decision names an unknown pool", ["pool": "\(name)"])
-            }
-            if let placement, !Self.placementStrategies.contains(placement) {
-                return refuse(.internalServerError, "routing error", log: "routing decision names an unknown placement strategy",
-                              ["place": "\(placement)"])
-            }
-            if let ownerID = self.runtime.owners.owner(of: key), let owner = table.backends[ownerID],
-                pool.backends.contains(where: { $0 === owner })
-            {
-                return owner
-            }
-            guard let id = ConsistentHashing.rendezvous(key: key, backends: pool.hashInputs), let backend = table.backends[id] else {
-                return refuse(.serviceUnavailable, "no backend available")
-            }
-            return backend
+        case .noBackend:
+            return refuse(.serviceUnavailable, "no backend available")
+        case .unknownPool(let name):
+            return refuse(.internalServerError, "routing error", log: "routing decision names an unknown pool", ["pool": "\(name)"])
+        case .unknownBackend(let id):
+            return refuse(.internalServerError, "routing error", log: "routing decision names an unknown backend", ["backend": "\(id)"])
+        case .unknownPlacement(let name):
+            return refuse(.internalServerError, "routing error", log: "routing decision names an unknown placement strategy", ["place": "\(name)"])
         }
     }
 
