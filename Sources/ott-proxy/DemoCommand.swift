@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import DemoBackends
 import Logging
 import NIOPosix
@@ -28,14 +29,27 @@ struct Demo: AsyncParsableCommand {
         let config = Self.embeddedConfig(port: self.port, adminPort: self.adminPort, servers: servers)
         bootstrapLogging(config.logging)
         print(Self.instructions(port: self.port, adminPort: self.adminPort, servers: servers))
+        fflush(stdout)
         try await serve(config)
         for server in servers { try? await server.stop() }
+    }
+
+    /// The shipped `routing-scripts/path-key.lua`, found next to this source file (the demo runs from a checkout).
+    static var pathKeyScript: String? {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
+        let script = root.appendingPathComponent("routing-scripts/path-key.lua").path
+        return FileManager.default.fileExists(atPath: script) ? script : nil
     }
 
     /// The demo's configuration: what `ott-proxy run` would read from a file.
     static func embeddedConfig(port: Int, adminPort: Int, servers: [RoomServer]) -> ProxyConfig {
         ProxyConfig(
-            listeners: [ListenerConfig(name: "demo", address: "127.0.0.1", port: port, pool: "rooms")],
+            listeners: [
+                ListenerConfig(
+                    name: "demo", address: "127.0.0.1", port: port, pool: "rooms",
+                    routing: pathKeyScript.map { RoutingScriptConfig(script: $0) })
+            ],
             pools: [
                 PoolConfig(
                     name: "rooms",
@@ -60,8 +74,8 @@ struct Demo: AsyncParsableCommand {
               ott-proxy wscat ws://127.0.0.1:\(port)/rooms/lobby/ws   # type lines: they are broadcast to the room
               curl -s http://127.0.0.1:\(adminPort)/metrics | grep ott_proxy_requests
 
-            Requests are balanced by least-connections: keyed routing (one room, one backend) arrives with routing
-            scripts. Ctrl-C stops everything gracefully.
+            \(pathKeyScript.map { "Routing script: \($0)\n    every request and WebSocket for /rooms/{name} reaches one backend;" } ?? "No routing script found:")
+            other paths are balanced by least-connections. Ctrl-C stops everything gracefully.
 
             """
     }
