@@ -207,7 +207,7 @@ public struct TimeoutsConfig: Sendable, Equatable {
 public struct LimitsConfig: Sendable, Equatable {
     /// Largest request head (request line and all header lines) accepted. Larger → 431.
     public var maxHeaderBytes: Int
-    /// Largest number of client connections open at once per listener; further connections are refused.
+    /// Largest number of client connections open at once, over all listeners; further ones are closed at accept.
     public var maxConnections: Int
     /// Largest body the proxy will hold in memory when it must buffer one (bodies are otherwise streamed).
     public var maxBufferedBody: Int
