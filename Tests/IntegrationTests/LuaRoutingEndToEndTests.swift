@@ -432,6 +432,41 @@ import Testing
         #expect(used.count > 1, "all rooms on \(used.sorted())")
     }
 
+    /// The usual client flow: look at the room over HTTP, then join it over a WebSocket. Both are keyed to the same
+    /// backend, so the proxy holds an idle keep-alive connection to it when the upgrade comes (one loop: the same
+    /// upstream pool). A SwiftNIO server only upgrades on the first request of a connection.
+    @Test func aWebSocketAfterAPlainRequestToTheSameBackendStillUpgrades() async throws {
+        let proxyGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let group = MultiThreadedEventLoopGroup.singleton
+        let server = try await RoomServer.start(id: "r1", group: group)
+        let directory = try ScriptDirectory()
+        let proxy = try await startLuaProxy(
+            script: Self.pathKeyScript, directory: directory, backends: [(server.id, server.port)], group: proxyGroup)
+        let outcome: Result<Void, Error>
+        do {
+            for index in 0..<3 {
+                let room = "lobby\(index)"
+                let connection = try await RawHTTPConnection.connect(port: proxy.port)
+                let info = try await connection.request("GET", "/rooms/\(room)")
+                await connection.close()
+                #expect(info.status == 200)
+                let client = try await WebSocketClient.connect(host: "127.0.0.1", port: proxy.port, path: "/rooms/\(room)/ws", group: group)
+                let joined = try await Self.joined(client)
+                #expect(joined.room == room)
+                #expect(joined.backend == "r1")
+                await client.close()
+            }
+            outcome = .success(())
+        } catch {
+            outcome = .failure(error)
+        }
+        await proxy.stop()
+        try? await server.stop()
+        try? await proxyGroup.shutdownGracefully()
+        directory.remove()
+        try outcome.get()
+    }
+
     // MARK: Two event loops
 
     /// Counts `route` calls per event loop around the real Lua policy.

@@ -197,6 +197,44 @@ import Testing
         }
     }
 
+    /// A hangup sent as soon as the listener accepts (a deploy tool reloading right after a start) must not kill the
+    /// proxy. The window this guards was a few milliseconds wide, so the test tries several starts.
+    @Test func sighupRightAfterStartDoesNotKillTheExecutable() async throws {
+        let directory = try ScriptDirectory()
+        defer { directory.remove() }
+        let a = try await RoomServer.start(id: "a", group: Self.group)
+        defer { Task { try? await a.stop() } }
+        try directory.write("route.lua", Self.script(routingTo: "a"))
+        for attempt in 0..<6 {
+            let port = try await CLITests.freePort()
+            let configPath = try directory.write("proxy.yaml", Self.configYAML(listenerPort: port, backends: [a], admin: false))
+            let process = Process()
+            process.executableURL = try CLITests.executable()
+            process.arguments = ["run", "--config", configPath]
+            process.standardOutput = FileHandle.nullDevice
+            process.standardError = FileHandle.nullDevice
+            try process.run()
+            let accepting = await WSSupport.waitUntil(timeout: .seconds(10)) {
+                guard process.isRunning, let connection = try? await RawHTTPConnection.connect(port: port) else { return false }
+                await connection.close()
+                return true
+            }
+            #expect(accepting, "attempt \(attempt): never listened")
+            kill(process.processIdentifier, SIGHUP)
+            let served = await WSSupport.waitUntil(timeout: .seconds(5)) {
+                (try? await Self.backendOnFreshConnection(port: port)) == "a"
+            }
+            let alive = process.isRunning
+            process.terminate()
+            let exited = await WSSupport.waitUntil(timeout: .seconds(5)) { !process.isRunning }
+            if !exited { kill(process.processIdentifier, SIGKILL) }
+            process.waitUntilExit()
+            #expect(alive && served, "attempt \(attempt): the early SIGHUP ended the process (\(process.terminationReason), \(process.terminationStatus))")
+            #expect(process.terminationReason == .exit && process.terminationStatus == 0, "attempt \(attempt)")
+            if !(alive && served) { break }
+        }
+    }
+
     @Test func sighupReloadsTheRunningExecutable() async throws {
         let directory = try ScriptDirectory()
         defer { directory.remove() }
