@@ -325,7 +325,9 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             backend.acquire()
             self.state = .proxying(exchange)
             self.readsHeld = true
-            self.connectUpstream(exchange, allowPooled: true)
+            // An upgrade gets a fresh connection: servers such as SwiftNIO's upgrader only switch protocols on the
+            // first request of a connection (and the tunnel consumes the connection anyway).
+            self.connectUpstream(exchange, allowPooled: upgrade == nil)
         }
     }
 
