@@ -114,6 +114,7 @@ let package = Package(
             name: "IntegrationTests",
             dependencies: [
                 "ProxyCore",
+                "LuaRouting",
                 "DemoBackends",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

@@ -58,6 +58,9 @@ public final class ProxyServer: Service, Sendable {
     /// The generation in force (the one new requests use).
     public var runtime: ProxyRuntime { self.current.withLock { $0 } }
     private let reloading = Mutex(false)
+    /// SIGHUP, trapped from `start()` on when the server can reload, so a hangup that arrives before `run()` is
+    /// reached is queued for it instead of killing the process (the default action).
+    private let hangups = Mutex<UnixSignalsSequence?>(nil)
     /// Where `reload()` reads the configuration from (the CLI passes the file it was started with).
     private let configSource: (@Sendable () throws -> ProxyConfig)?
     private let group: EventLoopGroup
@@ -101,6 +104,10 @@ public final class ProxyServer: Service, Sendable {
 
     /// Binds every listener and the admin listener. Fails (and binds nothing) if any address is unusable.
     public func start() async throws {
+        if self.configSource != nil, self.hangups.withLock({ $0 == nil }) {
+            let hangups = await UnixSignalsSequence(trapping: .sighup)
+            self.hangups.withLock { $0 = hangups }
+        }
         let runtime = self.runtime
         let config = runtime.config
         let settings = UpstreamPool.Settings(
@@ -152,7 +159,13 @@ public final class ProxyServer: Service, Sendable {
         if self.started.withLock({ $0 == nil }) {
             try await self.start()
         }
-        let hangups = await UnixSignalsSequence(trapping: .sighup)
+        let trapped = self.hangups.withLock { $0 }
+        let hangups: UnixSignalsSequence
+        if let trapped {
+            hangups = trapped
+        } else {
+            hangups = await UnixSignalsSequence(trapping: .sighup)
+        }
         await withTaskGroup(of: Void.self) { group in
             group.addTask {
                 for await _ in hangups {

@@ -282,7 +282,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         case .respond(let response):
             self.answerLocally(
                 head: head, framing: framing, requestEnded: requestEnded, status: response.status, body: response.body,
-                headers: response.headers.map { ($0.name, $0.value) }, context: context)
+                headers: response.headers.map { ($0.name, $0.value) }, bodyAsGiven: true, context: context)
         case .needBody:
             if bufferedBody != nil {
                 self.runtime.logger.error("routing policy asked for the body again after receiving it", metadata: ["uri": "\(head.uri)"])
@@ -325,7 +325,9 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             backend.acquire()
             self.state = .proxying(exchange)
             self.readsHeld = true
-            self.connectUpstream(exchange, allowPooled: true)
+            // An upgrade gets a fresh connection: servers such as SwiftNIO's upgrader only switch protocols on the
+            // first request of a connection (and the tunnel consumes the connection anyway).
+            self.connectUpstream(exchange, allowPooled: upgrade == nil)
         }
     }
 
@@ -716,6 +718,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         status: HTTPResponseStatus,
         body: String,
         headers: [(String, String)] = [],
+        bodyAsGiven: Bool = false,
         context: ChannelHandlerContext
     ) {
         let keepAlive = head.isKeepAlive && (framing == .none || requestEnded) && RequestValidator.upgradeProtocol(of: head) == nil
@@ -729,17 +732,21 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         }
         self.countLocal(status)
         self.logLocal(head: head, status: status)
-        self.writeLocalResponse(status: status, body: body, headers: headers, keepAlive: keepAlive, context: context)
+        self.writeLocalResponse(
+            status: status, body: body, headers: headers, keepAlive: keepAlive, bodyAsGiven: bodyAsGiven, context: context)
     }
 
+    /// - Parameter bodyAsGiven: send `body` byte for byte (a policy's `respond`); the proxy's own messages get a
+    ///   final newline.
     private func writeLocalResponse(
         status: HTTPResponseStatus,
         body: String,
         headers extra: [(String, String)],
         keepAlive: Bool,
+        bodyAsGiven: Bool = false,
         context: ChannelHandlerContext
     ) {
-        let text = body.hasSuffix("\n") || body.isEmpty ? body : body + "\n"
+        let text = bodyAsGiven || body.hasSuffix("\n") || body.isEmpty ? body : body + "\n"
         var headers = HTTPHeaders(extra)
         if !headers.contains(name: "content-type") {
             headers.add(name: "content-type", value: "text/plain; charset=utf-8")
