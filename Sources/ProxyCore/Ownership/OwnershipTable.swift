@@ -1,0 +1,187 @@
+/// Who owns a key, since when, under which fencing epoch.
+public struct Ownership: Sendable, Equatable {
+    public var key: String
+    public var pool: String
+    public var backend: String
+    /// Monotonically increasing across every claim: a backend (or a later proxy) can reject an older owner's writes.
+    public var epoch: UInt64
+    /// When this owner was claimed (seconds, on the directory's clock).
+    public var since: Double
+
+    public init(key: String, pool: String, backend: String, epoch: UInt64, since: Double) {
+        self.key = key
+        self.pool = pool
+        self.backend = backend
+        self.epoch = epoch
+        self.since = since
+    }
+}
+
+/// An owner change every proxy component may care about (closing tunnels, dropping caches).
+public struct OwnershipChange: Sendable, Equatable {
+    public enum Reason: String, Sendable {
+        /// The previous owner became unusable (down, removed) and the key was placed again.
+        case replaced
+        /// A response named the key (`on_response` claim) for another backend.
+        case claimed
+        /// An operator forced re-placement (`DELETE /keys/{key}`) or migration (`drain?migrate=true`).
+        case released
+        /// The lease ran out with no live connection; the next request places the key afresh.
+        case expired
+    }
+
+    public var key: String
+    /// The backend that no longer owns the key (its tunnels for this key are to be closed).
+    public var previous: String
+    /// The new owner, when there is one already.
+    public var current: String?
+    public var reason: Reason
+}
+
+/// The in-memory ownership state as a pure value: events in (with the time passed in), results out.
+///
+/// Leases: a key stays owned while any request or tunnel for it is live (`live > 0`), and for the pool's idle TTL
+/// after the last one ended. An expired key is placed afresh on its next resolve. Epochs come from one counter, so
+/// every claim's epoch is higher than every earlier one.
+public struct OwnershipTable: Sendable {
+    struct Entry: Sendable {
+        var ownership: Ownership
+        var live: Int
+        /// When `live` last dropped to 0 (only meaningful while `live == 0`).
+        var idleSince: Double
+        var idleTTL: Double
+    }
+
+    private(set) var entries: [String: Entry] = [:]
+    private(set) var keysPerBackend: [String: Int] = [:]
+    private(set) var lastEpoch: UInt64
+
+    public init(lastEpoch: UInt64 = 0) {
+        self.lastEpoch = lastEpoch
+    }
+
+    public var count: Int { self.entries.count }
+
+    public func keys(on backend: String) -> Int { self.keysPerBackend[backend, default: 0] }
+
+    /// The current owner, or nil when none or its lease expired at `now`.
+    public func owner(of key: String, now: Double) -> Ownership? {
+        guard let entry = self.entries[key], !Self.expired(entry, now: now) else { return nil }
+        return entry.ownership
+    }
+
+    /// Live connections (requests and tunnels) holding the key's lease, on this proxy.
+    public func liveCount(of key: String) -> Int { self.entries[key]?.live ?? 0 }
+
+    /// The owner to use for `key`: the current one if `stillValid` accepts it, else a new one chosen by `place`
+    /// (which gets the backend to avoid, if any) and claimed under a new epoch. Returns nil when `place` finds nothing.
+    public mutating func resolve(
+        key: String,
+        pool: String,
+        idleTTL: Double,
+        now: Double,
+        stillValid: (String) -> Bool,
+        place: (_ avoiding: String?, _ keysOn: (String) -> Int) -> String?
+    ) -> (ownership: Ownership, change: OwnershipChange?)? {
+        var previous: String? = nil
+        var reason = OwnershipChange.Reason.replaced
+        if let entry = self.entries[key] {
+            if Self.expired(entry, now: now) {
+                self.forget(key)
+                reason = .expired
+                previous = entry.ownership.backend
+            } else if entry.ownership.pool == pool && stillValid(entry.ownership.backend) {
+                return (entry.ownership, nil)
+            } else {
+                previous = entry.ownership.backend
+            }
+        }
+        let counts = self.keysPerBackend
+        guard let backend = place(reason == .replaced ? previous : nil, { counts[$0, default: 0] }) else { return nil }
+        let ownership = self.assign(key: key, pool: pool, backend: backend, idleTTL: idleTTL, now: now)
+        // An expired key had no live connection anywhere here: nobody to tell. A replaced owner's tunnels must close.
+        let change = reason == .replaced
+            ? previous.map { OwnershipChange(key: key, previous: $0, current: backend, reason: reason) } : nil
+        return (ownership, change)
+    }
+
+    /// Makes `backend` the owner of `key` whatever was there (a claim learned from a response).
+    public mutating func claim(key: String, pool: String, backend: String, idleTTL: Double, now: Double)
+        -> (ownership: Ownership, change: OwnershipChange?)
+    {
+        if let entry = self.entries[key], !Self.expired(entry, now: now), entry.ownership.backend == backend {
+            return (entry.ownership, nil)
+        }
+        let previous = self.entries[key].flatMap { Self.expired($0, now: now) ? nil : $0.ownership.backend }
+        let live = self.entries[key]?.live ?? 0
+        self.forget(key)
+        var ownership = self.assign(key: key, pool: pool, backend: backend, idleTTL: idleTTL, now: now)
+        self.entries[key]?.live = live
+        ownership = self.entries[key]!.ownership
+        return (ownership, previous.map { OwnershipChange(key: key, previous: $0, current: backend, reason: .claimed) })
+    }
+
+    /// Forgets the key's owner so the next resolve places it again; returns the change when there was an owner.
+    public mutating func release(key: String, now: Double) -> OwnershipChange? {
+        guard let entry = self.entries[key] else { return nil }
+        self.forget(key)
+        guard !Self.expired(entry, now: now) else { return nil }
+        return OwnershipChange(key: key, previous: entry.ownership.backend, current: nil, reason: .released)
+    }
+
+    /// A request or tunnel for the key started (it holds the lease).
+    public mutating func acquire(key: String) {
+        self.entries[key]?.live += 1
+    }
+
+    /// A request or tunnel for the key ended; the idle TTL starts when the last one does.
+    public mutating func releaseLease(key: String, now: Double) {
+        guard var entry = self.entries[key], entry.live > 0 else { return }
+        entry.live -= 1
+        if entry.live == 0 { entry.idleSince = now }
+        self.entries[key] = entry
+    }
+
+    /// Drops every expired key (bounding memory); returns how many.
+    @discardableResult
+    public mutating func sweep(now: Double) -> Int {
+        let expired = self.entries.filter { Self.expired($0.value, now: now) }.map(\.key)
+        for key in expired { self.forget(key) }
+        return expired.count
+    }
+
+    /// Keys owned by `backend`, in no particular order.
+    public func keys(ownedBy backend: String, now: Double) -> [String] {
+        self.entries.compactMap { key, entry in
+            entry.ownership.backend == backend && !Self.expired(entry, now: now) ? key : nil
+        }
+    }
+
+    /// Owners whose key starts with `prefix`, sorted by key, at most `limit`.
+    public func list(prefix: String, limit: Int, now: Double) -> [(ownership: Ownership, live: Int)] {
+        self.entries.values
+            .filter { $0.ownership.key.hasPrefix(prefix) && !Self.expired($0, now: now) }
+            .sorted { $0.ownership.key < $1.ownership.key }
+            .prefix(limit)
+            .map { ($0.ownership, $0.live) }
+    }
+
+    private mutating func assign(key: String, pool: String, backend: String, idleTTL: Double, now: Double) -> Ownership {
+        self.lastEpoch += 1
+        let ownership = Ownership(key: key, pool: pool, backend: backend, epoch: self.lastEpoch, since: now)
+        self.entries[key] = Entry(ownership: ownership, live: 0, idleSince: now, idleTTL: idleTTL)
+        self.keysPerBackend[backend, default: 0] += 1
+        return ownership
+    }
+
+    private mutating func forget(_ key: String) {
+        guard let entry = self.entries.removeValue(forKey: key) else { return }
+        let backend = entry.ownership.backend
+        let remaining = self.keysPerBackend[backend, default: 1] - 1
+        self.keysPerBackend[backend] = remaining > 0 ? remaining : nil
+    }
+
+    private static func expired(_ entry: Entry, now: Double) -> Bool {
+        entry.live == 0 && now - entry.idleSince >= entry.idleTTL
+    }
+}
