@@ -9,14 +9,17 @@ public final class ProxyRuntime: Sendable {
     public let accessLogger: Logger
     public let accessLog: Bool
     public let metrics: ProxyMetrics
-    /// Claimed key owners; shared by every generation, so a reload keeps them.
-    public let owners: KeyOwners
+    /// Key ownership, open tunnels and drains: shared by every generation, so a reload keeps them.
+    public let directory: OwnershipDirectory
+    public let tunnels: TunnelRegistry
+    public let drains: DrainRegistry
     /// Counts reloads: 1 for the configuration the server started with.
     public let generation: Int
 
     public init(
         config: ProxyConfig, table: RoutingTable, logger: Logger, accessLogger: Logger, metrics: ProxyMetrics,
-        owners: KeyOwners = KeyOwners(), generation: Int = 1
+        directory: OwnershipDirectory = InMemoryOwnershipDirectory(), tunnels: TunnelRegistry = TunnelRegistry(),
+        drains: DrainRegistry = DrainRegistry(), generation: Int = 1
     ) {
         self.config = config
         self.table = table
@@ -24,8 +27,23 @@ public final class ProxyRuntime: Sendable {
         self.accessLogger = accessLogger
         self.accessLog = config.logging.accessLog
         self.metrics = metrics
-        self.owners = owners
+        self.directory = directory
+        self.tunnels = tunnels
+        self.drains = drains
         self.generation = generation
+    }
+}
+
+extension ProxyRuntime {
+    /// A runtime for a new configuration that keeps this one's shared state (ownership, tunnels, drains, metrics).
+    func next(config: ProxyConfig, table: RoutingTable) -> ProxyRuntime {
+        ProxyRuntime(
+            config: config, table: table, logger: self.logger, accessLogger: self.accessLogger, metrics: self.metrics,
+            directory: self.directory, tunnels: self.tunnels, drains: self.drains, generation: self.generation + 1)
+    }
+
+    func poolConfig(named name: String) -> PoolConfig? {
+        self.config.pools.first { $0.name == name }
     }
 }
 

@@ -52,11 +52,12 @@ public final class ProxyServer: Service, Sendable {
         var listenerChannels: [Channel]
         var adminChannel: Channel?
         var loopStates: [ObjectIdentifier: NIOLoopBound<LoopState>]
+        var sweeper: RepeatedTask?
     }
 
-    private let current: Mutex<ProxyRuntime>
+    private let current: RuntimeBox
     /// The generation in force (the one new requests use).
-    public var runtime: ProxyRuntime { self.current.withLock { $0 } }
+    public var runtime: ProxyRuntime { self.current.get() }
     private let reloading = Mutex(false)
     /// SIGHUP, trapped from `start()` on when the server can reload, so a hangup that arrives before `run()` is
     /// reached is queued for it instead of killing the process (the default action).
@@ -88,13 +89,61 @@ public final class ProxyServer: Service, Sendable {
     ) throws {
         let table = try RoutingTable(config: config)
         let metrics = ProxyMetrics(listeners: config.listeners.map(\.name))
-        self.current = Mutex(
+        self.current = RuntimeBox(
             ProxyRuntime(config: config, table: table, logger: logger, accessLogger: accessLogger, metrics: metrics))
         self.configSource = configSource
         self.ownsGroup = group == nil
         self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         self.policyFactory = policyFactory ?? { listener, _, _ in StaticPoolPolicy(pool: listener.pool) }
         self.connections = ConnectionRegistry(limit: config.limits.maxConnections)
+        // An owner change closes the key's tunnels to the previous owner, so clients reconnect to the new one.
+        let current = self.current
+        let runtime = current.get()
+        runtime.directory.onChange { change in
+            let code = current.get().config.ownership.closeCode
+            let closed = runtime.tunnels.close(key: change.key, onBackend: change.previous, code: code)
+            if closed > 0 {
+                runtime.logger.info(
+                    "closed tunnels of a key that changed owner",
+                    metadata: ["key": "\(change.key)", "from": "\(change.previous)", "to": "\(change.current ?? "-")",
+                               "reason": "\(change.reason.rawValue)", "tunnels": "\(closed)"])
+            }
+        }
+    }
+
+    /// Stops placing new keys on a backend; with `migrate`, also moves its keys away: each key is released (its
+    /// tunnels close with the configured code, and clients reconnect to a new owner), at `ownership.migrate_rate`.
+    /// Returns false for an unknown backend.
+    @discardableResult
+    public func drain(backend id: String, migrate: Bool) -> Bool {
+        let runtime = self.runtime
+        guard runtime.table.backends[id] != nil else { return false }
+        runtime.drains.drain(id, migrate: migrate)
+        runtime.logger.info("draining backend", metadata: ["backend": "\(id)", "migrate": "\(migrate)"])
+        if migrate { self.startMigration(of: id) }
+        return true
+    }
+
+    private func startMigration(of id: String) {
+        let current = self.current
+        Task {
+            while true {
+                let runtime = current.get()
+                let interval = Duration.seconds(1.0 / max(runtime.config.ownership.migrateRate, 0.001))
+                let code = runtime.config.ownership.closeCode
+                if let key = runtime.directory.keys(ownedBy: id).first {
+                    // Releasing publishes the change, which closes the key's tunnels on this backend.
+                    runtime.directory.release(key: key)
+                } else if let tunnel = runtime.tunnels.tunnels(onBackend: id).first {
+                    tunnel.close(code)
+                    runtime.tunnels.unregister(tunnel.id)
+                } else {
+                    runtime.logger.info("backend holds no keys and no tunnels", metadata: ["backend": "\(id)"])
+                    return
+                }
+                try? await Task.sleep(for: interval)
+            }
+        }
     }
 
     /// The port each listener is bound to, by listener name (useful with port 0).
@@ -147,7 +196,14 @@ public final class ProxyServer: Service, Sendable {
                 self.runtime.logger.info(
                     "admin listening", metadata: ["address": "\(admin.address):\(channel.localAddress?.port ?? admin.port)"])
             }
-            self.started.withLock { $0 = Started(listenerChannels: channels, adminChannel: adminChannel, loopStates: loopStates) }
+            // Expired keys are dropped in the background, so memory follows the number of live keys.
+            let current = self.current
+            let sweeper = self.group.next().scheduleRepeatedTask(initialDelay: .seconds(15), delay: .seconds(15)) { _ in
+                (current.get().directory as? InMemoryOwnershipDirectory)?.sweep()
+            }
+            self.started.withLock {
+                $0 = Started(listenerChannels: channels, adminChannel: adminChannel, loopStates: loopStates, sweeper: sweeper)
+            }
         } catch {
             for channel in channels { try? await channel.close() }
             throw error
@@ -222,9 +278,7 @@ public final class ProxyServer: Service, Sendable {
         } catch {
             return self.reloadFailed("a backend address does not resolve: \(error)")
         }
-        let runtime = ProxyRuntime(
-            config: config, table: table, logger: old.logger, accessLogger: old.accessLogger, metrics: old.metrics,
-            owners: old.owners, generation: old.generation + 1)
+        let runtime = old.next(config: config, table: table)
         let policies: [(EventLoop, NIOLoopBound<[String: RoutingPolicy]>)]
         do {
             policies = try await self.makePolicies(for: runtime)
@@ -237,7 +291,7 @@ public final class ProxyServer: Service, Sendable {
             idleTimeout: config.timeouts.upstreamIdle,
             maxIdlePerBackend: config.limits.maxIdleUpstreamPerBackend
         )
-        self.current.withLock { $0 = runtime }
+        self.current.set(runtime)
         for (loop, loopPolicies) in policies {
             guard let state = loopStates[ObjectIdentifier(loop)] else { continue }
             try? await loop.submit {
@@ -247,6 +301,11 @@ public final class ProxyServer: Service, Sendable {
         }
         runtime.metrics.countReload(succeeded: true)
         runtime.logger.info("configuration reloaded", metadata: ["generation": "\(runtime.generation)"])
+        // A backend gone from the configuration is drained with migration: its tunnels close (paced) and its keys
+        // are placed again on their next request.
+        for id in old.table.backends.keys where table.backends[id] == nil {
+            self.startMigration(of: id)
+        }
         return .success(runtime.generation)
     }
 
@@ -260,7 +319,7 @@ public final class ProxyServer: Service, Sendable {
     /// Builds every listener's policy on every loop (each on its own loop, where it will live).
     private func makePolicies(for runtime: ProxyRuntime) async throws -> [(EventLoop, NIOLoopBound<[String: RoutingPolicy]>)] {
         let factory = self.policyFactory
-        let environment = LiveRoutingEnvironment(table: runtime.table, owners: runtime.owners)
+        let environment = LiveRoutingEnvironment(table: runtime.table, directory: runtime.directory, drains: runtime.drains)
         let listeners = runtime.config.listeners
         var result: [(EventLoop, NIOLoopBound<[String: RoutingPolicy]>)] = []
         for loop in self.group.makeIterator() {
@@ -287,6 +346,7 @@ public final class ProxyServer: Service, Sendable {
         let grace = self.runtime.config.timeouts.shutdownGrace
         self.runtime.logger.info("shutting down", metadata: ["grace": "\(grace)"])
 
+        started.sweeper?.cancel()
         for channel in started.listenerChannels {
             try? await channel.close()
         }
@@ -414,4 +474,16 @@ final class ConnectionRegistry: Sendable {
     var count: Int { self.channels.withLock { $0.count } }
 
     func all() -> [Channel] { self.channels.withLock { Array($0.values) } }
+}
+
+/// The generation in force, shared with the closures that outlive a call (change handlers, migrations).
+final class RuntimeBox: Sendable {
+    private let value: Mutex<ProxyRuntime>
+
+    init(_ runtime: ProxyRuntime) {
+        self.value = Mutex(runtime)
+    }
+
+    func get() -> ProxyRuntime { self.value.withLock { $0 } }
+    func set(_ runtime: ProxyRuntime) { self.value.withLock { $0 = runtime } }
 }

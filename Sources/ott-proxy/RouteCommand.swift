@@ -44,10 +44,13 @@ struct RouteCommand: AsyncParsableCommand {
             throw ValidationError("no listener named '\(self.listener ?? "")' in \(self.config)")
         }
         let request = try self.makeRequest(listener: listener)
-        let table: RoutingTable
+        let runtime: ProxyRuntime
         let policy: RoutingPolicy
         do {
-            table = try RoutingTable(config: proxyConfig)
+            let table = try RoutingTable(config: proxyConfig)
+            runtime = ProxyRuntime(
+                config: proxyConfig, table: table, logger: Logger(label: "route"), accessLogger: Logger(label: "route"),
+                metrics: ProxyMetrics(listeners: proxyConfig.listeners.map(\.name)))
             policy = try PolicyRegistry.policy(
                 for: listener, environment: PolicyRegistry.staticEnvironment(proxyConfig), logger: Logger(label: "route"))
         } catch {
@@ -71,10 +74,10 @@ struct RouteCommand: AsyncParsableCommand {
                 + (listener.routing?.fallbackPool.map { " (or, with fallback_pool, any backend of '\($0)')" } ?? ""))
             throw ExitCode(2)
         }
-        print(Self.describe(decision, table: table))
+        print(Self.describe(decision, runtime: runtime))
     }
 
-    static func describe(_ decision: RouteDecision, table: RoutingTable) -> String {
+    static func describe(_ decision: RouteDecision, runtime: ProxyRuntime) -> String {
         var lines: [String] = []
         switch decision.action {
         case .respond(let response):
@@ -97,12 +100,16 @@ struct RouteCommand: AsyncParsableCommand {
             for header in decision.setHeaders { lines.append("set header: \(header.name): \(header.value)") }
             for name in decision.removeHeaders { lines.append("remove header: \(name)") }
             if decision.responseBody { lines.append("on_response gets the response body") }
-            switch (target, table.resolve(target, owners: KeyOwners())) {
+            switch (target, runtime.resolve(target, on: nil)) {
             case (.pool(let name), .backend):
-                let pool = table.pools[name]!
+                let pool = runtime.table.pools[name]!
                 lines.append("backend: one of \(pool.backends.map(\.id).joined(separator: ", ")) (\(pool.balance.rawValue))")
             case (_, .backend(let backend)):
                 lines.append("backend: \(backend.id) (\(backend.config.host):\(backend.config.port))")
+            case (_, .owned(let backend, let ownership)):
+                lines.append("backend: \(backend.id) (\(backend.config.host):\(backend.config.port)), epoch \(ownership.epoch)")
+            case (_, .pending):
+                lines.append("backend: decided by the shared ownership store")
             case (_, .noBackend):
                 lines.append("backend: none available (the client would get 503)")
             case (_, .unknownPool(let name)):

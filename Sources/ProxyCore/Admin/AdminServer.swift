@@ -110,8 +110,91 @@ struct AdminServer: Sendable {
         case (_, "/healthz"), (_, "/readyz"), (_, "/metrics"), (_, "/reload"):
             return (.methodNotAllowed, "text/plain; charset=utf-8", "method not allowed\n")
         default:
+            if let proxy = self.proxy, let answer = Self.ownershipAPI(method: method, path: path, proxy: proxy) {
+                return answer
+            }
             return (.notFound, "text/plain; charset=utf-8", "not found\n")
         }
+    }
+}
+
+// MARK: Backends and keys (docs/admin-api.md)
+
+extension AdminServer {
+    static let json = "application/json"
+
+    /// `GET /backends`, `POST /backends/{id}/drain[?migrate=true]`, `GET /keys?prefix=&limit=`, `GET /keys/{key}`,
+    /// `DELETE /keys/{key}`; nil when the path is none of these.
+    static func ownershipAPI(method: HTTPMethod, path: String, proxy: ProxyServer) -> (HTTPResponseStatus, String, String)? {
+        let runtime = proxy.runtime
+        let components = URLComponents(string: path)
+        let route = components?.percentEncodedPath ?? path
+        let query = Dictionary(
+            (components?.queryItems ?? []).map { ($0.name, $0.value ?? "") }, uniquingKeysWith: { _, last in last })
+        let segments = route.split(separator: "/", omittingEmptySubsequences: true).map {
+            String($0).removingPercentEncoding ?? String($0)
+        }
+        switch (method, segments.first, segments.count) {
+        case (.GET, "backends", 1):
+            let pools = runtime.config.pools.map(\.name)
+            let backends: [[String: Any]] = pools.flatMap { name in
+                (runtime.table.pools[name]?.backends ?? []).map { backend in
+                    let keys = runtime.directory.keyCount(on: backend.id)
+                    let tunnels = runtime.tunnels.count(onBackend: backend.id)
+                    let draining = runtime.drains.state(of: backend.id)
+                    return [
+                        "id": backend.id, "pool": name, "address": "\(backend.config.host):\(backend.config.port)",
+                        "status": draining != nil ? "draining" : (backend.isHealthy ? "healthy" : "unhealthy"),
+                        "healthy": backend.isHealthy, "draining": draining != nil, "migrating": draining?.migrate ?? false,
+                        "weight": backend.config.weight, "region": backend.config.region ?? NSNull(),
+                        "keys": keys, "tunnels": tunnels, "connections": backend.active,
+                        "drained": draining != nil && keys == 0 && tunnels == 0,
+                    ]
+                }
+            }
+            return (.ok, json, render(["backends": backends]))
+        case (.POST, "backends", 3) where segments[2] == "drain":
+            let migrate = ["true", "1", "yes"].contains(query["migrate"]?.lowercased() ?? "")
+            guard proxy.drain(backend: segments[1], migrate: migrate) else {
+                return (.notFound, json, render(["error": "no backend '\(segments[1])'"]))
+            }
+            return (.accepted, json, render(["backend": segments[1], "draining": true, "migrate": migrate]))
+        case (.GET, "keys", 1):
+            let limit = max(1, min(Int(query["limit"] ?? "") ?? 100, 10_000))
+            let keys = runtime.directory.list(prefix: query["prefix"] ?? "", limit: limit).map {
+                describe($0.ownership, live: $0.live)
+            }
+            return (.ok, json, render(["keys": keys]))
+        case (.GET, "keys", 2):
+            guard let ownership = runtime.directory.owner(of: segments[1]) else {
+                return (.notFound, json, render(["error": "no owner for key '\(segments[1])'"]))
+            }
+            return (.ok, json, render(describe(ownership, live: runtime.directory.liveCount(of: segments[1]))))
+        case (.DELETE, "keys", 2):
+            guard runtime.directory.owner(of: segments[1]) != nil else {
+                return (.notFound, json, render(["error": "no owner for key '\(segments[1])'"]))
+            }
+            // Releasing publishes the change: the key's tunnels close and its next request places it afresh.
+            runtime.directory.release(key: segments[1])
+            return (.ok, json, render(["key": segments[1], "released": true]))
+        case (_, "backends", _), (_, "keys", _):
+            return (.methodNotAllowed, "text/plain; charset=utf-8", "method not allowed\n")
+        default:
+            return nil
+        }
+    }
+
+    static func describe(_ ownership: Ownership, live: Int) -> [String: Any] {
+        let age = InMemoryOwnershipDirectory.monotonicSeconds() - ownership.since
+        return [
+            "key": ownership.key, "pool": ownership.pool, "backend": ownership.backend,
+            "epoch": ownership.epoch, "since_seconds_ago": (age * 1000).rounded() / 1000, "live_here": live,
+        ]
+    }
+
+    static func render(_ object: Any) -> String {
+        guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else { return "{}\n" }
+        return String(decoding: data, as: UTF8.self) + "\n"
     }
 }
 

@@ -24,6 +24,13 @@ public final class Backend: Sendable {
         self.init(config: config, address: try SocketAddress.makeAddressResolvingHost(config.host, port: config.port))
     }
 
+    /// Health as far as this backend knows it (active checks and passive ejection feed it).
+    public var isHealthy: Bool { true }
+    /// May take keys that nobody owns yet.
+    public var acceptsNewKeys: Bool { self.isHealthy }
+    /// May keep serving the keys it already owns (a draining backend does; a down one does not).
+    public var canServeExistingKeys: Bool { self.isHealthy }
+
     func acquire() {
         self.activeConnections.add(1, ordering: .relaxed)
         self.totalRequests.add(1, ordering: .relaxed)

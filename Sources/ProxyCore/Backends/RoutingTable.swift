@@ -1,3 +1,5 @@
+import NIOCore
+
 /// An immutable snapshot of every pool and backend, built from one configuration generation.
 ///
 /// Handlers hold the snapshot they started with, so a reload never changes a request's view halfway through.
@@ -27,48 +29,46 @@ public final class RoutingTable: Sendable {
 }
 
 /// The outcome of turning a forwarding decision into a backend.
-public enum TargetResolution: Equatable {
+public enum TargetResolution {
     case backend(Backend)
+    /// A keyed target: the owning backend and its ownership record (epoch, since).
+    case owned(Backend, Ownership)
+    /// The shared ownership store is being asked; the request continues when it answers (nil: no backend).
+    case pending(EventLoopFuture<Ownership?>)
     /// The pool exists but has no backend to offer (→ 503).
     case noBackend
     /// The decision is malformed for this configuration (→ 500, logged).
     case unknownPool(String)
     case unknownBackend(String)
     case unknownPlacement(String)
-
-    public static func == (lhs: TargetResolution, rhs: TargetResolution) -> Bool {
-        switch (lhs, rhs) {
-        case (.backend(let a), .backend(let b)): return a === b
-        case (.noBackend, .noBackend): return true
-        case (.unknownPool(let a), .unknownPool(let b)), (.unknownBackend(let a), .unknownBackend(let b)),
-            (.unknownPlacement(let a), .unknownPlacement(let b)):
-            return a == b
-        default: return false
-        }
-    }
 }
 
-extension RoutingTable {
+extension ProxyRuntime {
     /// The backend a forwarding target names. Stateless targets are balanced (so this advances the pool's cursor);
-    /// a key goes to its claimed owner when that owner is in the pool, else to its rendezvous-hash backend.
-    public func resolve(_ target: RouteTarget, owners: KeyOwners) -> TargetResolution {
+    /// a key goes to its owner in the ownership directory, placed and claimed once when nobody validly owns it.
+    /// With a shared store a miss may be `pending`; the in-memory directory always answers at once.
+    public func resolve(_ target: RouteTarget, on eventLoop: EventLoop?) -> TargetResolution {
         switch target {
         case .pool(let name):
-            guard let pool = self.pools[name] else { return .unknownPool(name) }
+            guard let pool = self.table.pools[name] else { return .unknownPool(name) }
             return pool.pick().map { .backend($0) } ?? .noBackend
         case .backend(let id):
-            return self.backends[id].map { .backend($0) } ?? .unknownBackend(id)
+            return self.table.backends[id].map { .backend($0) } ?? .unknownBackend(id)
         case .keyed(let key, let name, let placement):
-            guard let pool = self.pools[name] else { return .unknownPool(name) }
-            if let placement, !PlacementStrategy.names.contains(placement) { return .unknownPlacement(placement) }
-            if let ownerID = owners.owner(of: key), let owner = self.backends[ownerID],
-                pool.backends.contains(where: { $0 === owner })
-            {
-                return .backend(owner)
+            guard let pool = self.table.pools[name], let poolConfig = self.poolConfig(named: name) else {
+                return .unknownPool(name)
             }
-            guard let id = ConsistentHashing.rendezvous(key: key, backends: pool.hashInputs), let backend = self.backends[id]
-            else { return .noBackend }
-            return .backend(backend)
+            if let placement, !PlacementStrategy.names.contains(placement) { return .unknownPlacement(placement) }
+            let query = self.ownershipQuery(key: key, pool: pool, poolConfig: poolConfig, placement: placement)
+            switch self.directory.resolve(query, on: eventLoop) {
+            case .owned(let ownership):
+                guard let backend = self.table.backends[ownership.backend] else { return .noBackend }
+                return .owned(backend, ownership)
+            case .pending(let future):
+                return .pending(future)
+            case .unavailable:
+                return .noBackend
+            }
         }
     }
 }

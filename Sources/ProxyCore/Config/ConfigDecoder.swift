@@ -21,7 +21,8 @@ final class ConfigDecoder {
     func config(_ root: Node) -> ProxyConfig {
         let r = self.reader
         guard
-            let top = r.section(root, path: "", keys: ["listeners", "pools", "timeouts", "limits", "admin", "logging"])
+            let top = r.section(
+                root, path: "", keys: ["listeners", "pools", "timeouts", "limits", "admin", "logging", "ownership"])
         else {
             return ProxyConfig()
         }
@@ -32,6 +33,7 @@ final class ConfigDecoder {
         config.limits = r.optional(top, "limits", self.limits) ?? LimitsConfig()
         config.admin = r.optional(top, "admin", self.admin)
         config.logging = r.optional(top, "logging", self.logging) ?? LoggingConfig()
+        config.ownership = r.optional(top, "ownership", self.ownership) ?? OwnershipConfig()
         self.validate(config)
         return config
     }
@@ -145,14 +147,75 @@ final class ConfigDecoder {
 
     private func pool(named name: String, _ node: Node, path: String) -> PoolConfig? {
         let r = self.reader
-        guard let s = r.section(node, path: path, keys: ["balance", "backends"]) else { return nil }
+        let keys = ["balance", "backends", "idle_ttl", "placement", "balance_factor", "key_header", "epoch_header"]
+        guard let s = r.section(node, path: path, keys: keys) else { return nil }
         let balance = r.optional(s, "balance") { r.choice($0, path: $1, of: BalanceAlgorithm.self) }
         let backends = r.optional(s, "backends") { node, path in
             r.list(node, path: path)?.enumerated().compactMap { index, item in
                 self.backend(item, path: "\(path)[\(index)]")
             }
         }
-        return PoolConfig(name: name, balance: balance ?? .roundRobin, backends: backends ?? [])
+        let defaults = PoolConfig(name: name)
+        let idleTTL = r.optional(s, "idle_ttl") { r.duration($0, path: $1, allowZero: false) }
+        let placement = r.optional(s, "placement") { node, path -> String? in
+            guard let name = r.string(node, path: path) else { return nil }
+            guard PlacementStrategy.names.contains(name) else {
+                r.report(
+                    "unknown placement strategy '\(name)'; expected one of \(PlacementStrategy.names.sorted().joined(separator: ", "))",
+                    at: node.mark, path: path)
+                return nil
+            }
+            return name
+        }
+        let balanceFactor = r.optional(s, "balance_factor") { node, path -> Double? in
+            guard let value = node.float ?? node.int.map(Double.init), value >= 0, value <= 10 else {
+                r.report("expected a number between 0 and 10, got \(node.summary)", at: node.mark, path: path)
+                return nil
+            }
+            return value
+        }
+        return PoolConfig(
+            name: name,
+            balance: balance ?? .roundRobin,
+            backends: backends ?? [],
+            idleTTL: idleTTL ?? defaults.idleTTL,
+            placement: placement ?? defaults.placement,
+            balanceFactor: balanceFactor ?? defaults.balanceFactor,
+            keyHeader: r.optional(s, "key_header", r.string),
+            epochHeader: r.optional(s, "epoch_header", r.string)
+        )
+    }
+
+    // MARK: ownership
+
+    private func ownership(_ node: Node, path: String) -> OwnershipConfig? {
+        let r = self.reader
+        guard let s = r.section(node, path: path, keys: ["store", "region", "close_code", "migrate_rate"]) else {
+            return nil
+        }
+        let defaults = OwnershipConfig()
+        let store = r.optional(s, "store") { r.choice($0, path: $1, of: OwnershipConfig.Store.self) }
+        let closeCode = r.optional(s, "close_code") { node, path -> UInt16? in
+            // 4000+ make OTT clients give up instead of reconnecting; 1004-1006 and 1015 are reserved for endpoints.
+            guard let code = r.int(node, path: path, min: 1000, max: 3999) else { return nil }
+            guard ![1004, 1005, 1006, 1015].contains(code) else {
+                r.report("close code \(code) is reserved and may not be sent", at: node.mark, path: path)
+                return nil
+            }
+            return UInt16(code)
+        }
+        let rate = r.optional(s, "migrate_rate") { node, path -> Double? in
+            guard let value = node.float ?? node.int.map(Double.init), value > 0 else {
+                r.report("expected a positive number of tunnels per second, got \(node.summary)", at: node.mark, path: path)
+                return nil
+            }
+            return value
+        }
+        return OwnershipConfig(
+            store: store ?? defaults.store,
+            region: r.optional(s, "region", r.string),
+            closeCode: closeCode ?? defaults.closeCode,
+            migrateRate: rate ?? defaults.migrateRate)
     }
 
     private func backend(_ node: Node, path: String) -> BackendConfig? {

@@ -12,6 +12,7 @@ public struct ProxyConfig: Sendable, Equatable {
     public var limits: LimitsConfig
     public var admin: AdminConfig?
     public var logging: LoggingConfig
+    public var ownership: OwnershipConfig
 
     public init(
         listeners: [ListenerConfig] = [],
@@ -19,7 +20,8 @@ public struct ProxyConfig: Sendable, Equatable {
         timeouts: TimeoutsConfig = .init(),
         limits: LimitsConfig = .init(),
         admin: AdminConfig? = nil,
-        logging: LoggingConfig = .init()
+        logging: LoggingConfig = .init(),
+        ownership: OwnershipConfig = .init()
     ) {
         self.listeners = listeners
         self.pools = pools
@@ -27,6 +29,7 @@ public struct ProxyConfig: Sendable, Equatable {
         self.limits = limits
         self.admin = admin
         self.logging = logging
+        self.ownership = ownership
     }
 
     public func pool(named name: String) -> PoolConfig? {
@@ -125,11 +128,59 @@ public struct PoolConfig: Sendable, Equatable {
     public var name: String
     public var balance: BalanceAlgorithm
     public var backends: [BackendConfig]
+    /// How long a key stays owned after its last request or tunnel ends (OTT unloads an empty room after 300 s).
+    public var idleTTL: TimeAmount
+    /// The placement strategy for keys whose decision names none (`PlacementStrategy.names`).
+    public var placement: String
+    /// Bounded-load ε: no backend takes more than (1 + ε) × its share of keys.
+    public var balanceFactor: Double
+    /// Request header carrying the key to the backend (absent: not sent).
+    public var keyHeader: String?
+    /// Request header carrying the owner's epoch (fencing token) to the backend (absent: not sent).
+    public var epochHeader: String?
 
-    public init(name: String, balance: BalanceAlgorithm = .roundRobin, backends: [BackendConfig] = []) {
+    public init(
+        name: String,
+        balance: BalanceAlgorithm = .roundRobin,
+        backends: [BackendConfig] = [],
+        idleTTL: TimeAmount = .seconds(330),
+        placement: String = "least-keys",
+        balanceFactor: Double = 0.25,
+        keyHeader: String? = nil,
+        epochHeader: String? = nil
+    ) {
         self.name = name
         self.balance = balance
         self.backends = backends
+        self.idleTTL = idleTTL
+        self.placement = placement
+        self.balanceFactor = balanceFactor
+        self.keyHeader = keyHeader
+        self.epochHeader = epochHeader
+    }
+}
+
+/// Where key ownership lives and how owner changes reach clients.
+public struct OwnershipConfig: Sendable, Equatable {
+    public enum Store: String, Sendable, Equatable, CaseIterable {
+        /// One process's truth (the embedded default): fine for one proxy.
+        case memory
+    }
+
+    public var store: Store
+    /// This proxy's region: placement prefers backends in it and uses others only when it has none usable.
+    public var region: String?
+    /// WebSocket close code sent when the proxy closes a tunnel because its key moved (1000-3999; OTT clients
+    /// reconnect on codes below 4000 and give up on 4000 and above).
+    public var closeCode: UInt16
+    /// Tunnels closed per second on a backend drained with `migrate=true`.
+    public var migrateRate: Double
+
+    public init(store: Store = .memory, region: String? = nil, closeCode: UInt16 = 1012, migrateRate: Double = 20) {
+        self.store = store
+        self.region = region
+        self.closeCode = closeCode
+        self.migrateRate = migrateRate
     }
 }
 

@@ -22,6 +22,8 @@ final class Exchange {
     let started: NIODeadline
     let clientKeepAlive: Bool
     var upstream: UpstreamConnection?
+    /// The key whose lease this exchange holds (keyed decisions only).
+    var key: String?
     /// Request parts received while no upstream connection is attached yet.
     var pending: [HTTPClientRequestPart] = []
     var requestEnded = false
@@ -75,6 +77,8 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         case answered(keepAlive: Bool)
         /// The policy asked for the body: it is being read (bounded) before routing again.
         case bufferingBody(BufferedRequest)
+        /// The key's owner is being asked of a shared store.
+        case resolving(PendingForward)
         case tunnel
         case closed
     }
@@ -147,6 +151,10 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
                 pending.body.writeBuffer(&buffer)
                 return
             }
+            if case .resolving(let pending) = self.state {
+                pending.parts.append(.body(.byteBuffer(buffer)))
+                return
+            }
             guard case .proxying(let exchange) = self.state, !exchange.responseEnded else { return }
             exchange.bytesIn += buffer.readableBytes
             let part = HTTPClientRequestPart.body(.byteBuffer(buffer))
@@ -192,7 +200,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
                 upstream.sink = nil
                 upstream.channel.close(promise: nil)
             }
-            exchange.backend.release()
+            self.release(exchange)
             // 499 as nginx logs it: the client went away before the response was complete.
             self.logAccess(exchange, status: exchange.responseEnded ? exchange.status : 499)
         }
@@ -209,7 +217,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         let status: HTTPResponseStatus = parserError == .headerOverflow ? .requestHeaderFieldsTooLarge : .badRequest
         let reason = status == .badRequest ? "bad request: malformed HTTP" : "request header fields too large"
         switch self.state {
-        case .idle, .answered, .bufferingBody:
+        case .idle, .answered, .bufferingBody, .resolving:
             self.state = .closed
             self.writeLocalResponse(status: status, body: reason, headers: [], keepAlive: false, context: context)
             self.countLocal(status)
@@ -306,58 +314,116 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
                                     body: context.channel.allocator.buffer(capacity: 0)))
             }
         case .forward(let target):
-            guard let backend = self.resolve(target, head: head, framing: framing, requestEnded: requestEnded, context: context)
-            else { return }
-            let forwardedHead = Self.rewrite(head, with: decision)
-            let bodyFraming: RequestFraming = bufferedBody.map { .contentLength($0.readableBytes) } ?? framing
-            let exchange = Exchange(head: forwardedHead, clientURI: head.uri, backend: backend, framing: bodyFraming, upgrade: upgrade)
-            if let bufferedBody {
-                exchange.requestEnded = true
-                if bufferedBody.readableBytes > 0 {
-                    exchange.pending.append(.body(.byteBuffer(bufferedBody)))
-                    exchange.bytesIn = bufferedBody.readableBytes
+            let pending = PendingForward(
+                head: head, framing: framing, upgrade: upgrade, request: request, decision: decision,
+                bufferedBody: bufferedBody)
+            switch self.runtime.resolve(target, on: context.eventLoop) {
+            case .backend(let backend):
+                self.startExchange(pending, backend: backend, ownership: nil, context: context)
+            case .owned(let backend, let ownership):
+                self.startExchange(pending, backend: backend, ownership: ownership, context: context)
+            case .pending(let future):
+                // Only a shared store answers later; hold the client (and keep what it already sent) meanwhile.
+                self.state = .resolving(pending)
+                self.readsHeld = true
+                future.assumeIsolated().whenComplete { [self] result in
+                    guard case .resolving(let current) = self.state, current === pending, let context = self.context else { return }
+                    if case .success(let ownership?) = result, let backend = self.runtime.table.backends[ownership.backend] {
+                        self.startExchange(pending, backend: backend, ownership: ownership, context: context)
+                    } else {
+                        self.answerLocally(head: head, framing: framing, requestEnded: pending.requestEnded,
+                                           status: .serviceUnavailable, body: "no backend available", context: context)
+                    }
                 }
-                exchange.pending.append(.end(nil))
+            case .noBackend:
+                self.answerLocally(head: head, framing: framing, requestEnded: requestEnded,
+                                   status: .serviceUnavailable, body: "no backend available", context: context)
+            case .unknownPool(let name):
+                self.refuseMalformed("routing decision names an unknown pool", ["pool": "\(name)"], pending, context)
+            case .unknownBackend(let id):
+                self.refuseMalformed("routing decision names an unknown backend", ["backend": "\(id)"], pending, context)
+            case .unknownPlacement(let name):
+                self.refuseMalformed("routing decision names an unknown placement strategy", ["place": "\(name)"], pending, context)
             }
-            if self.policy.observesResponses {
-                exchange.observed = (self.policy, request, decision.responseBody)
-            }
-            backend.acquire()
-            self.state = .proxying(exchange)
-            self.readsHeld = true
-            // An upgrade gets a fresh connection: servers such as SwiftNIO's upgrader only switch protocols on the
-            // first request of a connection (and the tunnel consumes the connection anyway).
-            self.connectUpstream(exchange, allowPooled: upgrade == nil)
         }
+    }
+
+    /// A forwarding decision waiting for its backend (normally only for the time of a dictionary lookup).
+    final class PendingForward {
+        let head: HTTPRequestHead
+        let framing: RequestFraming
+        let upgrade: String?
+        let request: RouteRequest
+        let decision: RouteDecision
+        let bufferedBody: ByteBuffer?
+        /// Parts the client sent while a shared ownership store was being asked.
+        var parts: [HTTPClientRequestPart] = []
+        var requestEnded: Bool
+
+        init(head: HTTPRequestHead, framing: RequestFraming, upgrade: String?, request: RouteRequest,
+             decision: RouteDecision, bufferedBody: ByteBuffer?) {
+            self.head = head
+            self.framing = framing
+            self.upgrade = upgrade
+            self.request = request
+            self.decision = decision
+            self.bufferedBody = bufferedBody
+            self.requestEnded = bufferedBody != nil
+        }
+    }
+
+    private func refuseMalformed(
+        _ message: String, _ metadata: Logger.Metadata, _ pending: PendingForward, _ context: ChannelHandlerContext
+    ) {
+        self.runtime.logger.error("\(message)", metadata: metadata)
+        self.runtime.metrics.countRoutingError()
+        self.answerLocally(head: pending.head, framing: pending.framing, requestEnded: pending.requestEnded,
+                           status: .internalServerError, body: "routing error", context: context)
+    }
+
+    private func startExchange(
+        _ pending: PendingForward, backend: Backend, ownership: Ownership?, context: ChannelHandlerContext
+    ) {
+        var forwardedHead = Self.rewrite(pending.head, with: pending.decision)
+        if let ownership, let pool = self.runtime.poolConfig(named: ownership.pool) {
+            if let name = pool.keyHeader { forwardedHead.headers.replaceOrAdd(name: name, value: ownership.key) }
+            if let name = pool.epochHeader { forwardedHead.headers.replaceOrAdd(name: name, value: String(ownership.epoch)) }
+        }
+        let bodyFraming: RequestFraming = pending.bufferedBody.map { .contentLength($0.readableBytes) } ?? pending.framing
+        let exchange = Exchange(
+            head: forwardedHead, clientURI: pending.head.uri, backend: backend, framing: bodyFraming, upgrade: pending.upgrade)
+        exchange.key = ownership?.key
+        if let bufferedBody = pending.bufferedBody {
+            exchange.requestEnded = true
+            if bufferedBody.readableBytes > 0 {
+                exchange.pending.append(.body(.byteBuffer(bufferedBody)))
+                exchange.bytesIn = bufferedBody.readableBytes
+            }
+            exchange.pending.append(.end(nil))
+        } else {
+            exchange.pending = pending.parts
+            exchange.requestEnded = pending.requestEnded
+        }
+        if self.policy.observesResponses {
+            exchange.observed = (self.policy, pending.request, pending.decision.responseBody)
+        }
+        backend.acquire()
+        if let key = exchange.key { self.runtime.directory.acquireLease(key: key) }
+        self.state = .proxying(exchange)
+        self.readsHeld = true
+        // An upgrade gets a fresh connection: servers such as SwiftNIO's upgrader only switch protocols on the
+        // first request of a connection (and the tunnel consumes the connection anyway).
+        self.connectUpstream(exchange, allowPooled: pending.upgrade == nil)
+    }
+
+    /// Gives back what an exchange held: its backend's connection slot and its key's lease.
+    private func release(_ exchange: Exchange) {
+        exchange.backend.release()
+        if let key = exchange.key { self.runtime.directory.releaseLease(key: key) }
     }
 
     private var listenerFallbackPool: String? {
         self.runtime.config.listeners.first { $0.name == self.listener.name }?.routing?.fallbackPool
-    }
-
-    /// The backend a forwarding decision names, or nil after answering the client with why there is none.
-    private func resolve(
-        _ target: RouteTarget, head: HTTPRequestHead, framing: RequestFraming, requestEnded: Bool,
-        context: ChannelHandlerContext
-    ) -> Backend? {
-        func refuse(_ status: HTTPResponseStatus, _ body: String, log: String? = nil, _ metadata: Logger.Metadata = [:]) -> Backend? {
-            if let log { self.runtime.logger.error("\(log)", metadata: metadata) }
-            if status == .internalServerError { self.runtime.metrics.countRoutingError() }
-            self.answerLocally(head: head, framing: framing, requestEnded: requestEnded, status: status, body: body, context: context)
-            return nil
-        }
-        switch self.runtime.table.resolve(target, owners: self.runtime.owners) {
-        case .backend(let backend):
-            return backend
-        case .noBackend:
-            return refuse(.serviceUnavailable, "no backend available")
-        case .unknownPool(let name):
-            return refuse(.internalServerError, "routing error", log: "routing decision names an unknown pool", ["pool": "\(name)"])
-        case .unknownBackend(let id):
-            return refuse(.internalServerError, "routing error", log: "routing decision names an unknown backend", ["backend": "\(id)"])
-        case .unknownPlacement(let name):
-            return refuse(.internalServerError, "routing error", log: "routing decision names an unknown placement strategy", ["place": "\(name)"])
-        }
     }
 
     /// Applies a decision's path and header rewrites. Framing fields are the proxy's to decide and are left alone.
@@ -395,6 +461,9 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             } else {
                 exchange.pending.append(.end(trailers))
             }
+        case .resolving(let pending):
+            pending.parts.append(.end(trailers))
+            pending.requestEnded = true
         case .bufferingBody(let pending):
             var request = pending.request
             request.body = pending.body
@@ -577,7 +646,9 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         do {
             switch try observed.policy.onResponse(observed.request, response) {
             case .claim(let key):
-                self.runtime.owners.claim(key, backend: exchange.backend.id)
+                let pool = self.runtime.table.pools.values.first { $0.backends.contains { $0 === exchange.backend } }
+                let ttl = pool.flatMap { self.runtime.poolConfig(named: $0.name) }?.idleTTL ?? PoolConfig(name: "").idleTTL
+                self.runtime.directory.claim(key: key, pool: pool?.name ?? "", backend: exchange.backend.id, idleTTL: ttl)
                 self.runtime.logger.debug("key claimed from a response", metadata: ["key": "\(key)", "backend": "\(exchange.backend.id)"])
             case nil:
                 break
@@ -651,7 +722,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         self.runtime.metrics.countUpstreamError(.resetMidResponse)
         self.runtime.logger.warning(
             "backend closed the connection mid-response", metadata: ["backend": "\(exchange.backend.id)"])
-        exchange.backend.release()
+        self.release(exchange)
         self.logAccess(exchange, status: exchange.status)
         self.state = .closed
         context.close(promise: nil)
@@ -660,7 +731,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     // MARK: Completion
 
     private func finish(_ exchange: Exchange, trailers: HTTPHeaders?, context: ChannelHandlerContext) {
-        exchange.backend.release()
+        self.release(exchange)
         self.logAccess(exchange, status: exchange.status)
         let keepAlive = exchange.clientKeepAlive && !exchange.closeAfter
         self.state = keepAlive ? .idle : .closed
@@ -683,7 +754,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     private func fail(_ exchange: Exchange, status: HTTPResponseStatus, reason: String) {
         guard let context = self.context else { return }
         exchange.responseTimer?.cancel()
-        exchange.backend.release()
+        self.release(exchange)
         exchange.status = Int(status.code)
         self.logAccess(exchange, status: Int(status.code))
         // The request body may be half read; only a bodiless request leaves the connection in a known state.
@@ -797,10 +868,21 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         let runtime = self.runtime
         let listener = self.listener
         let clientIP = self.clientIP
+        if exchange.upgrade?.lowercased() == "websocket" {
+            backendSide.frameTracker = WebSocketFrameTracker()
+        }
+        // Registered so an owner change, a forced re-placement or a migration can close exactly this tunnel.
+        let boundClientSide = NIOLoopBound(clientSide, eventLoop: context.eventLoop)
+        let loop = context.eventLoop
+        let token = runtime.tunnels.register(key: exchange.key, backend: exchange.backend.id) { code in
+            loop.execute { boundClientSide.value.close(code: code) }
+        }
         clientSide.onClose = { [unowned clientSide, unowned backendSide] in
+            runtime.tunnels.unregister(token)
             exchange.bytesIn += clientSide.bytesRelayed
             exchange.bytesOut += backendSide.bytesRelayed
             exchange.backend.release()
+            if let key = exchange.key { runtime.directory.releaseLease(key: key) }
             runtime.metrics.tunnelsOpen.decrement()
             runtime.metrics.countRequest(listener: listener.name, status: 101)
             ProxyHandler.logAccess(runtime: runtime, listener: listener, clientIP: clientIP, exchange: exchange, status: 101)

@@ -16,6 +16,8 @@ final class TunnelHandler: ChannelDuplexHandler {
     private var closing = false
     /// Bytes this side received and passed to the partner.
     private(set) var bytesRelayed = 0
+    /// On the backend side of a WebSocket tunnel: where frames start in what goes to the client.
+    var frameTracker: WebSocketFrameTracker?
     var onClose: (() -> Void)?
 
     static func pair() -> (TunnelHandler, TunnelHandler) {
@@ -42,6 +44,7 @@ final class TunnelHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = Self.unwrapInboundIn(data)
         self.bytesRelayed += buffer.readableBytes
+        self.frameTracker?.consume(buffer)
         self.partner?.partnerWrite(buffer)
     }
 
@@ -80,6 +83,22 @@ final class TunnelHandler: ChannelDuplexHandler {
             context.read()
         } else {
             self.pendingRead = true
+        }
+    }
+
+    /// Closes the tunnel from the proxy's side (its key moved, or its backend is migrated). On the client side of a
+    /// WebSocket tunnel at a frame boundary, the client first gets a close frame with `code`, so it knows to
+    /// reconnect; otherwise the TCP connection just closes (which clients also treat as a reason to reconnect).
+    func close(code: UInt16) {
+        guard let context = self.context, !self.closing else { return }
+        self.closing = true
+        if let tracker = self.partner?.frameTracker, tracker.atFrameBoundary, context.channel.isActive {
+            let frame = WebSocketFrameTracker.closeFrame(code: code, allocator: context.channel.allocator)
+            context.writeAndFlush(Self.wrapOutboundOut(frame)).assumeIsolated().whenComplete { _ in
+                context.close(promise: nil)
+            }
+        } else {
+            context.close(promise: nil)
         }
     }
 

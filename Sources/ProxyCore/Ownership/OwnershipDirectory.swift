@@ -43,7 +43,7 @@ public protocol OwnershipDirectory: AnyObject, Sendable {
     /// This proxy's current view of the key's owner (no I/O).
     func owner(of key: String) -> Ownership?
     /// The owner to use, placing and claiming the key once when nobody validly owns it (single-flight).
-    func resolve(_ query: OwnershipQuery, on eventLoop: EventLoop) -> OwnershipResolution
+    func resolve(_ query: OwnershipQuery, on eventLoop: EventLoop?) -> OwnershipResolution
     /// Makes `backend` own the key (a key learned from a response).
     func claim(key: String, pool: String, backend: String, idleTTL: TimeAmount)
     /// Forgets the owner so the next request places the key afresh (forced re-placement, migration).
@@ -82,7 +82,7 @@ public final class InMemoryOwnershipDirectory: OwnershipDirectory {
         return self.table.withLock { $0.owner(of: key, now: now) }
     }
 
-    public func resolve(_ query: OwnershipQuery, on eventLoop: EventLoop) -> OwnershipResolution {
+    public func resolve(_ query: OwnershipQuery, on eventLoop: EventLoop?) -> OwnershipResolution {
         let now = self.clock()
         let ttl = Double(query.idleTTL.nanoseconds) / 1e9
         let result = self.table.withLock { table in
