@@ -74,4 +74,31 @@ let benchmarks: @Sendable () -> Void = {
             blackHole(ConsistentHashing.rendezvous(key: "room:\(index & 1023)", backends: backends))
         }
     }
+
+    // A resolve of a key the directory already holds: what every request of a known room costs.
+    Benchmark("OwnershipDirectory.resolve (cached key)") { benchmark in
+        let directory = InMemoryOwnershipDirectory()
+        let query = OwnershipQuery(
+            key: "room:lobby", pool: "rooms", idleTTL: .seconds(330), stillValid: { _ in true },
+            place: { _, _ in "a" })
+        _ = directory.resolve(query, on: nil)
+        benchmark.startMeasurement()
+        for _ in benchmark.scaledIterations {
+            blackHole(directory.resolve(query, on: nil))
+        }
+    }
+
+    // One placement per strategy over 100 backends (what a key's first request costs on top of the resolve).
+    let candidates = (0..<100).map {
+        PlacementCandidate(id: "backend-\($0)", weight: 1 + $0 % 3, keys: $0 * 7 % 50, connections: $0 * 3 % 20)
+    }
+    for strategy in PlacementStrategyKind.allCases {
+        Benchmark("Placement.place \(strategy.rawValue) (100 backends)") { benchmark in
+            var cache = PlacementCache()
+            for index in benchmark.scaledIterations {
+                let request = PlacementRequest(key: "room:\(index & 4095)", strategy: strategy, seed: UInt64(index), turn: index)
+                blackHole(Placement.place(request, candidates: candidates, cache: &cache))
+            }
+        }
+    }
 }

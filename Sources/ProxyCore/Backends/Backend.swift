@@ -51,6 +51,8 @@ public final class Pool: Sendable {
     private let weightedOrder: [Int]
     /// What hashing placement needs, built once per configuration generation.
     public let hashInputs: [(id: String, weight: Int)]
+    /// Ketama rings and Maglev tables for this generation's backends, built on first use, not per placement.
+    let placementCache = Mutex(PlacementCache())
 
     public init(name: String, balance: BalanceAlgorithm, backends: [Backend]) {
         self.name = name

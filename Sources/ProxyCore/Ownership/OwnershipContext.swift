@@ -69,6 +69,7 @@ extension ProxyRuntime {
     func ownershipQuery(key: String, pool: Pool, poolConfig: PoolConfig, placement: String?) -> OwnershipQuery {
         let strategy = PlacementStrategyKind(rawValue: placement ?? poolConfig.placement) ?? .leastKeys
         let backends = pool.backends
+        let poolObject = pool
         let drains = self.drains
         let region = self.config.ownership.region
         let factor = poolConfig.balanceFactor
@@ -98,7 +99,9 @@ extension ProxyRuntime {
                     key: key, strategy: strategy, preferredRegion: region, balanceFactor: factor,
                     seed: UInt64.random(in: .min ... .max), turn: Int.random(in: 0..<Int.max))
                 _ = poolName
-                return Placement.place(request, candidates: candidates)
+                return poolObject.placementCache.withLock { cache in
+                    Placement.place(request, candidates: candidates, cache: &cache)
+                }
             }
         )
     }
