@@ -85,6 +85,10 @@ struct RouteCommand: AsyncParsableCommand {
             for header in response.headers { lines.append("  \(header.name): \(header.value)") }
             if !response.body.isEmpty { lines.append("  body: \(response.body)") }
             return lines.joined(separator: "\n")
+        case .fanout(let fanout):
+            let pool = runtime.table.pools[fanout.pool]
+            return "decision: fan out to every backend of pool '\(fanout.pool)' (\(pool?.backends.map(\.id).joined(separator: ", ") ?? "unknown pool")), "
+                + "merge \(fanout.merge), timeout \(fanout.timeout)"
         case .needBody:
             return "decision: need_body again (a script must decide once it has the body; the client would get 500)"
         case .forward(let target):

@@ -166,6 +166,36 @@ public final class LuaRoutingPolicy: RoutingPolicy {
         }
     }
 
+    /// Runs the global merge function `function(req, responses)` of a fan-out: `responses` is a list of
+    /// `{backend=, status=, headers=, body=}` (answers that arrived, in backend order); it returns a response table
+    /// like `respond` (`{status=, headers=, body=}`).
+    public func mergeFanout(_ request: RouteRequest, function: String, responses: [FanoutResponse]) throws -> LocalResponse {
+        let L = self.script.L
+        let top = lua_gettop(L)
+        defer { lua_settop(L, top) }
+        lua_getglobal(L, function)
+        guard lua_type(L, -1) == LUA_TFUNCTION else {
+            throw UnknownMergeFunction(name: function)
+        }
+        self.pushRequest(L, request)
+        lua_createtable(L, Int32(responses.count), 0)
+        let list = lua_gettop(L)
+        for (index, response) in responses.enumerated() {
+            lua_createtable(L, 0, 4)
+            let item = lua_gettop(L)
+            pushString(L, response.backend)
+            setField(L, item, "backend")
+            lua_pushinteger(L, lua_Integer(response.status))
+            setField(L, item, "status")
+            self.pushHeaders(L, response.headers, into: item)
+            pushString(L, String(buffer: response.body))
+            setField(L, item, "body")
+            lua_rawseti(L, list, lua_Integer(index + 1))
+        }
+        try self.script.call(arguments: 2, results: 1)
+        return try self.readResponse(L, lua_gettop(L))
+    }
+
     // MARK: - The request table
 
     private func pushRequest(_ L: OpaquePointer, _ request: RouteRequest) {
@@ -267,6 +297,9 @@ public final class LuaRoutingPolicy: RoutingPolicy {
         var responseBody = false
         var setHeaders: [Header] = []
         var removeHeaders: [String] = []
+        var fanout: String?
+        var merge: String?
+        var timeout: Double?
 
         lua_pushnil(L)
         while lua_next(L, index) != 0 {
@@ -309,6 +342,19 @@ public final class LuaRoutingPolicy: RoutingPolicy {
                 setHeaders = try self.readHeaderMap(L, lua_gettop(L), field: "set_headers")
             } else if fieldIs(field, "remove_headers") {
                 removeHeaders = try self.readNameList(L, lua_gettop(L), field: "remove_headers")
+            } else if fieldIs(field, "fanout") {
+                fanout = try self.nonEmptyString(L, field: "fanout")
+            } else if fieldIs(field, "merge") {
+                merge = try self.nonEmptyString(L, field: "merge")
+            } else if fieldIs(field, "timeout") {
+                guard lua_type(L, -1) == LUA_TNUMBER else {
+                    throw LuaScriptError.badDecision("timeout must be a number of seconds, got \(typeName(L, -1))")
+                }
+                let seconds = lua_tonumberx(L, -1, nil)
+                guard seconds > 0, seconds <= 300 else {
+                    throw LuaScriptError.badDecision("timeout must be between 0 and 300 seconds, got \(seconds)")
+                }
+                timeout = seconds
             } else {
                 throw LuaScriptError.badDecision("unknown field '\(String(decoding: field, as: UTF8.self))'")
             }
@@ -316,7 +362,28 @@ public final class LuaRoutingPolicy: RoutingPolicy {
         }
 
         let action: RouteDecision.Action
-        if let respond {
+        if (merge != nil || timeout != nil) && fanout == nil {
+            throw LuaScriptError.badDecision("merge and timeout apply only with fanout")
+        }
+        if let fanout {
+            if let other = [key.map { _ in "key" }, backend.map { _ in "backend" }, pool.map { _ in "pool" },
+                            respond.map { _ in "respond" }].compactMap({ $0 }).first ?? (needBody ? "need_body" : nil)
+            {
+                throw LuaScriptError.badDecision("fanout cannot be combined with \(other)")
+            }
+            let mergeName = merge ?? Fanout.jsonArrayMerge
+            if mergeName != Fanout.jsonArrayMerge {
+                lua_getglobal(L, mergeName)
+                let isFunction = lua_type(L, -1) == LUA_TFUNCTION
+                clua_pop(L, 1)
+                guard isFunction else {
+                    throw LuaScriptError.badDecision("merge '\(mergeName)' is neither json-array nor a global function")
+                }
+            }
+            action = .fanout(
+                Fanout(pool: fanout, merge: mergeName,
+                       timeout: timeout.map { .nanoseconds(Int64($0 * 1e9)) } ?? .seconds(5)))
+        } else if let respond {
             if let other = [key.map { _ in "key" }, backend.map { _ in "backend" }, pool.map { _ in "pool" }]
                 .compactMap({ $0 }).first ?? (needBody ? "need_body" : nil)
             {

@@ -79,6 +79,8 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         case bufferingBody(BufferedRequest)
         /// The key's owner is being asked of a shared store.
         case resolving(PendingForward)
+        /// The request went to every backend of a pool; waiting for the answers to merge.
+        case fanningOut(FanoutState)
         case tunnel
         case closed
     }
@@ -193,6 +195,9 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        if case .fanningOut(let fanout) = self.state {
+            fanout.executor?.cancel()
+        }
         if case .proxying(let exchange) = self.state {
             exchange.responseTimer?.cancel()
             if let upstream = exchange.upstream {
@@ -217,6 +222,11 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         let status: HTTPResponseStatus = parserError == .headerOverflow ? .requestHeaderFieldsTooLarge : .badRequest
         let reason = status == .badRequest ? "bad request: malformed HTTP" : "request header fields too large"
         switch self.state {
+        case .fanningOut(let fanout):
+            fanout.executor?.cancel()
+            self.state = .closed
+            self.writeLocalResponse(status: status, body: reason, headers: [], keepAlive: false, context: context)
+            self.countLocal(status)
         case .idle, .answered, .bufferingBody, .resolving:
             self.state = .closed
             self.writeLocalResponse(status: status, body: reason, headers: [], keepAlive: false, context: context)
@@ -313,6 +323,9 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
                     BufferedRequest(head: head, framing: framing, upgrade: upgrade, request: request,
                                     body: context.channel.allocator.buffer(capacity: 0)))
             }
+        case .fanout(let fanout):
+            self.startFanout(fanout, decision: decision, request: request, head: head, framing: framing,
+                             requestEnded: requestEnded, context: context)
         case .forward(let target):
             let pending = PendingForward(
                 head: head, framing: framing, upgrade: upgrade, request: request, decision: decision,
@@ -345,6 +358,65 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             case .unknownPlacement(let name):
                 self.refuseMalformed("routing decision names an unknown placement strategy", ["place": "\(name)"], pending, context)
             }
+        }
+    }
+
+    /// A fan-out in progress for the current request.
+    final class FanoutState {
+        var requestEnded: Bool
+        var executor: FanoutExecutor?
+
+        init(requestEnded: Bool) {
+            self.requestEnded = requestEnded
+        }
+    }
+
+    private func startFanout(
+        _ fanout: Fanout, decision: RouteDecision, request: RouteRequest, head: HTTPRequestHead, framing: RequestFraming,
+        requestEnded: Bool, context: ChannelHandlerContext
+    ) {
+        guard let pool = self.runtime.table.pools[fanout.pool] else {
+            self.runtime.logger.error("fan-out names an unknown pool", metadata: ["pool": "\(fanout.pool)"])
+            self.runtime.metrics.countRoutingError()
+            self.answerLocally(head: head, framing: framing, requestEnded: requestEnded, status: .internalServerError,
+                               body: "routing error", context: context)
+            return
+        }
+        guard framing == .none || requestEnded else {
+            // A fan-out repeats the request to every backend: only a request without a body can be repeated as is.
+            self.runtime.logger.error("fan-out of a request with a body is not supported", metadata: ["uri": "\(head.uri)"])
+            self.runtime.metrics.countRoutingError()
+            self.answerLocally(head: head, framing: framing, requestEnded: requestEnded, status: .internalServerError,
+                               body: "routing error", context: context)
+            return
+        }
+        let upstreamHead = ForwardingHeaders.upstreamRequestHead(
+            from: Self.rewrite(head, with: decision), framing: .none, upgrade: nil, clientIP: self.clientIP,
+            scheme: self.listener.scheme)
+        let state = FanoutState(requestEnded: requestEnded)
+        self.state = .fanningOut(state)
+        let executor = FanoutExecutor(
+            head: upstreamHead, backends: pool.backends.filter { $0.canServeExistingKeys }, pool: self.upstreamPool,
+            timeout: fanout.timeout, maxBody: self.runtime.config.limits.maxBufferedBody, logger: self.runtime.logger)
+        state.executor = executor
+        let policy = self.policy
+        executor.run { [self] responses in
+            guard case .fanningOut(let current) = self.state, current === state, let context = self.context else { return }
+            var merged: LocalResponse
+            if fanout.merge == Fanout.jsonArrayMerge {
+                merged = FanoutMerge.jsonArray(responses, logger: self.runtime.logger)
+            } else {
+                do {
+                    merged = try policy.mergeFanout(request, function: fanout.merge, responses: responses)
+                } catch {
+                    self.runtime.logger.error("fan-out merge failed", metadata: ["error": "\(error)", "uri": "\(head.uri)"])
+                    self.runtime.metrics.countRoutingError()
+                    merged = LocalResponse(status: .internalServerError, body: "routing error")
+                }
+            }
+            self.answerLocally(
+                head: head, framing: framing, requestEnded: state.requestEnded, status: merged.status, body: merged.body,
+                headers: merged.headers.map { ($0.name, $0.value) }, bodyAsGiven: true, context: context)
         }
     }
 
@@ -464,6 +536,8 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         case .resolving(let pending):
             pending.parts.append(.end(trailers))
             pending.requestEnded = true
+        case .fanningOut(let fanout):
+            fanout.requestEnded = true
         case .bufferingBody(let pending):
             var request = pending.request
             request.body = pending.body

@@ -71,6 +71,39 @@ public struct Header: Sendable, Equatable {
     }
 }
 
+/// A fan-out: one request to every usable backend of a pool, answers merged into one response.
+public struct Fanout: Sendable, Equatable {
+    /// The built-in merge: every 2xx answer's JSON array, concatenated into one array.
+    public static let jsonArrayMerge = "json-array"
+
+    public var pool: String
+    /// `json-array`, or the name of a merge function the policy provides (`mergeFanout`).
+    public var merge: String
+    /// How long each backend gets to answer completely; a backend that does not is skipped (and logged).
+    public var timeout: TimeAmount
+
+    public init(pool: String, merge: String = Fanout.jsonArrayMerge, timeout: TimeAmount = .seconds(5)) {
+        self.pool = pool
+        self.merge = merge
+        self.timeout = timeout
+    }
+}
+
+/// One backend's complete answer to a fan-out.
+public struct FanoutResponse: Sendable {
+    public var backend: String
+    public var status: Int
+    public var headers: HTTPHeaders
+    public var body: ByteBuffer
+
+    public init(backend: String, status: Int, headers: HTTPHeaders, body: ByteBuffer) {
+        self.backend = backend
+        self.status = status
+        self.headers = headers
+        self.body = body
+    }
+}
+
 /// Where a forwarded request goes.
 public enum RouteTarget: Sendable, Equatable {
     /// Any backend of the pool, chosen by the pool's stateless balancer.
@@ -88,6 +121,8 @@ public struct RouteDecision: Sendable, Equatable {
         case respond(LocalResponse)
         /// Read the request body (up to `limits.max_buffered_body`) and route again with it.
         case needBody
+        /// Send the (bodiless) request to every usable backend of a pool in parallel and answer with the merge.
+        case fanout(Fanout)
     }
 
     public var action: Action
@@ -152,11 +187,23 @@ public protocol RoutingPolicy: AnyObject {
     var observesResponses: Bool { get }
     /// Called with the response head (and the body when the decision asked for it) before the response completes.
     func onResponse(_ request: RouteRequest, _ response: RouteResponse) throws -> ResponseAction?
+    /// Merges the answers of a fan-out whose decision named the merge `function` (not the built-in `json-array`).
+    func mergeFanout(_ request: RouteRequest, function: String, responses: [FanoutResponse]) throws -> LocalResponse
+}
+
+/// A fan-out named a merge function the policy does not have.
+public struct UnknownMergeFunction: Error, CustomStringConvertible {
+    public var name: String
+    public init(name: String) { self.name = name }
+    public var description: String { "no merge function '\(self.name)'" }
 }
 
 extension RoutingPolicy {
     public var observesResponses: Bool { false }
     public func onResponse(_ request: RouteRequest, _ response: RouteResponse) throws -> ResponseAction? { nil }
+    public func mergeFanout(_ request: RouteRequest, function: String, responses: [FanoutResponse]) throws -> LocalResponse {
+        throw UnknownMergeFunction(name: function)
+    }
 }
 
 /// Routes every request of a listener to one pool: the built-in policy until a script is configured.
