@@ -53,12 +53,15 @@ public final class ProxyServer: Service, Sendable {
         var adminChannel: Channel?
         var loopStates: [ObjectIdentifier: NIOLoopBound<LoopState>]
         var sweeper: RepeatedTask?
+        var prober: RepeatedTask?
     }
 
     private let current: RuntimeBox
     /// The generation in force (the one new requests use).
     public var runtime: ProxyRuntime { self.current.get() }
     private let reloading = Mutex(false)
+    /// The latest reconciliation probe results, by listener (admin `GET /reconciliation`).
+    public let reconciliationReports = ReconciliationReports()
     /// SIGHUP, trapped from `start()` on when the server can reload, so a hangup that arrives before `run()` is
     /// reached is queued for it instead of killing the process (the default action).
     private let hangups = Mutex<UnixSignalsSequence?>(nil)
@@ -201,8 +204,22 @@ public final class ProxyServer: Service, Sendable {
             let sweeper = self.group.next().scheduleRepeatedTask(initialDelay: .seconds(15), delay: .seconds(15)) { _ in
                 (current.get().directory as? InMemoryOwnershipDirectory)?.sweep()
             }
+            // Reconciliation probes run on one loop, with that loop's policies (Lua states are loop-confined).
+            let probeLoop = self.group.next()
+            let reports = self.reconciliationReports
+            let probeState = loopStates[ObjectIdentifier(probeLoop)]!
+            let prober = try await probeLoop.submit { () -> RepeatedTask in
+                let runner = NIOLoopBound(
+                    ReconciliationRunner(loop: probeState.value, reports: reports),
+                    eventLoop: probeLoop)
+                return probeLoop.scheduleRepeatedTask(initialDelay: .milliseconds(200), delay: .milliseconds(250)) { _ in
+                    runner.value.tick()
+                }
+            }.get()
             self.started.withLock {
-                $0 = Started(listenerChannels: channels, adminChannel: adminChannel, loopStates: loopStates, sweeper: sweeper)
+                $0 = Started(
+                    listenerChannels: channels, adminChannel: adminChannel, loopStates: loopStates, sweeper: sweeper,
+                    prober: prober)
             }
         } catch {
             for channel in channels { try? await channel.close() }
@@ -347,6 +364,7 @@ public final class ProxyServer: Service, Sendable {
         self.runtime.logger.info("shutting down", metadata: ["grace": "\(grace)"])
 
         started.sweeper?.cancel()
+        started.prober?.cancel()
         for channel in started.listenerChannels {
             try? await channel.close()
         }

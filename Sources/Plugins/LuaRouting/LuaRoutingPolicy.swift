@@ -78,6 +78,87 @@ public final class LuaRoutingPolicy: RoutingPolicy {
         }
         self.routeRef = route
         self.onResponseRef = self.script.globalFunctionRef("on_response") ?? LUA_NOREF
+        self.probe = try self.readProbe()
+    }
+
+    /// The reconciliation probe the script declares with a global `probe` table and a `probe_keys(backend, res)`
+    /// function (see docs/routing-api.md), nil when it declares none.
+    public private(set) var probe: ProbeSpec?
+
+    private func readProbe() throws(LuaScriptError) -> ProbeSpec? {
+        let L = self.script.L
+        let top = lua_gettop(L)
+        defer { lua_settop(L, top) }
+        lua_getglobal(L, "probe")
+        guard lua_type(L, -1) != LUA_TNIL else { return nil }
+        guard lua_type(L, -1) == LUA_TTABLE else {
+            throw LuaScriptError.badDecision("probe must be a table, got \(typeName(L, -1))")
+        }
+        let table = lua_gettop(L)
+        func string(_ field: String) -> String? {
+            lua_getfield(L, table, field)
+            defer { clua_pop(L, 1) }
+            return lua_type(L, -1) == LUA_TSTRING ? self.script.string(at: -1) : nil
+        }
+        func seconds(_ field: String, default value: Double) throws(LuaScriptError) -> TimeAmount {
+            lua_getfield(L, table, field)
+            defer { clua_pop(L, 1) }
+            guard lua_type(L, -1) != LUA_TNIL else { return .nanoseconds(Int64(value * 1e9)) }
+            guard lua_type(L, -1) == LUA_TNUMBER, lua_tonumberx(L, -1, nil) > 0 else {
+                throw LuaScriptError.badDecision("probe.\(field) must be a positive number of seconds")
+            }
+            return .nanoseconds(Int64(lua_tonumberx(L, -1, nil) * 1e9))
+        }
+        guard let pool = string("pool"), let path = string("path"), path.hasPrefix("/") else {
+            throw LuaScriptError.badDecision("probe needs pool (string) and path (string starting with '/')")
+        }
+        lua_getfield(L, table, "headers")
+        var headers: [Header] = []
+        if lua_type(L, -1) != LUA_TNIL {
+            headers = try self.readHeaderMap(L, lua_gettop(L), field: "probe.headers")
+        }
+        clua_pop(L, 1)
+        let interval = try seconds("interval", default: 30)
+        let timeout = try seconds("timeout", default: 5)
+        guard self.script.globalFunctionRef("probe_keys").map({ luaL_unref(L, clua_registryindex(), $0); return true }) ?? false
+        else {
+            throw LuaScriptError.badDecision("a script with a probe table must define probe_keys(backend, res)")
+        }
+        return ProbeSpec(pool: pool, path: path, headers: headers, interval: interval, timeout: timeout)
+    }
+
+    /// Runs `probe_keys(backend, res)`: `res` has `status`, `headers`, `body`; it returns a list of keys.
+    public func probeKeys(backend: String, response: FanoutResponse) throws -> [String] {
+        let L = self.script.L
+        let top = lua_gettop(L)
+        defer { lua_settop(L, top) }
+        lua_getglobal(L, "probe_keys")
+        guard lua_type(L, -1) == LUA_TFUNCTION else { return [] }
+        pushString(L, backend)
+        lua_createtable(L, 0, 3)
+        let res = lua_gettop(L)
+        lua_pushinteger(L, lua_Integer(response.status))
+        setField(L, res, "status")
+        self.pushHeaders(L, response.headers, into: res)
+        pushString(L, String(buffer: response.body))
+        setField(L, res, "body")
+        try self.script.call(arguments: 2, results: 1)
+        let list = lua_gettop(L)
+        guard lua_type(L, list) == LUA_TTABLE else {
+            throw LuaScriptError.badDecision("probe_keys must return a list of keys, got \(typeName(L, list))")
+        }
+        var keys: [String] = []
+        let count = luaL_len(L, list)
+        if count > 0 {
+            for index in 1...count {
+                lua_rawgeti(L, list, index)
+                if lua_type(L, -1) == LUA_TSTRING, let key = self.script.string(at: -1), !key.isEmpty {
+                    keys.append(key)
+                }
+                clua_pop(L, 1)
+            }
+        }
+        return keys
     }
 
     /// The script file, as given.

@@ -177,7 +177,19 @@ extension AdminServer {
             // Releasing publishes the change: the key's tunnels close and its next request places it afresh.
             runtime.directory.release(key: segments[1])
             return (.ok, json, render(["key": segments[1], "released": true]))
-        case (_, "backends", _), (_, "keys", _):
+        case (.GET, "reconciliation", 1):
+            let reports = proxy.reconciliationReports.all.mapValues { report -> [String: Any] in
+                [
+                    "adopted": report.adopted,
+                    "duplicates": report.duplicates.map {
+                        ["key": $0.key, "holders": $0.holders, "owner": $0.owner ?? NSNull()] as [String: Any]
+                    },
+                    "backends_probed": report.backendsProbed,
+                    "backends_failed": report.backendsFailed,
+                ]
+            }
+            return (.ok, json, render(["listeners": reports]))
+        case (_, "backends", _), (_, "keys", _), (_, "reconciliation", _):
             return (.methodNotAllowed, "text/plain; charset=utf-8", "method not allowed\n")
         default:
             return nil

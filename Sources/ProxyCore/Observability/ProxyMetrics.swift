@@ -11,6 +11,8 @@ public final class ProxyMetrics: Sendable {
     let requestDuration: DurationHistogram
     let rejectedConnections: Counter
     let routingErrors: Counter
+    let adoptedKeys: Counter
+    let duplicateKeys: Gauge
     let reloads: [String: Counter]
 
     public enum UpstreamErrorKind: String, CaseIterable, Sendable {
@@ -72,6 +74,14 @@ public final class ProxyMetrics: Sendable {
             descriptor: MetricNameDescriptor(
                 namespace: "ott_proxy", metricName: "routing_errors", unitName: "total",
                 helpText: "Requests the routing policy failed on (script error, budget exceeded, bad decision)."))
+        self.adoptedKeys = registry.makeCounter(
+            descriptor: MetricNameDescriptor(
+                namespace: "ott_proxy", metricName: "reconciliation_adopted_keys", unitName: "total",
+                helpText: "Keys nobody owned that a reconciliation probe found on a backend and adopted."))
+        self.duplicateKeys = registry.makeGauge(
+            descriptor: MetricNameDescriptor(
+                namespace: "ott_proxy", metricName: "duplicate_keys", unitName: "",
+                helpText: "Keys the last reconciliation probe found on more than one backend (or off their owner)."))
         var reloads: [String: Counter] = [:]
         for result in ["ok", "failed"] {
             reloads[result] = registry.makeCounter(
@@ -85,6 +95,11 @@ public final class ProxyMetrics: Sendable {
 
     func countRoutingError() {
         self.routingErrors.increment()
+    }
+
+    func recordReconciliation(adopted: Int, duplicates: Int) {
+        self.adoptedKeys.increment(by: Int64(adopted))
+        self.duplicateKeys.set(Double(duplicates))
     }
 
     func countReload(succeeded: Bool) {

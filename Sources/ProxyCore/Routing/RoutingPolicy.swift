@@ -189,6 +189,10 @@ public protocol RoutingPolicy: AnyObject {
     func onResponse(_ request: RouteRequest, _ response: RouteResponse) throws -> ResponseAction?
     /// Merges the answers of a fan-out whose decision named the merge `function` (not the built-in `json-array`).
     func mergeFanout(_ request: RouteRequest, function: String, responses: [FanoutResponse]) throws -> LocalResponse
+    /// The reconciliation probe this policy declares (nil: none).
+    var probe: ProbeSpec? { get }
+    /// The keys a backend's probe answer says it holds.
+    func probeKeys(backend: String, response: FanoutResponse) throws -> [String]
 }
 
 /// A fan-out named a merge function the policy does not have.
@@ -204,6 +208,8 @@ extension RoutingPolicy {
     public func mergeFanout(_ request: RouteRequest, function: String, responses: [FanoutResponse]) throws -> LocalResponse {
         throw UnknownMergeFunction(name: function)
     }
+    public var probe: ProbeSpec? { nil }
+    public func probeKeys(backend: String, response: FanoutResponse) throws -> [String] { [] }
 }
 
 /// Routes every request of a listener to one pool: the built-in policy until a script is configured.
