@@ -28,8 +28,8 @@ struct Demo: AsyncParsableCommand {
         }
         let config = Self.embeddedConfig(port: self.port, adminPort: self.adminPort, servers: servers)
         bootstrapLogging(config.logging)
-        print(Self.instructions(port: self.port, adminPort: self.adminPort, servers: servers))
-        fflush(stdout)
+        // Written unbuffered, so the instructions come before the proxy's first log lines.
+        FileHandle.standardOutput.write(Data(Self.instructions(port: self.port, adminPort: self.adminPort, servers: servers).utf8))
         try await serve(config)
         for server in servers { try? await server.stop() }
     }
