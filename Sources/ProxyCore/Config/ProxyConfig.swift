@@ -124,12 +124,29 @@ public enum BalanceAlgorithm: String, Sendable, Equatable, CaseIterable {
 public struct PoolConfig: Sendable, Equatable {
     public var name: String
     public var balance: BalanceAlgorithm
+    /// The static backends; a pool with `discovery` serves these together with the discovered ones.
     public var backends: [BackendConfig]
+    /// Active HTTP health checks (nil = none: backends count as healthy unless passively ejected).
+    public var healthCheck: HealthCheckConfig?
+    /// Passive ejection on failed requests (nil = off).
+    public var passive: PassiveConfig?
+    /// Backends found in DNS, merged with `backends` (nil = static backends only).
+    public var discovery: DiscoveryConfig?
 
-    public init(name: String, balance: BalanceAlgorithm = .roundRobin, backends: [BackendConfig] = []) {
+    public init(
+        name: String,
+        balance: BalanceAlgorithm = .roundRobin,
+        backends: [BackendConfig] = [],
+        healthCheck: HealthCheckConfig? = nil,
+        passive: PassiveConfig? = nil,
+        discovery: DiscoveryConfig? = nil
+    ) {
         self.name = name
         self.balance = balance
         self.backends = backends
+        self.healthCheck = healthCheck
+        self.passive = passive
+        self.discovery = discovery
     }
 }
 
