@@ -50,7 +50,8 @@ public enum TargetResolution: Equatable {
 
 extension RoutingTable {
     /// The backend a forwarding target names. Stateless targets are balanced (so this advances the pool's cursor);
-    /// a key goes to its claimed owner when that owner is in the pool, else to its rendezvous-hash backend.
+    /// a key goes to its claimed owner when that owner is in the pool and usable, else to its rendezvous-hash backend
+    /// among the usable ones. An explicitly named backend is returned whatever its health (the script chose it).
     public func resolve(_ target: RouteTarget, owners: KeyOwners) -> TargetResolution {
         switch target {
         case .pool(let name):
@@ -62,11 +63,19 @@ extension RoutingTable {
             guard let pool = self.pools[name] else { return .unknownPool(name) }
             if let placement, !PlacementStrategy.names.contains(placement) { return .unknownPlacement(placement) }
             if let ownerID = owners.owner(of: key), let owner = self.backends[ownerID],
-                pool.backends.contains(where: { $0 === owner })
+                pool.backends.contains(where: { $0 === owner }), owner.isUsable
             {
                 return .backend(owner)
             }
-            guard let id = ConsistentHashing.rendezvous(key: key, backends: pool.hashInputs), let backend = self.backends[id]
+            // Rendezvous over the usable backends only. Hashing all first is the common case and gives the same
+            // answer whenever the winner is usable (removing a backend moves only its own keys).
+            if let id = ConsistentHashing.rendezvous(key: key, backends: pool.hashInputs), let backend = self.backends[id],
+                backend.isUsable
+            {
+                return .backend(backend)
+            }
+            let usable = pool.backends.filter(\.isUsable).map { (id: $0.id, weight: $0.config.weight) }
+            guard let id = ConsistentHashing.rendezvous(key: key, backends: usable), let backend = self.backends[id]
             else { return .noBackend }
             return .backend(backend)
         }
