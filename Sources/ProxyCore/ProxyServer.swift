@@ -73,23 +73,30 @@ public final class ProxyServer: Service, Sendable {
     private let started = Mutex<Started?>(nil)
     private let boundPorts = Mutex<[String: Int]>([:])
     private let boundAdminPort = Mutex<Int?>(nil)
+    /// Health state across generations, active checks and DNS discovery (`BackendServices`).
+    let backendServices: BackendServices
 
     /// - Parameters:
     ///   - group: the event loops to serve on; by default one thread per core, owned and shut down by the server.
     ///   - policyFactory: the routing policy per listener; by default every request goes to the listener's pool.
     ///   - configSource: re-reads the configuration for `reload()` (SIGHUP, admin `POST /reload`).
+    ///   - resolver: resolves `discovery.dns` names; by default `getaddrinfo` on NIO's thread pool.
     public init(
         config: ProxyConfig,
         logger: Logger = Logger(label: "ott-proxy"),
         accessLogger: Logger = Logger(label: "ott-proxy.access"),
         group: EventLoopGroup? = nil,
         policyFactory: RoutingPolicyFactory? = nil,
-        configSource: (@Sendable () throws -> ProxyConfig)? = nil
+        configSource: (@Sendable () throws -> ProxyConfig)? = nil,
+        resolver: BackendResolver? = nil
     ) throws {
-        let table = try RoutingTable(config: config)
+        let services = BackendServices(logger: logger, resolver: resolver)
+        let table = try services.table(for: config)
         let metrics = ProxyMetrics(listeners: config.listeners.map(\.name))
-        self.current = Mutex(
-            ProxyRuntime(config: config, table: table, logger: logger, accessLogger: accessLogger, metrics: metrics))
+        let runtime = ProxyRuntime(config: config, table: table, logger: logger, accessLogger: accessLogger, metrics: metrics)
+        services.committed(runtime)
+        self.backendServices = services
+        self.current = Mutex(runtime)
         self.configSource = configSource
         self.ownsGroup = group == nil
         self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
@@ -148,6 +155,9 @@ public final class ProxyServer: Service, Sendable {
                     "admin listening", metadata: ["address": "\(admin.address):\(channel.localAddress?.port ?? admin.port)"])
             }
             self.started.withLock { $0 = Started(listenerChannels: channels, adminChannel: adminChannel, loopStates: loopStates) }
+            self.backendServices.start(runtime, group: self.group) { [weak self] pool, backends in
+                await self?.applyDiscovered(pool: pool, backends: backends).isSuccess ?? false
+            }
         } catch {
             for channel in channels { try? await channel.close() }
             throw error
@@ -218,7 +228,7 @@ public final class ProxyServer: Service, Sendable {
         }
         let table: RoutingTable
         do {
-            table = try RoutingTable(config: config)
+            table = try self.backendServices.table(for: config)
         } catch {
             return self.reloadFailed("a backend address does not resolve: \(error)")
         }
@@ -238,6 +248,7 @@ public final class ProxyServer: Service, Sendable {
             maxIdlePerBackend: config.limits.maxIdleUpstreamPerBackend
         )
         self.current.withLock { $0 = runtime }
+        self.backendServices.committed(runtime)
         for (loop, loopPolicies) in policies {
             guard let state = loopStates[ObjectIdentifier(loop)] else { continue }
             try? await loop.submit {
@@ -286,6 +297,7 @@ public final class ProxyServer: Service, Sendable {
         }) else { return }
         let grace = self.runtime.config.timeouts.shutdownGrace
         self.runtime.logger.info("shutting down", metadata: ["grace": "\(grace)"])
+        await self.backendServices.stop()
 
         for channel in started.listenerChannels {
             try? await channel.close()
