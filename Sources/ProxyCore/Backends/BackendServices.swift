@@ -57,12 +57,11 @@ final class BackendServices: Sendable {
             defer { running = nil }
             return running
         }) else { return }
+        // Discovery is cancelled, not awaited: a lookup blocked in getaddrinfo cannot be interrupted and must not hold
+        // up shutdown (its late result finds the server stopped and is dropped). Checks end within their timeout.
+        for discovery in running.discoveries.values { discovery.cancel() }
         await running.checker.stop()
-        for discovery in running.discoveries.values { await discovery.stop() }
     }
-
-    /// The backends being health-checked, by id (for tests).
-    var checkedIDs: Set<String> { self.running.withLock { $0?.checker.checkedIDs ?? [] } }
 
     /// Keeps discoveries whose pool still has the same `discovery.dns`, cancels the rest, starts the new ones.
     private func alignDiscoveries(

@@ -133,10 +133,4 @@ final class DNSDiscovery: Sendable {
     func cancel() {
         self.task.withLock { $0 }?.cancel()
     }
-
-    func stop() async {
-        guard let task = self.task.withLock({ $0 }) else { return }
-        task.cancel()
-        await task.value
-    }
 }

@@ -71,9 +71,6 @@ final class HealthChecker: Sendable {
         for task in tasks { await task.value }
     }
 
-    /// The backends being checked, by id (for tests).
-    var checkedIDs: Set<String> { self.checks.withLock { Set($0.keys) } }
-
     private static func run(_ check: Check, health: BackendHealth, group: EventLoopGroup) async {
         let interval = check.config.interval.nanoseconds
         var delay = Int64.random(in: 0..<max(interval, 1))
