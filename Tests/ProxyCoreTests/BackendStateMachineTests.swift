@@ -313,6 +313,25 @@ struct BackendHealthTests {
         #expect(health.status.state == .draining)
     }
 
+    @Test("successes reset the failure count even though the clean case skips the lock")
+    func successFastPath() {
+        let health = BackendHealth(id: "a", settings: .init(passive: PassiveConfig(consecutiveFailures: 3)))
+        #expect(health.record(.success) == [])
+        health.record(.connectFailure)
+        health.record(.connectFailure)
+        #expect(health.status.consecutiveFailures == 2)
+        health.record(.response(status: 200))
+        #expect(health.status.consecutiveFailures == 0)
+        health.record(.connectFailure)
+        health.record(.connectFailure)
+        health.record(.response(status: 503))
+        #expect(health.status.consecutiveFailures == 0)
+        health.record(.connectFailure)
+        health.record(.connectFailure)
+        #expect(!health.record(.connectFailure).isEmpty)
+        #expect(!health.isUsable)
+    }
+
     @Test("a pool's pick skips unusable backends and returns nil when none is usable")
     func poolPick() throws {
         for balance in BalanceAlgorithm.allCases {

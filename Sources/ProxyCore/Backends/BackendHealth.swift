@@ -11,6 +11,9 @@ public final class BackendHealth: Sendable {
     private let machine: Mutex<BackendStateMachine>
     /// `usableFrom` of the machine in uptime nanoseconds; `UInt64.max` = not usable until an event.
     private let usableFrom: Atomic<UInt64>
+    /// True when a successful request would change nothing (no failures counted, no back-off, no ejection, or
+    /// passive ejection off): lets the common case skip the lock on every response.
+    private let successIsNoOp: Atomic<Bool>
     private let logger: Logger?
 
     public init(id: String, settings: BackendStateMachine.Settings = .init(), logger: Logger? = nil) {
@@ -18,6 +21,7 @@ public final class BackendHealth: Sendable {
         let machine = BackendStateMachine(settings: settings)
         self.machine = Mutex(machine)
         self.usableFrom = Atomic(Self.encode(machine.usableFrom))
+        self.successIsNoOp = Atomic(Self.successIsNoOp(machine))
         self.logger = logger
     }
 
@@ -43,7 +47,13 @@ public final class BackendHealth: Sendable {
 
     @discardableResult
     public func record(_ outcome: BackendStateMachine.PassiveOutcome) -> [BackendStateMachine.Action] {
-        self.apply { $0.record(outcome, now: $1) }
+        switch outcome {
+        case .success, .response(status: ..<500):
+            if self.successIsNoOp.load(ordering: .relaxed) { return [] }
+        case .connectFailure, .response:
+            break
+        }
+        return self.apply { $0.record(outcome, now: $1) }
     }
 
     @discardableResult
@@ -68,6 +78,7 @@ public final class BackendHealth: Sendable {
         let actions = self.machine.withLock { machine in
             let actions = event(&machine, now)
             self.usableFrom.store(Self.encode(machine.usableFrom), ordering: .relaxed)
+            self.successIsNoOp.store(Self.successIsNoOp(machine), ordering: .relaxed)
             return actions
         }
         for action in actions { self.log(action) }
@@ -96,6 +107,11 @@ public final class BackendHealth: Sendable {
         case .removed:
             logger.info("backend removed", metadata: metadata)
         }
+    }
+
+    private static func successIsNoOp(_ machine: BackendStateMachine) -> Bool {
+        guard machine.settings.passive.map({ $0.consecutiveFailures > 0 }) ?? false else { return true }
+        return machine.consecutiveFailures == 0 && machine.ejections == 0 && machine.ejectedUntil == nil
     }
 
     private static func encode(_ deadline: NIODeadline?) -> UInt64 {
