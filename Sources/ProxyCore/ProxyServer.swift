@@ -77,23 +77,30 @@ public final class ProxyServer: Service, Sendable {
     private let started = Mutex<Started?>(nil)
     private let boundPorts = Mutex<[String: Int]>([:])
     private let boundAdminPort = Mutex<Int?>(nil)
+    /// Health state across generations, active checks and DNS discovery (`BackendServices`).
+    let backendServices: BackendServices
 
     /// - Parameters:
     ///   - group: the event loops to serve on; by default one thread per core, owned and shut down by the server.
     ///   - policyFactory: the routing policy per listener; by default every request goes to the listener's pool.
     ///   - configSource: re-reads the configuration for `reload()` (SIGHUP, admin `POST /reload`).
+    ///   - resolver: resolves `discovery.dns` names; by default `getaddrinfo` on NIO's thread pool.
     public init(
         config: ProxyConfig,
         logger: Logger = Logger(label: "ott-proxy"),
         accessLogger: Logger = Logger(label: "ott-proxy.access"),
         group: EventLoopGroup? = nil,
         policyFactory: RoutingPolicyFactory? = nil,
-        configSource: (@Sendable () throws -> ProxyConfig)? = nil
+        configSource: (@Sendable () throws -> ProxyConfig)? = nil,
+        resolver: BackendResolver? = nil
     ) throws {
-        let table = try RoutingTable(config: config)
+        let services = BackendServices(logger: logger, resolver: resolver)
+        let table = try services.table(for: config)
         let metrics = ProxyMetrics(listeners: config.listeners.map(\.name))
-        self.current = RuntimeBox(
-            ProxyRuntime(config: config, table: table, logger: logger, accessLogger: accessLogger, metrics: metrics))
+        let runtime = ProxyRuntime(config: config, table: table, logger: logger, accessLogger: accessLogger, metrics: metrics)
+        services.committed(runtime)
+        self.backendServices = services
+        self.current = RuntimeBox(runtime)
         self.configSource = configSource
         self.ownsGroup = group == nil
         self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
@@ -101,7 +108,6 @@ public final class ProxyServer: Service, Sendable {
         self.connections = ConnectionRegistry(limit: config.limits.maxConnections)
         // An owner change closes the key's tunnels to the previous owner, so clients reconnect to the new one.
         let current = self.current
-        let runtime = current.get()
         runtime.directory.onChange { change in
             let code = current.get().config.ownership.closeCode
             let closed = runtime.tunnels.close(key: change.key, onBackend: change.previous, code: code)
@@ -120,8 +126,9 @@ public final class ProxyServer: Service, Sendable {
     @discardableResult
     public func drain(backend id: String, migrate: Bool) -> Bool {
         let runtime = self.runtime
-        guard runtime.table.backends[id] != nil else { return false }
+        guard let backend = runtime.table.backends[id] else { return false }
         runtime.drains.drain(id, migrate: migrate)
+        backend.health.drain()
         runtime.logger.info("draining backend", metadata: ["backend": "\(id)", "migrate": "\(migrate)"])
         if migrate { self.startMigration(of: id) }
         return true
@@ -221,6 +228,9 @@ public final class ProxyServer: Service, Sendable {
                     listenerChannels: channels, adminChannel: adminChannel, loopStates: loopStates, sweeper: sweeper,
                     prober: prober)
             }
+            self.backendServices.start(runtime, group: self.group) { [weak self] pool, backends in
+                await self?.applyDiscovered(pool: pool, backends: backends).isSuccess ?? false
+            }
         } catch {
             for channel in channels { try? await channel.close() }
             throw error
@@ -291,7 +301,7 @@ public final class ProxyServer: Service, Sendable {
         }
         let table: RoutingTable
         do {
-            table = try RoutingTable(config: config)
+            table = try self.backendServices.table(for: config)
         } catch {
             return self.reloadFailed("a backend address does not resolve: \(error)")
         }
@@ -309,6 +319,7 @@ public final class ProxyServer: Service, Sendable {
             maxIdlePerBackend: config.limits.maxIdleUpstreamPerBackend
         )
         self.current.set(runtime)
+        self.backendServices.committed(runtime)
         for (loop, loopPolicies) in policies {
             guard let state = loopStates[ObjectIdentifier(loop)] else { continue }
             try? await loop.submit {
@@ -362,6 +373,7 @@ public final class ProxyServer: Service, Sendable {
         }) else { return }
         let grace = self.runtime.config.timeouts.shutdownGrace
         self.runtime.logger.info("shutting down", metadata: ["grace": "\(grace)"])
+        await self.backendServices.stop()
 
         started.sweeper?.cancel()
         started.prober?.cancel()

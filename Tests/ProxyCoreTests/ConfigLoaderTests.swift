@@ -634,8 +634,11 @@ struct ConfigLoaderTests {
         let end = try #require(doc.range(of: "```", range: start.upperBound..<doc.endIndex))
         let config = try ConfigLoader.parse(yaml: String(doc[start.upperBound..<end.lowerBound]), file: "doc")
         #expect(config.listeners.map(\.name) == ["public", "internal"])
-        #expect(config.pools.map(\.name) == ["rooms", "api", "maintenance"])
+        #expect(config.pools.map(\.name) == ["rooms", "api", "app", "maintenance"])
         #expect(config.pool(named: "rooms")?.backends.last?.host == "2001:db8::12")
+        #expect(config.pool(named: "rooms")?.healthCheck?.expectStatus == StatusSet([200...299]))
+        #expect(config.pool(named: "rooms")?.passive?.count5xx == true)
+        #expect(config.pool(named: "app")?.discovery?.dns == DNSDiscoveryConfig(name: "app.internal", port: 3000))
     }
 }
 

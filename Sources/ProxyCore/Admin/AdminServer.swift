@@ -144,7 +144,7 @@ extension AdminServer {
                     let draining = runtime.drains.state(of: backend.id)
                     return [
                         "id": backend.id, "pool": name, "address": "\(backend.config.host):\(backend.config.port)",
-                        "status": draining != nil ? "draining" : (backend.isHealthy ? "healthy" : "unhealthy"),
+                        "status": backend.status.state.rawValue,
                         "healthy": backend.isHealthy, "draining": draining != nil, "migrating": draining?.migrate ?? false,
                         "weight": backend.config.weight, "region": backend.config.region ?? NSNull(),
                         "keys": keys, "tunnels": tunnels, "connections": backend.active,

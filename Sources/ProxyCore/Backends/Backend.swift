@@ -10,26 +10,34 @@ public final class Backend: Sendable {
     /// Requests in flight plus open tunnels, across all event loops (what least-connections balances on).
     let activeConnections = Atomic<Int>(0)
     let totalRequests = Atomic<Int>(0)
+    /// Health state; shared with the previous generation's `Backend` of the same id and address (`BackendRegistry`).
+    public let health: BackendHealth
 
     public var id: String { self.config.id }
     public var active: Int { self.activeConnections.load(ordering: .relaxed) }
     public var total: Int { self.totalRequests.load(ordering: .relaxed) }
 
-    public init(config: BackendConfig, address: SocketAddress) {
+    public init(config: BackendConfig, address: SocketAddress, health: BackendHealth? = nil) {
         self.config = config
         self.address = address
+        self.health = health ?? BackendHealth(id: config.id)
     }
 
-    public convenience init(config: BackendConfig) throws {
-        self.init(config: config, address: try SocketAddress.makeAddressResolvingHost(config.host, port: config.port))
+    public convenience init(config: BackendConfig, health: BackendHealth? = nil) throws {
+        let address = try SocketAddress.makeAddressResolvingHost(config.host, port: config.port)
+        self.init(config: config, address: address, health: health)
     }
 
     /// Health as far as this backend knows it (active checks and passive ejection feed it).
-    public var isHealthy: Bool { true }
+    public var isHealthy: Bool { self.isUsable }
     /// May take keys that nobody owns yet.
-    public var acceptsNewKeys: Bool { self.isHealthy }
+    public var acceptsNewKeys: Bool { self.isUsable }
     /// May keep serving the keys it already owns (a draining backend does; a down one does not).
-    public var canServeExistingKeys: Bool { self.isHealthy }
+    public var canServeExistingKeys: Bool {
+        if self.isUsable { return true }
+        let status = self.health.status
+        return status.state == .draining && status.ejectedUntil == nil && status.passingChecks
+    }
 
     func acquire() {
         self.activeConnections.add(1, ordering: .relaxed)
@@ -62,20 +70,28 @@ public final class Pool: Sendable {
         self.hashInputs = backends.map { ($0.id, $0.config.weight) }
     }
 
-    /// Picks a backend for a request that belongs to no key, or nil when the pool has none.
+    /// Picks a usable backend for a request that belongs to no key, or nil when the pool has none.
     public func pick() -> Backend? {
         guard !self.backends.isEmpty else { return nil }
-        let turn = self.cursor.add(1, ordering: .relaxed).oldValue
+        let turn = self.cursor.add(1, ordering: .relaxed).oldValue & Int.max
         switch self.balance {
         case .roundRobin:
-            return self.backends[self.weightedOrder[turn % self.weightedOrder.count]]
+            // The next usable backend in weighted order: an unusable one's turns go to the backends after it.
+            let count = self.weightedOrder.count
+            for step in 0..<count {
+                let backend = self.backends[self.weightedOrder[(turn % count + step) % count]]
+                if backend.isUsable { return backend }
+            }
+            return nil
         case .leastConnections:
+            let usable = self.backends.filter(\.isUsable)
+            guard !usable.isEmpty else { return nil }
             let index = Balancer.leastConnections(
-                active: self.backends.map { $0.active },
-                weights: self.backends.map { $0.config.weight },
+                active: usable.map { $0.active },
+                weights: usable.map { $0.config.weight },
                 tieBreak: turn
             )
-            return self.backends[index]
+            return usable[index]
         }
     }
 }

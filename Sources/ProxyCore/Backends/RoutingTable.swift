@@ -44,8 +44,9 @@ public enum TargetResolution {
 }
 
 extension ProxyRuntime {
-    /// The backend a forwarding target names. Stateless targets are balanced (so this advances the pool's cursor);
-    /// a key goes to its owner in the ownership directory, placed and claimed once when nobody validly owns it.
+    /// The backend a forwarding target names. Stateless targets are balanced over usable backends (so this advances
+    /// the pool's cursor); a key goes to its owner in the ownership directory, placed and claimed once when nobody
+    /// validly owns it. An explicitly named backend is returned whatever its health (the script chose it).
     /// With a shared store a miss may be `pending`; the in-memory directory always answers at once.
     public func resolve(_ target: RouteTarget, on eventLoop: EventLoop?) -> TargetResolution {
         switch target {

@@ -147,7 +147,10 @@ final class ConfigDecoder {
 
     private func pool(named name: String, _ node: Node, path: String) -> PoolConfig? {
         let r = self.reader
-        let keys = ["balance", "backends", "idle_ttl", "placement", "balance_factor", "key_header", "epoch_header"]
+        let keys = [
+            "balance", "backends", "idle_ttl", "placement", "balance_factor", "key_header", "epoch_header",
+            "health_check", "passive", "discovery",
+        ]
         guard let s = r.section(node, path: path, keys: keys) else { return nil }
         let balance = r.optional(s, "balance") { r.choice($0, path: $1, of: BalanceAlgorithm.self) }
         let backends = r.optional(s, "backends") { node, path in
@@ -174,6 +177,17 @@ final class ConfigDecoder {
             }
             return value
         }
+        let discovery = r.optional(s, "discovery", self.discovery)
+        if discovery != nil, !name.unicodeScalars.allSatisfy(Self.backendIDCharacters.contains),
+            let discoveryNode = s.values["discovery"]
+        {
+            r.report(
+                "a pool with discovery needs a name of letters, digits, '.', '_', ':' and '-' (it prefixes the ids of "
+                    + "discovered backends), got '\(name)'",
+                at: discoveryNode.mark,
+                path: s.path(of: "discovery")
+            )
+        }
         return PoolConfig(
             name: name,
             balance: balance ?? .roundRobin,
@@ -182,8 +196,130 @@ final class ConfigDecoder {
             placement: placement ?? defaults.placement,
             balanceFactor: balanceFactor ?? defaults.balanceFactor,
             keyHeader: r.optional(s, "key_header", r.string),
-            epochHeader: r.optional(s, "epoch_header", r.string)
+            epochHeader: r.optional(s, "epoch_header", r.string),
+            healthCheck: r.optional(s, "health_check", self.healthCheck),
+            passive: r.optional(s, "passive", self.passive),
+            discovery: discovery
         )
+    }
+
+    private func healthCheck(_ node: Node, path: String) -> HealthCheckConfig? {
+        let r = self.reader
+        let keys = ["path", "interval", "timeout", "rise", "fall", "expect_status"]
+        guard let s = r.section(node, path: path, keys: keys) else { return nil }
+        let defaults = HealthCheckConfig()
+        let checkPath = r.optional(s, "path") { node, path -> String? in
+            guard let text = r.string(node, path: path) else { return nil }
+            guard text.hasPrefix("/"), !text.contains(where: { $0 == " " || $0.isNewline }) else {
+                r.report("expected a request path starting with '/', got \(node.summary)", at: node.mark, path: path)
+                return nil
+            }
+            return text
+        }
+        let interval = r.optional(s, "interval") { r.duration($0, path: $1, allowZero: false) } ?? defaults.interval
+        let explicitTimeout = r.optional(s, "timeout") { r.duration($0, path: $1, allowZero: false) }
+        // The default timeout shrinks to a shorter interval; a timeout written longer than the interval is an error.
+        let timeout = explicitTimeout ?? min(defaults.timeout, interval)
+        if timeout > interval, let timeoutNode = s.values["timeout"] {
+            r.report(
+                "must not be longer than interval (\(Self.durationText(interval))), got \(timeoutNode.summary)",
+                at: timeoutNode.mark,
+                path: s.path(of: "timeout")
+            )
+        }
+        return HealthCheckConfig(
+            path: checkPath ?? defaults.path,
+            interval: interval,
+            timeout: timeout,
+            rise: r.optional(s, "rise") { r.int($0, path: $1, min: 1) } ?? defaults.rise,
+            fall: r.optional(s, "fall") { r.int($0, path: $1, min: 1) } ?? defaults.fall,
+            expectStatus: r.optional(s, "expect_status", self.statusSet) ?? defaults.expectStatus
+        )
+    }
+
+    /// `200`, `2xx`, or a non-empty list of those.
+    private func statusSet(_ node: Node, path: String) -> StatusSet? {
+        let r = self.reader
+        func item(_ node: Node, path: String) -> ClosedRange<Int>? {
+            guard let text = node.plainText, node.sequence == nil, let range = StatusSet.parseItem(text) else {
+                r.report(
+                    "expected a status code (100 to 599) or a class like 2xx, got \(node.summary)",
+                    at: node.mark,
+                    path: path
+                )
+                return nil
+            }
+            return range
+        }
+        guard node.sequence != nil else { return item(node, path: path).map { StatusSet([$0]) } }
+        guard let items = r.list(node, path: path) else { return nil }
+        guard !items.isEmpty else {
+            r.report("expected at least one status code or class", at: node.mark, path: path)
+            return nil
+        }
+        let ranges = items.enumerated().map { index, element in item(element, path: "\(path)[\(index)]") }
+        guard ranges.allSatisfy({ $0 != nil }) else { return nil }
+        return StatusSet(ranges.compactMap { $0 })
+    }
+
+    private func passive(_ node: Node, path: String) -> PassiveConfig? {
+        let r = self.reader
+        let keys = ["consecutive_failures", "count_5xx", "ejection_time", "max_ejection_time"]
+        guard let s = r.section(node, path: path, keys: keys) else { return nil }
+        let defaults = PassiveConfig()
+        let ejection = r.optional(s, "ejection_time") { r.duration($0, path: $1, allowZero: false) }
+        let maxEjection = r.optional(s, "max_ejection_time") { r.duration($0, path: $1, allowZero: false) }
+        let config = PassiveConfig(
+            consecutiveFailures: r.optional(s, "consecutive_failures") { r.int($0, path: $1, min: 0) }
+                ?? defaults.consecutiveFailures,
+            count5xx: r.optional(s, "count_5xx", r.bool) ?? defaults.count5xx,
+            ejectionTime: ejection ?? defaults.ejectionTime,
+            maxEjectionTime: maxEjection ?? max(defaults.maxEjectionTime, ejection ?? defaults.ejectionTime)
+        )
+        if config.maxEjectionTime < config.ejectionTime, let maxNode = s.values["max_ejection_time"] {
+            r.report(
+                "must not be shorter than ejection_time (\(Self.durationText(config.ejectionTime))), got \(maxNode.summary)",
+                at: maxNode.mark,
+                path: s.path(of: "max_ejection_time")
+            )
+        }
+        return config
+    }
+
+    private func discovery(_ node: Node, path: String) -> DiscoveryConfig? {
+        let r = self.reader
+        guard let s = r.section(node, path: path, keys: ["dns"]) else { return nil }
+        guard let dns = r.required(s, "dns", self.dnsDiscovery) else { return nil }
+        return DiscoveryConfig(dns: dns)
+    }
+
+    private func dnsDiscovery(_ node: Node, path: String) -> DNSDiscoveryConfig? {
+        let r = self.reader
+        guard let s = r.section(node, path: path, keys: ["name", "port", "interval"]) else { return nil }
+        let name = r.required(s, "name") { node, path -> String? in
+            guard let text = r.string(node, path: path) else { return nil }
+            guard text.unicodeScalars.allSatisfy(Self.dnsNameCharacters.contains), !text.hasPrefix("."),
+                !text.hasPrefix("-")
+            else {
+                r.report("expected a DNS name such as app.internal, got \(node.summary)", at: node.mark, path: path)
+                return nil
+            }
+            return text
+        }
+        let port = r.required(s, "port") { r.int($0, path: $1, min: 1, max: 65535) }
+        let interval = r.optional(s, "interval") { r.duration($0, path: $1, allowZero: false) }
+        guard let name, let port else { return nil }
+        return DNSDiscoveryConfig(name: name, port: port, interval: interval ?? .seconds(5))
+    }
+
+    /// A duration as a message shows it: in the largest unit that divides it.
+    private static func durationText(_ amount: TimeAmount) -> String {
+        let nanoseconds = amount.nanoseconds
+        for (suffix, unit) in [("h", Int64(3_600_000_000_000)), ("m", 60_000_000_000), ("s", 1_000_000_000), ("ms", 1_000_000)]
+        where nanoseconds != 0 && nanoseconds % unit == 0 {
+            return "\(nanoseconds / unit)\(suffix)"
+        }
+        return "\(nanoseconds)ns"
     }
 
     // MARK: ownership
@@ -411,6 +547,10 @@ final class ConfigDecoder {
     /// Ids end up in metrics labels, log fields and admin URLs, where these characters need no escaping.
     private static let backendIDCharacters: Set<Unicode.Scalar> = Set(
         "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-".unicodeScalars
+    )
+
+    private static let dnsNameCharacters: Set<Unicode.Scalar> = Set(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-".unicodeScalars
     )
 
     private static func place(_ node: Node, _ path: String) -> String {

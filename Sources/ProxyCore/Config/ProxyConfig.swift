@@ -127,6 +127,7 @@ public enum BalanceAlgorithm: String, Sendable, Equatable, CaseIterable {
 public struct PoolConfig: Sendable, Equatable {
     public var name: String
     public var balance: BalanceAlgorithm
+    /// The static backends; a pool with `discovery` serves these together with the discovered ones.
     public var backends: [BackendConfig]
     /// How long a key stays owned after its last request or tunnel ends (OTT unloads an empty room after 300 s).
     public var idleTTL: TimeAmount
@@ -138,6 +139,12 @@ public struct PoolConfig: Sendable, Equatable {
     public var keyHeader: String?
     /// Request header carrying the owner's epoch (fencing token) to the backend (absent: not sent).
     public var epochHeader: String?
+    /// Active HTTP health checks (nil = none: backends count as healthy unless passively ejected).
+    public var healthCheck: HealthCheckConfig?
+    /// Passive ejection on failed requests (nil = off).
+    public var passive: PassiveConfig?
+    /// Backends found in DNS, merged with `backends` (nil = static backends only).
+    public var discovery: DiscoveryConfig?
 
     public init(
         name: String,
@@ -147,7 +154,10 @@ public struct PoolConfig: Sendable, Equatable {
         placement: String = "least-keys",
         balanceFactor: Double = 0.25,
         keyHeader: String? = nil,
-        epochHeader: String? = nil
+        epochHeader: String? = nil,
+        healthCheck: HealthCheckConfig? = nil,
+        passive: PassiveConfig? = nil,
+        discovery: DiscoveryConfig? = nil
     ) {
         self.name = name
         self.balance = balance
@@ -157,6 +167,9 @@ public struct PoolConfig: Sendable, Equatable {
         self.balanceFactor = balanceFactor
         self.keyHeader = keyHeader
         self.epochHeader = epochHeader
+        self.healthCheck = healthCheck
+        self.passive = passive
+        self.discovery = discovery
     }
 }
 

@@ -591,9 +591,11 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             case .success(let connection):
                 self.attach(connection, to: exchange)
             case .failure(.timedOut):
+                exchange.backend.recordConnectFailure()
                 self.runtime.metrics.countUpstreamError(.connectTimeout)
                 self.fail(exchange, status: .gatewayTimeout, reason: "gateway timeout: backend did not accept the connection in time")
             case .failure(.failed(let error)):
+                exchange.backend.recordConnectFailure()
                 self.runtime.metrics.countUpstreamError(.connectFailed)
                 self.runtime.logger.warning(
                     "backend connection failed", metadata: ["backend": "\(exchange.backend.id)", "error": "\(error)"])
@@ -679,6 +681,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         guard !exchange.responseStarted else { return }
         exchange.responseTimer?.cancel()
         exchange.status = Int(head.status.code)
+        exchange.backend.recordResponse(status: exchange.status)
         exchange.upstreamKeepAlive = head.isKeepAlive
 
         if head.status == .switchingProtocols {
