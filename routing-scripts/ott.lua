@@ -20,10 +20,11 @@ local base = proxy.options.base_url or ""
 if base:sub(-1) == "/" then base = base:sub(1, -2) end
 local api = base .. "/api/room"
 
--- OTT's room name rule (common/constants.ts): 3-32 of [a-z0-9_-], case-insensitive; these three are endpoints.
+-- OTT's room name pattern (ROOM_NAME_REGEX, case-insensitive): [a-z0-9_-]+. The 3-32 length rule applies only when
+-- a user picks a name (`create`); generated rooms are UUIDs (36 characters). These three are endpoints, not rooms.
 local reserved = { list = true, create = true, generate = true }
 local function room_key(name)
-    if not name or #name < 3 or #name > 32 or name:find("[^%w_%-]") then return nil end
+    if type(name) ~= "string" or name == "" or #name > 64 or name:find("[^%w_%-]") then return nil end
     local key = name:lower()
     if reserved[key] then return nil end
     return key
