@@ -93,6 +93,8 @@ public struct OwnershipTable: Sendable {
             } else if entry.ownership.pool == pool && stillValid(entry.ownership.backend) {
                 return (entry.ownership, nil)
             } else {
+                // The previous owner no longer holds the key: its count must drop before the new owner's rises.
+                self.forget(key)
                 previous = entry.ownership.backend
             }
         }
