@@ -72,7 +72,10 @@ struct AdminServer: Sendable {
 
     func answer(method: HTTPMethod, path: String, headers: HTTPHeaders) -> Answer {
         let (status, type, body) = self.route(method: method, path: path, headers: headers)
-        if status == .accepted { return .reload }
+        // `route` answers an authorized `POST /reload` with 202 to mean "run the reload"; other endpoints (a drain)
+        // answer 202 too and are complete as they are.
+        let route = path.split(separator: "?", maxSplits: 1).first.map(String.init) ?? path
+        if status == .accepted && method == .POST && route == "/reload" { return .reload }
         return .now(status, type, body)
     }
 
