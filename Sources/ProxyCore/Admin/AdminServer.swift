@@ -139,6 +139,9 @@ extension AdminServer {
         }
         switch (method, segments.first, segments.count) {
         case (.GET, "backends", 1):
+            // Per-backend key counts include expired keys until they are swept (every 15 s): sweep first, so a
+            // drained backend whose keys ended naturally reports `keys: 0` and `drained: true` as soon as it is.
+            (runtime.directory as? InMemoryOwnershipDirectory)?.sweep()
             let pools = runtime.config.pools.map(\.name)
             let backends: [[String: Any]] = pools.flatMap { name in
                 (runtime.table.pools[name]?.backends ?? []).map { backend in
