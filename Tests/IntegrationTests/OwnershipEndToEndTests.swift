@@ -249,6 +249,25 @@ import Testing
         }
     }
 
+    /// Without migration, existing keys end naturally (their lease runs out); the admin API then reports the backend
+    /// drained, without waiting for the background sweep (every 15 s).
+    @Test func aDrainedBackendIsReportedDrainedOnceItsKeysEndNaturally() async throws {
+        try await Self.withSetup(configure: { $0.pools[0].idleTTL = .milliseconds(300) }) { setup in
+            let drained = try await setup.backend(ofRoom: "ending")
+            #expect(try await setup.admin("POST", "/backends/\(drained)/drain").status == 202)
+            let row = try #require(try await setup.backendsByID()[drained])
+            #expect(row["keys"] as? Int == 1)
+            #expect(row["drained"] as? Bool == false)
+            let done = try await WSSupport.waitUntil(timeout: .seconds(3)) {
+                let row = try await setup.backendsByID()[drained] ?? [:]
+                return row["keys"] as? Int == 0 && row["drained"] as? Bool == true
+            }
+            let after = try await setup.backendsByID()[drained] ?? [:]
+            #expect(done, "after the key expired: \(after)")
+            #expect(try await setup.owner("room:ending") == nil)
+        }
+    }
+
     @Test func drainWithMigrateClosesTunnelsAtTheRateAndClientsReconnectElsewhere() async throws {
         try await Self.withSetup(place: "rendezvous", configure: { $0.ownership.migrateRate = 20 }) { setup in
             // Ten rooms rendezvous hashing puts on r1: ten keys, one tunnel each.
