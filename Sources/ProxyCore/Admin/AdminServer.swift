@@ -72,7 +72,10 @@ struct AdminServer: Sendable {
 
     func answer(method: HTTPMethod, path: String, headers: HTTPHeaders) -> Answer {
         let (status, type, body) = self.route(method: method, path: path, headers: headers)
-        if status == .accepted { return .reload }
+        // `route` answers an authorized `POST /reload` with 202 to mean "run the reload"; other endpoints (a drain)
+        // answer 202 too and are complete as they are.
+        let route = path.split(separator: "?", maxSplits: 1).first.map(String.init) ?? path
+        if status == .accepted && method == .POST && route == "/reload" { return .reload }
         return .now(status, type, body)
     }
 
@@ -136,6 +139,9 @@ extension AdminServer {
         }
         switch (method, segments.first, segments.count) {
         case (.GET, "backends", 1):
+            // Per-backend key counts include expired keys until they are swept (every 15 s): sweep first, so a
+            // drained backend whose keys ended naturally reports `keys: 0` and `drained: true` as soon as it is.
+            (runtime.directory as? InMemoryOwnershipDirectory)?.sweep()
             let pools = runtime.config.pools.map(\.name)
             let backends: [[String: Any]] = pools.flatMap { name in
                 (runtime.table.pools[name]?.backends ?? []).map { backend in

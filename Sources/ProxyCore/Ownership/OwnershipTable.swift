@@ -46,13 +46,16 @@ public struct OwnershipChange: Sendable, Equatable {
 public struct OwnershipTable: Sendable {
     struct Entry: Sendable {
         var ownership: Ownership
-        var live: Int
-        /// When `live` last dropped to 0 (only meaningful while `live == 0`).
+        /// When the key's live count last dropped to 0, or the claim (only meaningful while nothing is live).
         var idleSince: Double
         var idleTTL: Double
     }
 
     private(set) var entries: [String: Entry] = [:]
+    /// Live requests and tunnels per key (only keys with some). Kept apart from the owner entries: a connection
+    /// holds the key's lease whichever owner it started under, so one that ends after its owner was replaced,
+    /// released or re-claimed still gives back exactly what it took.
+    private(set) var live: [String: Int] = [:]
     private(set) var keysPerBackend: [String: Int] = [:]
     private(set) var lastEpoch: UInt64
 
@@ -66,12 +69,12 @@ public struct OwnershipTable: Sendable {
 
     /// The current owner, or nil when none or its lease expired at `now`.
     public func owner(of key: String, now: Double) -> Ownership? {
-        guard let entry = self.entries[key], !Self.expired(entry, now: now) else { return nil }
+        guard let entry = self.entries[key], !self.expired(entry, now: now) else { return nil }
         return entry.ownership
     }
 
     /// Live connections (requests and tunnels) holding the key's lease, on this proxy.
-    public func liveCount(of key: String) -> Int { self.entries[key]?.live ?? 0 }
+    public func liveCount(of key: String) -> Int { self.live[key] ?? 0 }
 
     /// The owner to use for `key`: the current one if `stillValid` accepts it, else a new one chosen by `place`
     /// (which gets the backend to avoid, if any) and claimed under a new epoch. Returns nil when `place` finds nothing.
@@ -86,13 +89,15 @@ public struct OwnershipTable: Sendable {
         var previous: String? = nil
         var reason = OwnershipChange.Reason.replaced
         if let entry = self.entries[key] {
-            if Self.expired(entry, now: now) {
+            if self.expired(entry, now: now) {
                 self.forget(key)
                 reason = .expired
                 previous = entry.ownership.backend
             } else if entry.ownership.pool == pool && stillValid(entry.ownership.backend) {
                 return (entry.ownership, nil)
             } else {
+                // The previous owner no longer holds the key: its count must drop before the new owner's rises.
+                self.forget(key)
                 previous = entry.ownership.backend
             }
         }
@@ -109,15 +114,12 @@ public struct OwnershipTable: Sendable {
     public mutating func claim(key: String, pool: String, backend: String, idleTTL: Double, now: Double)
         -> (ownership: Ownership, change: OwnershipChange?)
     {
-        if let entry = self.entries[key], !Self.expired(entry, now: now), entry.ownership.backend == backend {
+        if let entry = self.entries[key], !self.expired(entry, now: now), entry.ownership.backend == backend {
             return (entry.ownership, nil)
         }
-        let previous = self.entries[key].flatMap { Self.expired($0, now: now) ? nil : $0.ownership.backend }
-        let live = self.entries[key]?.live ?? 0
+        let previous = self.entries[key].flatMap { self.expired($0, now: now) ? nil : $0.ownership.backend }
         self.forget(key)
-        var ownership = self.assign(key: key, pool: pool, backend: backend, idleTTL: idleTTL, now: now)
-        self.entries[key]?.live = live
-        ownership = self.entries[key]!.ownership
+        let ownership = self.assign(key: key, pool: pool, backend: backend, idleTTL: idleTTL, now: now)
         return (ownership, previous.map { OwnershipChange(key: key, previous: $0, current: backend, reason: .claimed) })
     }
 
@@ -125,27 +127,30 @@ public struct OwnershipTable: Sendable {
     public mutating func release(key: String, now: Double) -> OwnershipChange? {
         guard let entry = self.entries[key] else { return nil }
         self.forget(key)
-        guard !Self.expired(entry, now: now) else { return nil }
+        guard !self.expired(entry, now: now) else { return nil }
         return OwnershipChange(key: key, previous: entry.ownership.backend, current: nil, reason: .released)
     }
 
     /// A request or tunnel for the key started (it holds the lease).
     public mutating func acquire(key: String) {
-        self.entries[key]?.live += 1
+        self.live[key, default: 0] += 1
     }
 
     /// A request or tunnel for the key ended; the idle TTL starts when the last one does.
     public mutating func releaseLease(key: String, now: Double) {
-        guard var entry = self.entries[key], entry.live > 0 else { return }
-        entry.live -= 1
-        if entry.live == 0 { entry.idleSince = now }
-        self.entries[key] = entry
+        guard let count = self.live[key], count > 0 else { return }
+        if count > 1 {
+            self.live[key] = count - 1
+        } else {
+            self.live[key] = nil
+            self.entries[key]?.idleSince = now
+        }
     }
 
     /// Drops every expired key (bounding memory); returns how many.
     @discardableResult
     public mutating func sweep(now: Double) -> Int {
-        let expired = self.entries.filter { Self.expired($0.value, now: now) }.map(\.key)
+        let expired = self.entries.filter { self.expired($0.value, now: now) }.map(\.key)
         for key in expired { self.forget(key) }
         return expired.count
     }
@@ -153,23 +158,23 @@ public struct OwnershipTable: Sendable {
     /// Keys owned by `backend`, in no particular order.
     public func keys(ownedBy backend: String, now: Double) -> [String] {
         self.entries.compactMap { key, entry in
-            entry.ownership.backend == backend && !Self.expired(entry, now: now) ? key : nil
+            entry.ownership.backend == backend && !self.expired(entry, now: now) ? key : nil
         }
     }
 
     /// Owners whose key starts with `prefix`, sorted by key, at most `limit`.
     public func list(prefix: String, limit: Int, now: Double) -> [(ownership: Ownership, live: Int)] {
         self.entries.values
-            .filter { $0.ownership.key.hasPrefix(prefix) && !Self.expired($0, now: now) }
+            .filter { $0.ownership.key.hasPrefix(prefix) && !self.expired($0, now: now) }
             .sorted { $0.ownership.key < $1.ownership.key }
             .prefix(limit)
-            .map { ($0.ownership, $0.live) }
+            .map { ($0.ownership, self.live[$0.ownership.key] ?? 0) }
     }
 
     private mutating func assign(key: String, pool: String, backend: String, idleTTL: Double, now: Double) -> Ownership {
         self.lastEpoch += 1
         let ownership = Ownership(key: key, pool: pool, backend: backend, epoch: self.lastEpoch, since: now)
-        self.entries[key] = Entry(ownership: ownership, live: 0, idleSince: now, idleTTL: idleTTL)
+        self.entries[key] = Entry(ownership: ownership, idleSince: now, idleTTL: idleTTL)
         self.keysPerBackend[backend, default: 0] += 1
         return ownership
     }
@@ -181,7 +186,7 @@ public struct OwnershipTable: Sendable {
         self.keysPerBackend[backend] = remaining > 0 ? remaining : nil
     }
 
-    private static func expired(_ entry: Entry, now: Double) -> Bool {
-        entry.live == 0 && now - entry.idleSince >= entry.idleTTL
+    private func expired(_ entry: Entry, now: Double) -> Bool {
+        self.live[entry.ownership.key] == nil && now - entry.idleSince >= entry.idleTTL
     }
 }
