@@ -60,6 +60,7 @@ public final class ProxyServer: Service, Sendable {
     /// The generation in force (the one new requests use).
     public var runtime: ProxyRuntime { self.current.get() }
     private let reloading = Mutex(false)
+    private let migrating = MigratingSet()
     /// The latest reconciliation probe results, by listener (admin `GET /reconciliation`).
     public let reconciliationReports = ReconciliationReports()
     /// SIGHUP, trapped from `start()` on when the server can reload, so a hangup that arrives before `run()` is
@@ -135,8 +136,12 @@ public final class ProxyServer: Service, Sendable {
     }
 
     private func startMigration(of id: String) {
+        // One migration per backend: a second drain (or a drain then a removal) must not double the rate.
+        guard self.migrating.insert(id) else { return }
         let current = self.current
+        let migrating = self.migrating
         Task {
+            defer { migrating.remove(id) }
             while true {
                 let runtime = current.get()
                 let interval = Duration.seconds(1.0 / max(runtime.config.ownership.migrateRate, 0.001))
@@ -206,9 +211,10 @@ public final class ProxyServer: Service, Sendable {
                 self.runtime.logger.info(
                     "admin listening", metadata: ["address": "\(admin.address):\(channel.localAddress?.port ?? admin.port)"])
             }
-            // Expired keys are dropped in the background, so memory follows the number of live keys.
+            // Expired keys are dropped in the background (every 2 s), so memory follows the number of live keys and
+            // load-aware placement does not count keys whose lease ran out.
             let current = self.current
-            let sweeper = self.group.next().scheduleRepeatedTask(initialDelay: .seconds(15), delay: .seconds(15)) { _ in
+            let sweeper = self.group.next().scheduleRepeatedTask(initialDelay: .seconds(2), delay: .seconds(2)) { _ in
                 (current.get().directory as? InMemoryOwnershipDirectory)?.sweep()
             }
             // Reconciliation probes run on one loop, with that loop's policies (Lua states are loop-confined).
@@ -504,6 +510,13 @@ final class ConnectionRegistry: Sendable {
     var count: Int { self.channels.withLock { $0.count } }
 
     func all() -> [Channel] { self.channels.withLock { Array($0.values) } }
+}
+
+/// Backends being migrated, shared with the migration tasks.
+final class MigratingSet: Sendable {
+    private let ids = Mutex<Set<String>>([])
+    func insert(_ id: String) -> Bool { self.ids.withLock { $0.insert(id).inserted } }
+    func remove(_ id: String) { _ = self.ids.withLock { $0.remove(id) } }
 }
 
 /// The generation in force, shared with the closures that outlive a call (change handlers, migrations).

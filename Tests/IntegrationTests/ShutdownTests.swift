@@ -34,7 +34,7 @@ import Testing
     @Test func openWebSocketIsClosedWhenTheGracePeriodEnds() async throws {
         let room = try await RoomServer.start(id: "a", group: MultiThreadedEventLoopGroup.singleton)
         defer { Task { try? await room.stop() } }
-        try await withProxy(backends: [(id: "a", port: room.port)], configure: { $0.timeouts.shutdownGrace = .milliseconds(500) }) {
+        try await withProxy(backends: [(id: "a", port: room.port)], configure: { $0.timeouts.shutdownGrace = .milliseconds(1500) }) {
             proxy in
             let client = try await WebSocketClient.connect(
                 host: "127.0.0.1", port: proxy.port, path: "/rooms/grace/ws", group: MultiThreadedEventLoopGroup.singleton)
@@ -52,10 +52,11 @@ import Testing
             }
             #expect(text.contains("still here"))
 
-            #expect(try await WSSupport.withTimeout(.seconds(3)) { try await client.receive() } == nil)
+            #expect(try await WSSupport.withTimeout(.seconds(5)) { try await client.receive() } == nil)
             let closedAfter = ContinuousClock.now - started
-            #expect(closedAfter >= .milliseconds(450), "closed after \(closedAfter), before the grace period ended")
-            #expect(closedAfter < .seconds(2), "closed after \(closedAfter)")
+            // The grace is long enough that a loaded machine still fits the message exchange above inside it.
+            #expect(closedAfter >= .milliseconds(1450), "closed after \(closedAfter), before the grace period ended")
+            #expect(closedAfter < .seconds(4), "closed after \(closedAfter)")
             await shutdown.value
             let membersGone = try await WSSupport.waitUntil(timeout: .seconds(3)) {
                 try await WSSupport.roomMembers("grace", backendPort: room.port) == 0
