@@ -85,6 +85,7 @@ public final class ProxyServer: Service, Sendable {
     ///   - group: the event loops to serve on; by default one thread per core, owned and shut down by the server.
     ///   - policyFactory: the routing policy per listener; by default every request goes to the listener's pool.
     ///   - configSource: re-reads the configuration for `reload()` (SIGHUP, admin `POST /reload`).
+    ///   - directory: where key ownership lives; by default in this process (`InMemoryOwnershipDirectory`).
     ///   - resolver: resolves `discovery.dns` names; by default `getaddrinfo` on NIO's thread pool.
     public init(
         config: ProxyConfig,
@@ -93,12 +94,15 @@ public final class ProxyServer: Service, Sendable {
         group: EventLoopGroup? = nil,
         policyFactory: RoutingPolicyFactory? = nil,
         configSource: (@Sendable () throws -> ProxyConfig)? = nil,
-        resolver: BackendResolver? = nil
+        resolver: BackendResolver? = nil,
+        directory: OwnershipDirectory? = nil
     ) throws {
         let services = BackendServices(logger: logger, resolver: resolver)
         let table = try services.table(for: config)
         let metrics = ProxyMetrics(listeners: config.listeners.map(\.name))
-        let runtime = ProxyRuntime(config: config, table: table, logger: logger, accessLogger: accessLogger, metrics: metrics)
+        let runtime = ProxyRuntime(
+            config: config, table: table, logger: logger, accessLogger: accessLogger, metrics: metrics,
+            directory: directory ?? InMemoryOwnershipDirectory())
         services.committed(runtime)
         self.backendServices = services
         self.current = RuntimeBox(runtime)
