@@ -29,7 +29,7 @@ struct Demo: AsyncParsableCommand {
         let config = Self.embeddedConfig(port: self.port, adminPort: self.adminPort, servers: servers)
         bootstrapLogging(config.logging)
         print(Self.instructions(port: self.port, adminPort: self.adminPort, servers: servers))
-        fflush(stdout)
+        fflush(nil)  // every output stream: `stdout` itself is a global Swift 6 refuses to touch
         try await serve(config)
         for server in servers { try? await server.stop() }
     }
