@@ -62,6 +62,7 @@ WS_LOAD="$ROOT/Benchmarks/.build/release/ws-load"
 WS_ECHO="$ROOT/Benchmarks/.build/release/ws-echo-origin"
 
 WORK="$(mktemp -d /tmp/bench-compare.XXXXXX)"
+chmod 755 "$WORK"  # nginx workers run as www-data and read $WORK/www
 RESULTS="$WORK/results.tsv"
 COMMANDS="$WORK/commands.txt"
 FACTS="$WORK/facts.txt"
@@ -71,7 +72,7 @@ cleanup() {
     local pid
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-    [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"
+    if [ -z "${KEEP_WORK:-}" ]; then rm -rf "$WORK"; else echo "kept $WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -250,7 +251,11 @@ wait_http() { # url
     echo "error: $1 did not answer" >&2; exit 1
 }
 for t in "${TARGETS[@]}"; do wait_http "http://127.0.0.1:${HTTP_PORT[$t]}/rooms/bench/1k"; done
-for p in "${WS_ORIGIN_PORTS[@]}"; do wait_http "http://127.0.0.1:$p/"; done
+wait_tcp() { # port
+    for _ in $(seq 150); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
+    echo "error: 127.0.0.1:$1 does not accept connections" >&2; exit 1
+}
+for p in "${WS_ORIGIN_PORTS[@]}"; do wait_tcp "$p"; done
 
 # every process that makes up a proxy (nginx: master and its workers)
 proxy_pids() {

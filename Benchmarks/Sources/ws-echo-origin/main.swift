@@ -1,6 +1,6 @@
 // ws-echo-origin: a small, fast WebSocket echo origin for the side-by-side load benchmarks
 // (scripts/bench-compare.sh). Every text/binary frame is sent straight back; pings get pongs; a close is answered
-// and the connection closed. Plain HTTP requests (no upgrade) get `200 ok`, which the scripts use as a readiness probe.
+// and the connection closed. Requests without an upgrade get no answer (the scripts probe the port with TCP).
 //
 //   ws-echo-origin [--host 127.0.0.1] --port 18091 [--port 18092 ...] [--threads 1]
 import NIOCore
@@ -50,38 +50,6 @@ final class EchoHandler: ChannelInboundHandler {
     }
 }
 
-/// Answers any non-upgrade request with `200 ok` (keep-alive).
-final class PlainHTTPHandler: ChannelInboundHandler {
-    typealias InboundIn = HTTPServerRequestPart
-    typealias OutboundOut = HTTPServerResponsePart
-
-    private var keepAlive = true
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch Self.unwrapInboundIn(data) {
-        case .head(let head):
-            self.keepAlive = head.isKeepAlive
-        case .body:
-            break
-        case .end:
-            var headers = HTTPHeaders()
-            headers.add(name: "Content-Length", value: "3")
-            headers.add(name: "Content-Type", value: "text/plain")
-            if !self.keepAlive { headers.add(name: "Connection", value: "close") }
-            context.write(Self.wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))), promise: nil)
-            context.write(Self.wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: "ok\n")))), promise: nil)
-            let done = context.writeAndFlush(Self.wrapOutboundOut(.end(nil)))
-            if !self.keepAlive { done.whenComplete { _ in context.close(promise: nil) } }
-        }
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        context.close(promise: nil)
-    }
-}
-
-let httpHandlerName = "PlainHTTPHandler"
-
 func configure(_ channel: any Channel) throws {
     let upgrader = NIOWebSocketServerUpgrader(
         maxFrameSize: 1 << 20,
@@ -93,14 +61,10 @@ func configure(_ channel: any Channel) throws {
             }
         }
     )
-    let upgrade: NIOHTTPServerUpgradeConfiguration = (
-        upgraders: [upgrader],
-        completionHandler: { context in
-            context.pipeline.syncOperations.removeHandler(name: httpHandlerName, promise: nil)
-        }
-    )
+    // No handler after the HTTP codec: a plain HTTP handler there could see the first frame's raw bytes when a client
+    // sends it right after the 101 (before the upgrade has finished rearranging the pipeline). Only upgrades count.
+    let upgrade: NIOHTTPServerUpgradeConfiguration = (upgraders: [upgrader], completionHandler: { _ in })
     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withServerUpgrade: upgrade)
-    try channel.pipeline.syncOperations.addHandler(PlainHTTPHandler(), name: httpHandlerName)
 }
 
 var host = "127.0.0.1"

@@ -251,7 +251,7 @@ func rssKiB(_ pids: [Int32]) -> Int {
         defer { fclose(file) }
         var line = [CChar](repeating: 0, count: 512)
         while fgets(&line, Int32(line.count), file) != nil {
-            let text = String(cString: line)
+            let text = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
             if text.hasPrefix("VmRSS:") {
                 total += Int(text.dropFirst(6).filter { $0.isNumber }) ?? 0
                 break
@@ -364,7 +364,7 @@ let connectStart = NIODeadline.now()
 let (channels, failed, firstError) = await openAll(count: options.connections, concurrency: options.concurrency)
 let connectSeconds = Double((NIODeadline.now() - connectStart).nanoseconds) / 1e9
 if let firstError {
-    fputs("ws-load: \(failed) connection(s) failed; first error: \(firstError)\n", stderr)
+    print("ws-load: \(failed) connection(s) failed; first error: \(firstError)")
 }
 
 switch options.mode {
