@@ -25,7 +25,26 @@ let package = Package(
             ],
             path: "Benchmarks/RoutingBenchmarks",
             plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
-        )
+        ),
+        // Load tools for scripts/bench-compare.sh (ott-proxy side by side with HAProxy and nginx).
+        .executableTarget(
+            name: "ws-echo-origin",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOWebSocket", package: "swift-nio"),
+            ],
+            path: "Sources/ws-echo-origin"
+        ),
+        .executableTarget(
+            name: "ws-load",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            path: "Sources/ws-load"
+        ),
     ],
     swiftLanguageModes: [.v6]
 )
