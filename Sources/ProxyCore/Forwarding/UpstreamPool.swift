@@ -22,7 +22,9 @@ final class UpstreamPool {
 
     private struct IdleEntry {
         let connection: UpstreamConnection
-        let expiry: Scheduled<Void>
+        /// When the connection went idle; a periodic sweep closes those idle longer than `idleTimeout`. (One timer
+        /// per pool instead of one per release: a keep-alive request then costs no timer at all here.)
+        let since: NIODeadline
     }
 
     let eventLoop: EventLoop
@@ -63,21 +65,19 @@ final class UpstreamPool {
             return
         }
         let id = connection.backend.id
-        let channel = connection.channel
-        let expiry = self.eventLoop.assumeIsolated().scheduleTask(in: self.settings.idleTimeout) {
-            channel.close(promise: nil)
-        }
         connection.onIdleClose = { [unowned self] in self.remove(connection) }
-        self.idle[id, default: []].append(IdleEntry(connection: connection, expiry: expiry))
+        self.idle[id, default: []].append(IdleEntry(connection: connection, since: .now()))
+        self.scheduleSweepIfNeeded()
     }
 
     /// Closes every idle connection (shutdown or reload).
     func closeAll() {
         self.closed = true
+        self.sweep?.cancel()
+        self.sweep = nil
         let all = self.idle.values.flatMap { $0 }
         self.idle.removeAll()
         for entry in all {
-            entry.expiry.cancel()
             entry.connection.onIdleClose = nil
             entry.connection.channel.close(promise: nil)
         }
@@ -85,9 +85,32 @@ final class UpstreamPool {
 
     var idleCount: Int { self.idle.values.reduce(0) { $0 + $1.count } }
 
+    private var sweep: Scheduled<Void>?
+
+    /// Runs while connections are idle, at a quarter of the idle timeout: a connection closes between 1 and 1.25
+    /// idle timeouts after its last use.
+    private func scheduleSweepIfNeeded() {
+        guard self.sweep == nil, !self.closed else { return }
+        let interval = TimeAmount.nanoseconds(max(self.settings.idleTimeout.nanoseconds / 4, 1_000_000))
+        self.sweep = self.eventLoop.assumeIsolated().scheduleTask(in: interval) { [weak self] in
+            guard let self else { return }
+            self.sweep = nil
+            let cutoff = NIODeadline.now() - self.settings.idleTimeout
+            for (id, entries) in self.idle {
+                let (stale, fresh) = (entries.filter { $0.since <= cutoff }, entries.filter { $0.since > cutoff })
+                guard !stale.isEmpty else { continue }
+                self.idle[id] = fresh.isEmpty ? nil : fresh
+                for entry in stale {
+                    entry.connection.onIdleClose = nil
+                    entry.connection.channel.close(promise: nil)
+                }
+            }
+            if self.idleCount > 0 { self.scheduleSweepIfNeeded() }
+        }
+    }
+
     private func popIdle(_ id: String) -> UpstreamConnection? {
         while let entry = self.idle[id]?.popLast() {
-            entry.expiry.cancel()
             entry.connection.onIdleClose = nil
             if entry.connection.channel.isActive {
                 return entry.connection
@@ -100,7 +123,6 @@ final class UpstreamPool {
         guard var list = self.idle[connection.backend.id],
             let index = list.firstIndex(where: { $0.connection === connection })
         else { return }
-        list[index].expiry.cancel()
         list.remove(at: index)
         self.idle[connection.backend.id] = list
     }

@@ -70,6 +70,8 @@ final class TestOrigin: Sendable {
 
     /// TCP connections accepted so far.
     var acceptedConnections: Int { self.state.withLockedValue { $0.accepted } }
+    /// Connections currently open to this origin.
+    var openConnections: Int { self.state.withLockedValue { $0.open.count } }
     /// Every complete request received so far, in order of completion.
     var requests: [Request] { self.state.withLockedValue { $0.requests } }
     var lastRequest: Request? { self.requests.last }
