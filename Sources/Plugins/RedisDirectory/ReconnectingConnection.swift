@@ -72,7 +72,9 @@ final class ReconnectingConnection: Sendable {
     var availability: Availability {
         self.locked.withLock { locked in
             switch locked.state {
-            case .connected(let connection): return .ready(connection)
+            // A channel that closed is down already, before its close callbacks have run.
+            case .connected(let connection) where connection.isActive: return .ready(connection)
+            case .connected: return .down("connection to \(self.configuration.redactedURL) lost")
             case .connecting(let future, let everConnected): return .connecting(future, first: !everConnected)
             case .waiting(_, let lastError): return .down(lastError)
             case .idle: return .down("not started")

@@ -48,6 +48,7 @@ public struct RedisConfiguration: Sendable {
     /// Parses a `redis://` or `rediss://` URL; throws `RedisError.invalidURL` saying what is wrong.
     public init(url string: String) throws {
         func invalid(_ why: String) -> RedisError { .invalidURL("\(why) in '\(Self.redacted(string))'") }
+        guard string.contains("://") else { throw invalid("missing scheme (expected redis:// or rediss://)") }
         guard let components = URLComponents(string: string) else { throw invalid("not a URL") }
         let tls: Bool
         switch components.scheme?.lowercased() {
