@@ -265,3 +265,38 @@ struct RedisClientTests {
         }
     }
 }
+
+@Suite("RedisConnection over TLS", .timeLimit(.minutes(1)))
+struct RedisTLSTests {
+    @Test func connectsWithRediss() async throws {
+        try await RedisServerProcess.with(tls: true) { server in
+            // Verified against the server's own (self-signed) certificate as the trust root.
+            var trusted = try RedisTest.configuration(server)
+            #expect(trusted.tls && trusted.verifyCertificate && trusted.host == "localhost")
+            trusted.trustRoots = .file(server.certificateFile.path)
+            try await RedisTest.withClient(trusted) { client throws in
+                #expect(try await client.set("k", to: "over tls").get())
+                #expect(try await client.get("k").get() == ByteBuffer(string: "over tls"))
+            }
+
+            // Not trusted: the connect fails (verification is on by default)...
+            let untrusted = try RedisTest.configuration(server)
+            await #expect(throws: RedisError.self) {
+                _ = try await RedisConnection.connect(configuration: untrusted, on: RedisTest.group.next()).get()
+            }
+            // ...unless the URL says insecure=true.
+            let insecure = try RedisConfiguration(url: server.url + "?insecure=true")
+            let connection = try await RedisConnection.connect(configuration: insecure, on: RedisTest.group.next()).get()
+            #expect(try await connection.execute(["GET", "k"]) == .bulkString(ByteBuffer(string: "over tls")))
+            try await connection.close().get()
+
+            // A plain-text client against the TLS port does not get a Redis connection.
+            var plain = try RedisTest.configuration(server)
+            plain.tls = false
+            plain.commandTimeout = .milliseconds(500)
+            await #expect(throws: RedisError.self) {
+                _ = try await RedisConnection.connect(configuration: plain, on: RedisTest.group.next()).get()
+            }
+        }
+    }
+}

@@ -11,6 +11,8 @@ import NIOPosix
 ///     ...
 /// }
 /// ```
+/// With `tls: true` it serves TLS only (`--tls-port`), with a self-signed certificate for `localhost` and 127.0.0.1
+/// made by `openssl` (`certificateFile`); `url` is then `rediss://localhost:<port>`.
 /// `stop()` kills it (SIGKILL) and waits for it to exit; `start()` starts it again on the same port (a restart).
 /// Any test target can use it: depend on the `RedisTestSupport` target. Needs the `redis-server` binary
 /// (the Debian `redis-server` package, which `scripts/lib.sh` installs).
@@ -30,20 +32,27 @@ public final class RedisServerProcess: @unchecked Sendable {
     public let port: Int
     public let password: String?
     public let extraArguments: [String]
+    public let tls: Bool
     public let directory: URL
     private let lock = NSLock()
     private var process: Process?
 
     /// `redis://[:password@]127.0.0.1:<port>`
     public var url: String {
-        if let password { return "redis://:\(password)@127.0.0.1:\(self.port)" }
-        return "redis://127.0.0.1:\(self.port)"
+        let scheme = self.tls ? "rediss" : "redis"
+        let host = self.tls ? "localhost" : "127.0.0.1"
+        if let password { return "\(scheme)://:\(password)@\(host):\(self.port)" }
+        return "\(scheme)://\(host):\(self.port)"
     }
+
+    /// The self-signed certificate (PEM) of a TLS server.
+    public var certificateFile: URL { self.directory.appendingPathComponent("cert.pem") }
 
     public var logFile: URL { self.directory.appendingPathComponent("redis.log") }
 
-    private init(port: Int, password: String?, extraArguments: [String]) throws {
+    private init(port: Int, password: String?, extraArguments: [String], tls: Bool) throws {
         self.port = port
+        self.tls = tls
         self.password = password
         self.extraArguments = extraArguments
         self.directory = FileManager.default.temporaryDirectory.appendingPathComponent("ott-redis-\(UUID().uuidString)")
@@ -58,10 +67,14 @@ public final class RedisServerProcess: @unchecked Sendable {
     }
 
     /// Starts a server on a free port (retrying on another port if the chosen one was taken meanwhile).
-    public static func start(password: String? = nil, arguments: [String] = []) async throws -> RedisServerProcess {
+    public static func start(
+        password: String? = nil, tls: Bool = false, arguments: [String] = []
+    ) async throws -> RedisServerProcess {
         var lastError: Error = Failure.didNotStart("no attempt")
         for _ in 0..<3 {
-            let server = try RedisServerProcess(port: try await Self.freePort(), password: password, extraArguments: arguments)
+            let server = try RedisServerProcess(
+                port: try await Self.freePort(), password: password, extraArguments: arguments, tls: tls
+            )
             do {
                 try await server.start()
                 return server
@@ -75,9 +88,10 @@ public final class RedisServerProcess: @unchecked Sendable {
 
     /// Runs `body` with a started server and always stops it afterwards.
     public static func with<T>(
-        password: String? = nil, arguments: [String] = [], _ body: (RedisServerProcess) async throws -> T
+        password: String? = nil, tls: Bool = false, arguments: [String] = [],
+        _ body: (RedisServerProcess) async throws -> T
     ) async throws -> T {
-        let server = try await Self.start(password: password, arguments: arguments)
+        let server = try await Self.start(password: password, tls: tls, arguments: arguments)
         do {
             let result = try await body(server)
             await server.stop()
@@ -91,8 +105,9 @@ public final class RedisServerProcess: @unchecked Sendable {
     /// Starts (or restarts after `stop()`) the server on this port and waits until it answers PING.
     public func start() async throws {
         guard let executable = Self.executable() else { throw Failure.executableNotFound }
-        var arguments = [
-            "--port", String(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        var arguments = self.tls ? try self.tlsArguments() : ["--port", String(self.port)]
+        arguments += [
+            "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", self.directory.path, "--logfile", self.logFile.path, "--daemonize", "no",
             "--enable-debug-command", "yes",
         ]
@@ -112,10 +127,45 @@ public final class RedisServerProcess: @unchecked Sendable {
             guard process.isRunning else {
                 throw Failure.didNotStart("exited with \(process.terminationStatus): \(self.logTail())")
             }
-            if await Self.answersPing(port: self.port) { return }
+            if self.tls ? await Self.accepts(port: self.port) : await Self.answersPing(port: self.port) { return }
             try await Task.sleep(for: .milliseconds(20))
         }
         throw Failure.didNotStart("no PONG on port \(self.port) within 10 s: \(self.logTail())")
+    }
+
+    private func tlsArguments() throws -> [String] {
+        let key = self.directory.appendingPathComponent("key.pem")
+        if !FileManager.default.fileExists(atPath: self.certificateFile.path) {
+            let openssl = Process()
+            openssl.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            openssl.arguments = [
+                "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                "-keyout", key.path, "-out", self.certificateFile.path,
+            ]
+            openssl.standardOutput = FileHandle.nullDevice
+            openssl.standardError = FileHandle.nullDevice
+            try openssl.run()
+            openssl.waitUntilExit()
+            guard openssl.terminationStatus == 0 else { throw Failure.didNotStart("openssl could not make a certificate") }
+        }
+        return [
+            "--port", "0", "--tls-port", String(self.port), "--tls-cert-file", self.certificateFile.path,
+            "--tls-key-file", key.path, "--tls-auth-clients", "no",
+        ]
+    }
+
+    /// Whether the port accepts TCP connections.
+    static func accepts(port: Int) async -> Bool {
+        do {
+            let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .connectTimeout(.milliseconds(500))
+                .connect(host: "127.0.0.1", port: port).get()
+            try? await channel.close()
+            return true
+        } catch {
+            return false
+        }
     }
 
     /// Kills the server (SIGKILL) and waits until it has exited.

@@ -33,7 +33,7 @@ public final class RedisClient: Sendable {
     /// Sends a command on one of the pool's connections (see `RedisConnection.send`).
     public func send(_ command: [any RESPArgument], timeout: TimeAmount? = nil) -> EventLoopFuture<RESPValue> {
         guard !self.closed.load(ordering: .relaxed) else { return self.eventLoop.makeFailedFuture(RedisError.closed) }
-        let start = self.next.add(1, ordering: .relaxed).oldValue
+        let start = self.next.wrappingAdd(1, ordering: .relaxed).oldValue
         var firstConnect: EventLoopFuture<RedisConnection>?
         var lastError = "no connection"
         for offset in 0..<self.slots.count {

@@ -91,6 +91,10 @@ public final class RedisConnection: Sendable {
                 }.map { _ in }
             )
         }
+        if steps.isEmpty {
+            // Nothing to set up: one PING, so a refused TLS handshake or a peer that is not Redis fails the connect.
+            steps.append(self.send(["PING"]).map { _ in })
+        }
         // Pipelined; the first failure (AUTH before SELECT) is the one reported.
         return EventLoopFuture.andAllSucceed(steps, on: self.eventLoop)
     }
@@ -122,12 +126,6 @@ public final class RedisConnection: Sendable {
             }
         }
         return promise.futureResult
-    }
-
-    /// Commands written and not yet answered (read on the event loop).
-    func outstanding() -> EventLoopFuture<Int> {
-        let handler = self.handler
-        return self.eventLoop.submit { handler.value.outstanding }
     }
 
     public func close() -> EventLoopFuture<Void> {

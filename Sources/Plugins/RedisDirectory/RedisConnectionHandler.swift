@@ -30,8 +30,6 @@ final class RedisConnectionHandler: ChannelInboundHandler {
         self.onPush = onPush
     }
 
-    var outstanding: Int { self.pending.count }
-
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
     }
