@@ -8,6 +8,7 @@ let package = Package(
         .executable(name: "ott-proxy", targets: ["ott-proxy"]),
         .library(name: "ProxyCore", targets: ["ProxyCore"]),
         .library(name: "LuaRouting", targets: ["LuaRouting"]),
+        .library(name: "RedisDirectory", targets: ["RedisDirectory"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -60,6 +61,26 @@ let package = Package(
             ],
             path: "Sources/Plugins/LuaRouting"
         ),
+        // A small RESP client on SwiftNIO (pipelining, pool, reconnect, pub/sub, TLS) for the Redis ownership directory.
+        .target(
+            name: "RedisDirectory",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Sources/Plugins/RedisDirectory"
+        ),
+        // Test helper shared by test targets: runs a throwaway `redis-server` on a free loopback port.
+        .target(
+            name: "RedisTestSupport",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            path: "Tests/RedisTestSupport"
+        ),
         // Small stateful servers that behave like a room server: used by `ott-proxy demo` and by the tests.
         .target(
             name: "DemoBackends",
@@ -93,6 +114,17 @@ let package = Package(
                 "ProxyCore",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "RedisDirectoryTests",
+            dependencies: [
+                "RedisDirectory",
+                "RedisTestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
