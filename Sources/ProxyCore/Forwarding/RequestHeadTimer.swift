@@ -20,48 +20,54 @@ final class RequestHeadTimer: ChannelDuplexHandler, RemovableChannelHandler {
     typealias OutboundOut = ByteBuffer
 
     private enum State {
-        case idle(Scheduled<Void>?)
-        case readingHead(Scheduled<Void>?)
+        case idle
+        case readingHead
         case inRequest
     }
 
     private let headerTimeout: TimeAmount
     private let idleTimeout: TimeAmount
     private var state: State = .inRequest
+    /// When the current state times out (nil while a request is in progress).
+    private var deadline: NIODeadline?
+    /// At most one timer is pending; it re-arms itself for a later deadline instead of being cancelled and
+    /// rescheduled on every request, so a keep-alive request costs no timer allocation here.
+    private var timer: Scheduled<Void>?
+    private var timerFiresAt: NIODeadline = .distantFuture
+    private var context: ChannelHandlerContext?
 
     init(headerTimeout: TimeAmount, idleTimeout: TimeAmount) {
         self.headerTimeout = headerTimeout
         self.idleTimeout = idleTimeout
     }
 
-    func channelActive(context: ChannelHandlerContext) {
-        // The first request is held to the header timeout from accept: a client that connects and sends nothing
-        // should not hold a slot for a whole keep-alive period.
-        self.state = .readingHead(self.schedule(context, after: self.headerTimeout))
-        context.fireChannelActive()
-    }
-
     func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
         if context.channel.isActive {
-            self.state = .readingHead(self.schedule(context, after: self.headerTimeout))
+            self.enter(.readingHead, for: self.headerTimeout)
         }
     }
 
+    func channelActive(context: ChannelHandlerContext) {
+        // The first request is held to the header timeout from accept: a client that connects and sends nothing
+        // should not hold a slot for a whole keep-alive period.
+        self.enter(.readingHead, for: self.headerTimeout)
+        context.fireChannelActive()
+    }
+
     func handlerRemoved(context: ChannelHandlerContext) {
-        self.cancel()
-        self.state = .inRequest
+        self.stop()
+        self.context = nil
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        self.cancel()
-        self.state = .inRequest
+        self.stop()
         context.fireChannelInactive()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if case .idle(let timer) = self.state {
-            timer?.cancel()
-            self.state = .readingHead(self.schedule(context, after: self.headerTimeout))
+        if case .idle = self.state {
+            self.enter(.readingHead, for: self.headerTimeout)
         }
         context.fireChannelRead(data)
     }
@@ -71,32 +77,50 @@ final class RequestHeadTimer: ChannelDuplexHandler, RemovableChannelHandler {
             context.triggerUserOutboundEvent(event, promise: promise)
             return
         }
-        self.cancel()
         switch event {
         case .awaitingHead:
-            self.state = .idle(self.schedule(context, after: self.idleTimeout))
+            self.enter(.idle, for: self.idleTimeout)
         case .headReceived:
             self.state = .inRequest
+            self.deadline = nil
         }
         promise?.succeed()
     }
 
-    private func cancel() {
-        switch self.state {
-        case .idle(let timer), .readingHead(let timer): timer?.cancel()
-        case .inRequest: break
+    private func enter(_ state: State, for timeout: TimeAmount) {
+        self.state = state
+        let deadline = NIODeadline.now() + timeout
+        self.deadline = deadline
+        if self.timer == nil || self.timerFiresAt > deadline {
+            self.timer?.cancel()
+            self.arm(at: deadline)
         }
     }
 
-    private func schedule(_ context: ChannelHandlerContext, after delay: TimeAmount) -> Scheduled<Void> {
-        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        return context.eventLoop.scheduleTask(in: delay) {
-            let (timer, context) = loopBound.value
-            timer.fire(context)
+    private func arm(at deadline: NIODeadline) {
+        guard let context = self.context else { return }
+        self.timerFiresAt = deadline
+        self.timer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
+            self.timer = nil
+            self.timerFiresAt = .distantFuture
+            self.check()
         }
     }
 
-    private func fire(_ context: ChannelHandlerContext) {
+    private func stop() {
+        self.state = .inRequest
+        self.deadline = nil
+        self.timer?.cancel()
+        self.timer = nil
+    }
+
+    private func check() {
+        guard let deadline = self.deadline, let context = self.context else { return }
+        if NIODeadline.now() < deadline {
+            self.arm(at: deadline)
+            return
+        }
+        self.deadline = nil
         switch self.state {
         case .idle:
             self.state = .inRequest
