@@ -72,7 +72,10 @@ struct AdminServer: Sendable {
 
     func answer(method: HTTPMethod, path: String, headers: HTTPHeaders) -> Answer {
         let (status, type, body) = self.route(method: method, path: path, headers: headers)
-        if status == .accepted { return .reload }
+        // Only `POST /reload` (authorized) answers `.accepted` as the signal to reload; other endpoints (drain) answer
+        // a real 202 of their own.
+        let route = path.split(separator: "?", maxSplits: 1).first.map(String.init) ?? path
+        if status == .accepted && method == .POST && route == "/reload" { return .reload }
         return .now(status, type, body)
     }
 
