@@ -24,7 +24,9 @@ final class ReconciliationRunner {
     private let loop: ProxyServer.LoopState
     private let reports: ReconciliationReports
     private var lastRun: [String: NIODeadline] = [:]
-    private var running: Set<String> = []
+    /// The probe in flight per listener. Held here because nothing else keeps a probe's executor alive (its
+    /// collectors reference it `unowned`).
+    private var running: [String: FanoutExecutor] = [:]
 
     init(loop: ProxyServer.LoopState, reports: ReconciliationReports) {
         self.loop = loop
@@ -36,7 +38,7 @@ final class ReconciliationRunner {
         let now = NIODeadline.now()
         for listener in generation.runtime.config.listeners {
             let policy = generation.policy(for: listener.name)
-            guard let spec = policy.probe, !self.running.contains(listener.name) else { continue }
+            guard let spec = policy.probe, self.running[listener.name] == nil else { continue }
             if let last = self.lastRun[listener.name], now < last + spec.interval { continue }
             self.lastRun[listener.name] = now
             self.run(listener: listener.name, spec: spec, policy: policy, runtime: generation.runtime)
@@ -56,9 +58,9 @@ final class ReconciliationRunner {
         let executor = FanoutExecutor(
             head: head, backends: backends, pool: self.loop.pool, timeout: spec.timeout,
             maxBody: max(runtime.config.limits.maxBufferedBody, 4 << 20), logger: runtime.logger)
-        self.running.insert(listener)
+        self.running[listener] = executor
         executor.run { [self] responses in
-            self.running.remove(listener)
+            self.running[listener] = nil
             var held: [String: [String]] = [:]
             for response in responses where (200..<300).contains(response.status) {
                 do {
