@@ -35,7 +35,8 @@ final class Exchange {
     var upstreamKeepAlive = false
     var closeAfter = false
     var retried = false
-    var responseTimer: Scheduled<Void>?
+    /// When the backend's response head is due (set once the request head went out, cleared when it arrived).
+    var responseDeadline: NIODeadline?
     var status = 0
     var bytesIn = 0
     var bytesOut = 0
@@ -133,6 +134,8 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
+        self.deadlineTimer?.cancel()
+        self.deadlineTimer = nil
         self.context = nil
     }
 
@@ -198,8 +201,11 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         if case .fanningOut(let fanout) = self.state {
             fanout.executor?.cancel()
         }
+        // The deadline timer holds this handler: let it go with the connection.
+        self.deadlineTimer?.cancel()
+        self.deadlineTimer = nil
         if case .proxying(let exchange) = self.state {
-            exchange.responseTimer?.cancel()
+            exchange.responseDeadline = nil
             if let upstream = exchange.upstream {
                 exchange.upstream = nil
                 upstream.sink = nil
@@ -628,12 +634,39 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         exchange.pending.removeAll()
         connection.flush()
 
-        let timeout = self.runtime.config.timeouts.upstreamResponseHeader
-        exchange.responseTimer = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [self] in
-            self.responseHeadTimedOut(exchange)
-        }
+        self.armResponseDeadline(exchange, context: context)
         self.setReadsHeld(!connection.channel.isWritable, context: context)
         connection.holdReads(!context.channel.isWritable)
+    }
+
+    /// One timer per client connection watches the response-head deadline of whichever exchange is current; it
+    /// re-arms itself for a later deadline rather than being cancelled and rescheduled for every request.
+    private var deadlineTimer: Scheduled<Void>?
+    private var deadlineTimerAt: NIODeadline = .distantFuture
+
+    private func armResponseDeadline(_ exchange: Exchange, context: ChannelHandlerContext) {
+        let deadline = NIODeadline.now() + self.runtime.config.timeouts.upstreamResponseHeader
+        exchange.responseDeadline = deadline
+        if self.deadlineTimer == nil || self.deadlineTimerAt > deadline {
+            self.deadlineTimer?.cancel()
+            self.scheduleDeadlineCheck(at: deadline, context: context)
+        }
+    }
+
+    private func scheduleDeadlineCheck(at deadline: NIODeadline, context: ChannelHandlerContext) {
+        self.deadlineTimerAt = deadline
+        self.deadlineTimer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
+            self.deadlineTimer = nil
+            self.deadlineTimerAt = .distantFuture
+            guard case .proxying(let exchange) = self.state, let due = exchange.responseDeadline,
+                let context = self.context
+            else { return }
+            if NIODeadline.now() < due {
+                self.scheduleDeadlineCheck(at: due, context: context)
+            } else {
+                self.responseHeadTimedOut(exchange)
+            }
+        }
     }
 
     private func responseHeadTimedOut(_ exchange: Exchange) {
@@ -679,7 +712,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             return
         }
         guard !exchange.responseStarted else { return }
-        exchange.responseTimer?.cancel()
+        exchange.responseDeadline = nil
         exchange.status = Int(head.status.code)
         exchange.backend.recordResponse(status: exchange.status)
         exchange.upstreamKeepAlive = head.isKeepAlive
@@ -779,7 +812,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     func upstreamClosed(error: Error?) {
         guard case .proxying(let exchange) = self.state, let context = self.context, !exchange.responseEnded else { return }
         exchange.upstream = nil
-        exchange.responseTimer?.cancel()
+        exchange.responseDeadline = nil
         if !exchange.responseStarted {
             // A reused keep-alive connection may have been closed by the backend just as we sent on it; a request
             // with no body can safely be sent again on a fresh connection (what HAProxy's `retry-on` does).
@@ -830,7 +863,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     /// Fails an exchange that has not started its response: answers locally and releases what it held.
     private func fail(_ exchange: Exchange, status: HTTPResponseStatus, reason: String) {
         guard let context = self.context else { return }
-        exchange.responseTimer?.cancel()
+        exchange.responseDeadline = nil
         self.release(exchange)
         exchange.status = Int(status.code)
         self.logAccess(exchange, status: Int(status.code))
@@ -850,7 +883,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     }
 
     private func abandonUpstream(_ exchange: Exchange) {
-        exchange.responseTimer?.cancel()
+        exchange.responseDeadline = nil
         if let upstream = exchange.upstream {
             exchange.upstream = nil
             upstream.sink = nil
