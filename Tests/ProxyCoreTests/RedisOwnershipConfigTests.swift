@@ -77,12 +77,12 @@ struct RedisOwnershipConfigTests {
             """
         #expect(
             errors(in: yaml) == [
-                error(line: 13, column: 10, path: "ownership.redis.url", "expected a redis:// or rediss:// URL, got 'http://x'"),
-                error(line: 14, column: 14, path: "ownership.redis.timeout", "expected a duration like 5s or 300ms, got 'soon'"),
+                error(line: 12, column: 10, path: "ownership.redis.url", "expected a redis:// or rediss:// URL, got 'http://x'"),
+                error(line: 13, column: 14, path: "ownership.redis.timeout", "expected a duration like 5s or 300ms, got 'soon'"),
                 error(
-                    line: 15, column: 21, path: "ownership.redis.on_unavailable",
+                    line: 14, column: 21, path: "ownership.redis.on_unavailable",
                     "expected one of degrade, fail, got 'degrad' (did you mean 'degrade'?)"),
-                error(line: 16, column: 27, path: "ownership.redis.lease_renew_interval", "must be greater than 0s, got '0s'"),
+                error(line: 15, column: 27, path: "ownership.redis.lease_renew_interval", "must be greater than 0s, got '0s'"),
             ])
     }
 
@@ -90,15 +90,15 @@ struct RedisOwnershipConfigTests {
     func missing() {
         #expect(
             errors(in: minimal + "ownership:\n  store: redis\n") == [
-                error(line: 11, column: 3, path: "ownership", "store redis needs a 'redis' section (at least its url)")
+                error(line: 10, column: 3, path: "ownership", "store redis needs a 'redis' section (at least its url)")
             ])
         #expect(
             errors(in: minimal + "ownership:\n  redis:\n    url: redis://h\n") == [
-                error(line: 12, column: 5, path: "ownership.redis", "'redis' applies only with store: redis")
+                error(line: 11, column: 5, path: "ownership.redis", "'redis' applies only with store: redis")
             ])
         #expect(
             errors(in: minimal + "ownership:\n  store: redis\n  redis:\n    prefix: x\n") == [
-                error(line: 13, column: 5, path: "ownership.redis", "missing required key 'url'")
+                error(line: 12, column: 5, path: "ownership.redis", "missing required key 'url'")
             ])
         #expect(
             errors(in: minimal + "ownership:\n  store: redis\n  redis:\n    urll: redis://h\n").first?.message
