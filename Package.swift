@@ -65,6 +65,7 @@ let package = Package(
         .target(
             name: "RedisDirectory",
             dependencies: [
+                "ProxyCore",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
@@ -97,6 +98,7 @@ let package = Package(
             dependencies: [
                 "ProxyCore",
                 "LuaRouting",
+                "RedisDirectory",
                 "DemoBackends",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -146,6 +148,8 @@ let package = Package(
             name: "IntegrationTests",
             dependencies: [
                 "ProxyCore",
+                "RedisDirectory",
+                "RedisTestSupport",
                 "LuaRouting",
                 "DemoBackends",
                 .product(name: "NIOCore", package: "swift-nio"),

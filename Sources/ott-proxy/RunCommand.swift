@@ -1,6 +1,9 @@
 import ArgumentParser
 import Logging
+import NIOCore
+import NIOPosix
 import ProxyCore
+import RedisDirectory
 import ServiceLifecycle
 
 struct Run: AsyncParsableCommand {
@@ -28,14 +31,18 @@ func serve(
 ) async throws {
     let logger = Logger(label: "ott-proxy")
     let server: ProxyServer
+    let directory: RedisOwnershipDirectory?
     do {
+        directory = try await makeDirectory(config, logger: logger)
         server = try ProxyServer(
-            config: config, logger: logger, policyFactory: PolicyRegistry.factory(), configSource: configSource)
+            config: config, logger: logger, policyFactory: PolicyRegistry.factory(), configSource: configSource,
+            directory: directory)
         try await server.start()
     } catch {
         logger.critical("could not start", metadata: ["error": "\(error)"])
         throw ExitCode.failure
     }
+    defer { if let directory { Task { await directory.close() } } }
     let group = ServiceGroup(
         configuration: .init(
             services: [.init(service: server)] + extraServices.map { .init(service: $0) },
@@ -44,4 +51,28 @@ func serve(
         )
     )
     try await group.run()
+}
+
+/// The Redis ownership directory when `ownership.store` is `redis` (nil for the in-memory default).
+func makeDirectory(_ config: ProxyConfig, logger: Logger) async throws -> RedisOwnershipDirectory? {
+    guard config.ownership.store == .redis else { return nil }
+    let settings = config.ownership.redis ?? RedisOwnershipConfig()
+    var configuration = try RedisConfiguration(url: settings.url)
+    configuration.commandTimeout = settings.timeout
+    configuration.connectTimeout = max(settings.timeout, .seconds(1))
+    let shortestTTL = config.pools.map(\.idleTTL).min() ?? .seconds(330)
+    let directory = RedisOwnershipDirectory(
+        configuration: configuration,
+        prefix: settings.prefix,
+        onUnavailable: settings.onUnavailable == .fail ? .fail : .degrade,
+        leaseRenewInterval: settings.leaseRenewInterval ?? .nanoseconds(max(shortestTTL.nanoseconds / 3, 1_000_000)),
+        eventLoopGroup: MultiThreadedEventLoopGroup.singleton,
+        logger: Logger(label: "ott-proxy.redis"))
+    do {
+        try await directory.start()
+    } catch {
+        // The directory keeps reconnecting; meanwhile it degrades or fails as configured.
+        logger.error("redis ownership directory not reachable at start", metadata: ["error": "\(error)"])
+    }
+    return directory
 }

@@ -326,7 +326,7 @@ final class ConfigDecoder {
 
     private func ownership(_ node: Node, path: String) -> OwnershipConfig? {
         let r = self.reader
-        guard let s = r.section(node, path: path, keys: ["store", "region", "close_code", "migrate_rate"]) else {
+        guard let s = r.section(node, path: path, keys: ["store", "region", "close_code", "migrate_rate", "redis"]) else {
             return nil
         }
         let defaults = OwnershipConfig()
@@ -347,11 +347,47 @@ final class ConfigDecoder {
             }
             return value
         }
+        let redis = r.optional(s, "redis", self.redisOwnership)
+        if store == .redis, s.values["redis"] == nil {
+            r.report("store redis needs a 'redis' section (at least its url)", at: s.mark, path: s.path)
+        }
+        if let node = s.values["redis"], store != .redis {
+            r.report("'redis' applies only with store: redis", at: node.mark, path: s.path(of: "redis"))
+        }
         return OwnershipConfig(
             store: store ?? defaults.store,
             region: r.optional(s, "region", r.string),
             closeCode: closeCode ?? defaults.closeCode,
-            migrateRate: rate ?? defaults.migrateRate)
+            migrateRate: rate ?? defaults.migrateRate,
+            redis: redis)
+    }
+
+    /// `ownership.redis`: `url` (required), `prefix`, `timeout`, `on_unavailable`, `lease_renew_interval`.
+    private func redisOwnership(_ node: Node, path: String) -> RedisOwnershipConfig? {
+        let r = self.reader
+        let keys = ["url", "prefix", "timeout", "on_unavailable", "lease_renew_interval"]
+        guard let s = r.section(node, path: path, keys: keys) else { return nil }
+        let defaults = RedisOwnershipConfig()
+        let url = r.required(s, "url") { node, path -> String? in
+            guard let text = r.string(node, path: path) else { return nil }
+            guard text.hasPrefix("redis://") || text.hasPrefix("rediss://") else {
+                r.report("expected a redis:// or rediss:// URL, got \(node.summary)", at: node.mark, path: path)
+                return nil
+            }
+            return text
+        }
+        let prefix = r.optional(s, "prefix", r.string)
+        let timeout = r.optional(s, "timeout") { r.duration($0, path: $1, allowZero: false) }
+        let onUnavailable = r.optional(s, "on_unavailable") {
+            r.choice($0, path: $1, of: RedisOwnershipConfig.OnUnavailable.self)
+        }
+        let renew = r.optional(s, "lease_renew_interval") { r.duration($0, path: $1, allowZero: false) }
+        return RedisOwnershipConfig(
+            url: url ?? defaults.url,
+            prefix: prefix ?? defaults.prefix,
+            timeout: timeout ?? defaults.timeout,
+            onUnavailable: onUnavailable ?? defaults.onUnavailable,
+            leaseRenewInterval: renew)
     }
 
     private func backend(_ node: Node, path: String) -> BackendConfig? {

@@ -178,9 +178,13 @@ public struct OwnershipConfig: Sendable, Equatable {
     public enum Store: String, Sendable, Equatable, CaseIterable {
         /// One process's truth (the embedded default): fine for one proxy.
         case memory
+        /// A shared Redis server (`ownership.redis`): several proxies agree on every key's owner.
+        case redis
     }
 
     public var store: Store
+    /// The Redis store's settings (set when `store` is `redis`).
+    public var redis: RedisOwnershipConfig?
     /// This proxy's region: placement prefers backends in it and uses others only when it has none usable.
     public var region: String?
     /// WebSocket close code sent when the proxy closes a tunnel because its key moved (1000-3999; OTT clients
@@ -189,11 +193,49 @@ public struct OwnershipConfig: Sendable, Equatable {
     /// Tunnels closed per second on a backend drained with `migrate=true`.
     public var migrateRate: Double
 
-    public init(store: Store = .memory, region: String? = nil, closeCode: UInt16 = 1012, migrateRate: Double = 20) {
+    public init(
+        store: Store = .memory, region: String? = nil, closeCode: UInt16 = 1012, migrateRate: Double = 20,
+        redis: RedisOwnershipConfig? = nil
+    ) {
         self.store = store
+        self.redis = redis
         self.region = region
         self.closeCode = closeCode
         self.migrateRate = migrateRate
+    }
+}
+
+/// `ownership.redis`: where the shared ownership directory lives and what to do when it cannot be reached.
+public struct RedisOwnershipConfig: Sendable, Equatable {
+    public enum OnUnavailable: String, Sendable, Equatable, CaseIterable {
+        /// Keep serving cached keys; place new keys by rendezvous hashing and claim them when Redis is back.
+        case degrade
+        /// Answer 503 for keys not cached.
+        case fail
+    }
+
+    /// `redis://[[user]:password@]host[:port][/db]` or `rediss://...` (TLS).
+    public var url: String
+    /// Prepended to every Redis key and to the changes channel (`<prefix>changes`).
+    public var prefix: String
+    /// Per-command timeout: a command that takes longer counts as Redis being unavailable.
+    public var timeout: TimeAmount
+    public var onUnavailable: OnUnavailable
+    /// How often leases of keys with live connections are renewed (nil: a third of the shortest pool `idle_ttl`).
+    public var leaseRenewInterval: TimeAmount?
+
+    public init(
+        url: String = "redis://127.0.0.1:6379/0",
+        prefix: String = "ott:",
+        timeout: TimeAmount = .milliseconds(250),
+        onUnavailable: OnUnavailable = .degrade,
+        leaseRenewInterval: TimeAmount? = nil
+    ) {
+        self.url = url
+        self.prefix = prefix
+        self.timeout = timeout
+        self.onUnavailable = onUnavailable
+        self.leaseRenewInterval = leaseRenewInterval
     }
 }
 

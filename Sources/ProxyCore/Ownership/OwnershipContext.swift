@@ -83,18 +83,7 @@ extension ProxyRuntime {
                 backends.contains { $0.id == id && $0.canServeExistingKeys }
             },
             place: { avoiding, keysOn in
-                let candidates = backends.map { backend in
-                    PlacementCandidate(
-                        id: backend.id,
-                        weight: backend.config.weight,
-                        region: backend.config.region,
-                        keys: keysOn(backend.id),
-                        connections: backend.active,
-                        maxKeys: backend.config.maxKeys,
-                        maxConnections: backend.config.maxConnections,
-                        usable: backend.id != avoiding && backend.acceptsNewKeys && !drains.isDraining(backend.id)
-                    )
-                }
+                let candidates = Self.placementCandidates(backends, avoiding: avoiding, keysOn: keysOn, drains: drains)
                 let request = PlacementRequest(
                     key: key, strategy: strategy, preferredRegion: region, balanceFactor: factor,
                     seed: UInt64.random(in: .min ... .max), turn: Int.random(in: 0..<Int.max))
@@ -102,7 +91,38 @@ extension ProxyRuntime {
                 return poolObject.placementCache.withLock { cache in
                     Placement.place(request, candidates: candidates, cache: &cache)
                 }
+            },
+            placeAgreed: { avoiding in
+                // Loads differ between proxies: ignore them (and capacities) so every proxy picks the same backend.
+                let candidates = Self.placementCandidates(backends, avoiding: avoiding, keysOn: { _ in 0 }, drains: drains)
+                    .map { candidate -> PlacementCandidate in
+                        var candidate = candidate
+                        candidate.keys = 0
+                        candidate.connections = 0
+                        candidate.maxKeys = nil
+                        candidate.maxConnections = nil
+                        return candidate
+                    }
+                return Placement.place(PlacementRequest(key: key, strategy: .rendezvous, preferredRegion: region),
+                                       candidates: candidates)
             }
         )
+    }
+
+    private static func placementCandidates(
+        _ backends: [Backend], avoiding: String?, keysOn: (String) -> Int, drains: DrainRegistry
+    ) -> [PlacementCandidate] {
+        backends.map { backend in
+            PlacementCandidate(
+                id: backend.id,
+                weight: backend.config.weight,
+                region: backend.config.region,
+                keys: keysOn(backend.id),
+                connections: backend.active,
+                maxKeys: backend.config.maxKeys,
+                maxConnections: backend.config.maxConnections,
+                usable: backend.id != avoiding && backend.acceptsNewKeys && !drains.isDraining(backend.id)
+            )
+        }
     }
 }

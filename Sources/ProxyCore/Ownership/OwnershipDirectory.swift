@@ -12,19 +12,25 @@ public struct OwnershipQuery: Sendable {
     public var stillValid: @Sendable (String) -> Bool
     /// Chooses a backend for a key nobody (validly) owns: gets the owner to avoid, and key counts per backend.
     public var place: @Sendable (_ avoiding: String?, _ keysOn: (String) -> Int) -> String?
+    /// Chooses among the same candidates as `place`, by rendezvous hashing only (no load, no randomness), so every
+    /// proxy that sees the same backends gives the same answer: for a shared store that cannot be reached (degraded
+    /// placement). Nil when the caller has none; a directory then falls back to `place`.
+    public var placeAgreed: (@Sendable (_ avoiding: String?) -> String?)?
 
     public init(
         key: String,
         pool: String,
         idleTTL: TimeAmount,
         stillValid: @escaping @Sendable (String) -> Bool,
-        place: @escaping @Sendable (_ avoiding: String?, _ keysOn: (String) -> Int) -> String?
+        place: @escaping @Sendable (_ avoiding: String?, _ keysOn: (String) -> Int) -> String?,
+        placeAgreed: (@Sendable (_ avoiding: String?) -> String?)? = nil
     ) {
         self.key = key
         self.pool = pool
         self.idleTTL = idleTTL
         self.stillValid = stillValid
         self.place = place
+        self.placeAgreed = placeAgreed
     }
 }
 

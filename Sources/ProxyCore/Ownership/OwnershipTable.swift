@@ -36,6 +36,13 @@ public struct OwnershipChange: Sendable, Equatable {
     /// The new owner, when there is one already.
     public var current: String?
     public var reason: Reason
+
+    public init(key: String, previous: String, current: String?, reason: Reason) {
+        self.key = key
+        self.previous = previous
+        self.current = current
+        self.reason = reason
+    }
 }
 
 /// The in-memory ownership state as a pure value: events in (with the time passed in), results out.
