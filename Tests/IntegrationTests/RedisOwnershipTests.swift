@@ -145,10 +145,10 @@ final class RedisCluster: @unchecked Sendable {
 
 @Suite("RedisOwnership", .serialized)
 struct RedisOwnershipTests {
-    @Test("(a) 300 rooms through random proxies: each room's requests reach one backend")
+    @Test("(a) 1,000 rooms through random proxies: each room's requests reach one backend")
     func manyRooms() async throws {
         try await RedisCluster.with { cluster in
-            let rooms = (0..<300).map { "a\($0)" }
+            let rooms = (0..<1000).map { "a\($0)" }
             var seen: [String: Set<String>] = [:]
             for batch in stride(from: 0, to: rooms.count, by: 25) {
                 try await withThrowingTaskGroup(of: (String, String).self) { group in
@@ -160,7 +160,7 @@ struct RedisOwnershipTests {
                     for try await (room, backend) in group { seen[room, default: []].insert(backend) }
                 }
             }
-            #expect(seen.count == 300)
+            #expect(seen.count == 1000)
             let split = seen.filter { $0.value.count != 1 }
             #expect(split.isEmpty, "rooms on more than one backend: \(split)")
             let perBackend = Dictionary(grouping: seen.values.compactMap(\.first), by: { $0 }).mapValues(\.count)
