@@ -19,8 +19,6 @@ let package = Package(
                 .product(name: "Benchmark", package: "benchmark"),
                 .product(name: "ProxyCore", package: "ott-proxy"),
                 .product(name: "LuaRouting", package: "ott-proxy"),
-                .product(name: "RedisDirectory", package: "ott-proxy"),
-                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

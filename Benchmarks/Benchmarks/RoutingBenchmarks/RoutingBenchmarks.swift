@@ -4,9 +4,7 @@ import Logging
 import LuaRouting
 import NIOCore
 import NIOHTTP1
-import NIOPosix
 import ProxyCore
-import RedisDirectory
 
 /// The per-request work outside the socket calls: the routing decision (Lua), forwarding-header rewriting, framing
 /// validation and backend selection.
@@ -102,38 +100,5 @@ let benchmarks: @Sendable () -> Void = {
                 blackHole(Placement.place(request, candidates: candidates, cache: &cache))
             }
         }
-    }
-
-    // The same cached resolve on the Redis directory: a key this proxy has claimed costs no Redis round trip.
-    // Needs `redis-server` on PATH (scripts/lib.sh installs it); it is started on a free port and stopped after.
-    Benchmark("RedisOwnershipDirectory.resolve (cached key)") { benchmark in
-        let port = 30_000 + Int.random(in: 0..<20_000)
-        let server = Process()
-        server.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
-        server.arguments = ["--port", "\(port)", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        server.standardOutput = FileHandle.nullDevice
-        try server.run()
-        defer { server.terminate(); server.waitUntilExit() }
-        let directory = RedisOwnershipDirectory(
-            configuration: try RedisConfiguration(url: "redis://127.0.0.1:\(port)"), prefix: "bench:",
-            eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
-        var started = false
-        for _ in 0..<50 where !started {
-            do {
-                try await directory.start(timeout: .milliseconds(200))
-                started = true
-            } catch {
-                try await Task.sleep(for: .milliseconds(100))
-            }
-        }
-        let query = OwnershipQuery(
-            key: "room:lobby", pool: "rooms", idleTTL: .seconds(330), stillValid: { _ in true }, place: { _, _ in "a" })
-        if case .pending(let future) = directory.resolve(query, on: nil) { _ = try await future.get() }
-        benchmark.startMeasurement()
-        for _ in benchmark.scaledIterations {
-            blackHole(directory.resolve(query, on: nil))
-        }
-        benchmark.stopMeasurement()
-        await directory.close()
     }
 }
