@@ -45,6 +45,15 @@ let package = Package(
             ],
             path: "Sources/ws-load"
         ),
+        .executableTarget(
+            name: "redis-resolve-bench",
+            dependencies: [
+                .product(name: "ProxyCore", package: "ott-proxy"),
+                .product(name: "RedisDirectory", package: "ott-proxy"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            path: "Sources/redis-resolve-bench"
+        ),
     ],
     swiftLanguageModes: [.v6]
 )
