@@ -46,6 +46,16 @@ let package = Package(
             path: "Sources/ws-load"
         ),
         .executableTarget(
+            name: "route-bench",
+            dependencies: [
+                .product(name: "ProxyCore", package: "ott-proxy"),
+                .product(name: "LuaRouting", package: "ott-proxy"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Sources/route-bench"
+        ),
+        .executableTarget(
             name: "redis-resolve-bench",
             dependencies: [
                 .product(name: "ProxyCore", package: "ott-proxy"),
