@@ -4,18 +4,7 @@ import ProxyCore
 import Testing
 
 /// The errors `parse` reports for `yaml`, or none when it loads.
-private func errors(in yaml: String) -> [ConfigError] {
-    do {
-        _ = try ConfigLoader.parse(yaml: yaml, file: "test.yaml")
-        return []
-    } catch {
-        return error.errors
-    }
-}
 
-private func error(line: Int, column: Int, path: String, _ message: String) -> ConfigError {
-    ConfigError(file: "test.yaml", line: line, column: column, path: path, message: message)
-}
 
 /// A valid file, so each error test changes one thing and expects exactly one error.
 private let minimal = """

@@ -2,18 +2,7 @@ import NIOCore
 import ProxyCore
 import Testing
 
-private func errors(in yaml: String) -> [ConfigError] {
-    do {
-        _ = try ConfigLoader.parse(yaml: yaml, file: "test.yaml")
-        return []
-    } catch {
-        return error.errors
-    }
-}
 
-private func error(line: Int, column: Int, path: String, _ message: String) -> ConfigError {
-    ConfigError(file: "test.yaml", line: line, column: column, path: path, message: message)
-}
 
 /// Eight lines; text appended to it continues the pool `rooms` (indent pool keys by 4 spaces), from line 9 on.
 private let minimal = """

@@ -14,18 +14,7 @@ private let minimal = """
 
     """
 
-private func errors(in yaml: String) -> [ConfigError] {
-    do {
-        _ = try ConfigLoader.parse(yaml: yaml, file: "test.yaml")
-        return []
-    } catch {
-        return error.errors
-    }
-}
 
-private func error(line: Int, column: Int, path: String, _ message: String) -> ConfigError {
-    ConfigError(file: "test.yaml", line: line, column: column, path: path, message: message)
-}
 
 @Suite("RedisOwnershipConfig")
 struct RedisOwnershipConfigTests {
