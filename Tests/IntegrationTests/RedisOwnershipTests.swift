@@ -286,6 +286,30 @@ struct RedisOwnershipTests {
         }
     }
 
+    @Test("release deletes only the owner this proxy knew, never a newer one claimed elsewhere")
+    func releaseIsCompareAndDelete() async throws {
+        let redis = try await RedisServerProcess.start()
+        defer { Task { await redis.stop() } }
+        let directory = RedisOwnershipDirectory(
+            configuration: try RedisConfiguration(url: redis.url), prefix: "cad:", eventLoopGroup: RedisCluster.group)
+        try await directory.start()
+        let inspector = RedisClient(configuration: try RedisConfiguration(url: redis.url), eventLoopGroup: RedisCluster.group)
+        defer { _ = inspector.close() }
+        let query = OwnershipQuery(
+            key: "room:x", pool: "main", idleTTL: .seconds(30), stillValid: { _ in true }, place: { _, _ in "r1" })
+        guard case .pending(let future) = directory.resolve(query, on: nil) else {
+            Issue.record("a miss must be pending")
+            return
+        }
+        #expect(try await future.get()?.epoch == 1)
+        // Another proxy replaced the owner meanwhile (epoch 2); this proxy still caches epoch 1.
+        _ = try await inspector.execute(["SET", "cad:{room:x}:owner", "2|r2|main", "PX", "30000"])
+        directory.release(key: "room:x")
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(try await inspector.execute(["GET", "cad:{room:x}:owner"]).string == "2|r2|main")
+        await directory.close()
+    }
+
     @Test("claim latency over 1,000 claims on loopback")
     func claimLatency() async throws {
         let redis = try await RedisServerProcess.start()

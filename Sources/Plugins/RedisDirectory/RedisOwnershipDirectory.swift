@@ -101,8 +101,11 @@ public final class RedisOwnershipDirectory: OwnershipDirectory {
         """
         local cur = redis.call('GET', KEYS[1])
         if not cur then return 0 end
-        redis.call('DEL', KEYS[1])
         local e = string.match(cur, '^(%d+)|') or '0'
+        -- Compare-and-delete: only the owner this proxy knew (by epoch) is released, never a newer one that
+        -- another proxy claimed meanwhile. An empty expected epoch (no cached owner here) releases whatever is there.
+        if ARGV[3] ~= '' and ARGV[3] ~= e then return 0 end
+        redis.call('DEL', KEYS[1])
         redis.call('PUBLISH', ARGV[1], ARGV[2] .. '|' .. e .. '|')
         return 1
         """)
@@ -421,7 +424,8 @@ public final class RedisOwnershipDirectory: OwnershipDirectory {
         if let entry {
             self.publish(OwnershipChange(key: key, previous: entry.ownership.backend, current: nil, reason: .released))
         }
-        self.client.evalsha(Self.releaseScript, keys: [self.ownerKey(key)], args: [self.channel, key])
+        let expectedEpoch = entry.map { String($0.ownership.epoch) } ?? ""
+        self.client.evalsha(Self.releaseScript, keys: [self.ownerKey(key)], args: [self.channel, key, expectedEpoch])
             .whenComplete { _ in }
     }
 
