@@ -155,7 +155,9 @@ import Testing
             let started = ContinuousClock.now
             let connection = try await RawHTTPConnection.connect(port: proxy.port)
             defer { Task { await connection.close() } }
-            try await connection.send("GET /echo HTTP/1.1\r\nHost: te")
+            // On a loaded machine this task may run only after the timeout has already answered and closed: the
+            // partial head then cannot be sent, and the 408 is what must be there either way.
+            try? await connection.send("GET /echo HTTP/1.1\r\nHost: te")
             let received = try await connection.readUntilClosed(timeout: .seconds(3))
             let elapsed = ContinuousClock.now - started
             guard case .complete(let response, _) = RawHTTPConnection.parse(received, method: "GET", closed: true) else {
