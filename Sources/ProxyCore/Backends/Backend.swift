@@ -57,8 +57,6 @@ public final class Pool: Sendable {
     private let cursor = Atomic<Int>(0)
     /// Expanded by weight so a plain rotating cursor gives each backend its weighted share.
     private let weightedOrder: [Int]
-    /// What hashing placement needs, built once per configuration generation.
-    public let hashInputs: [(id: String, weight: Int)]
     /// Ketama rings and Maglev tables for this generation's backends, built on first use, not per placement.
     let placementCache = Mutex(PlacementCache())
 
@@ -67,7 +65,6 @@ public final class Pool: Sendable {
         self.balance = balance
         self.backends = backends
         self.weightedOrder = Balancer.interleavedWeightedOrder(weights: backends.map { $0.config.weight })
-        self.hashInputs = backends.map { ($0.id, $0.config.weight) }
     }
 
     /// Picks a usable backend for a request that belongs to no key, or nil when the pool has none.

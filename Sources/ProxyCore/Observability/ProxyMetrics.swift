@@ -30,16 +30,12 @@ public final class ProxyMetrics: Sendable {
         for listener in listeners {
             requests[listener] = (1...5).map { klass in
                 registry.makeCounter(
-                    descriptor: MetricNameDescriptor(
-                        namespace: "ott_proxy", metricName: "requests", unitName: "total",
-                        helpText: "Requests answered, by listener and status class."),
+                    descriptor: Self.named("requests", unit: "total", help: "Requests answered, by listener and status class."),
                     labels: [("listener", listener), ("code", "\(klass)xx")]
                 )
             }
             connections[listener] = registry.makeGauge(
-                descriptor: MetricNameDescriptor(
-                    namespace: "ott_proxy", metricName: "client_connections", unitName: "",
-                    helpText: "Client connections open, by listener."),
+                descriptor: Self.named("client_connections", unit: "", help: "Client connections open, by listener."),
                 labels: [("listener", listener)]
             )
         }
@@ -48,46 +44,30 @@ public final class ProxyMetrics: Sendable {
         var errors: [UpstreamErrorKind: Counter] = [:]
         for kind in UpstreamErrorKind.allCases {
             errors[kind] = registry.makeCounter(
-                descriptor: MetricNameDescriptor(
-                    namespace: "ott_proxy", metricName: "upstream_errors", unitName: "total",
-                    helpText: "Failures talking to backends, by kind."),
+                descriptor: Self.named("upstream_errors", unit: "total", help: "Failures talking to backends, by kind."),
                 labels: [("kind", kind.rawValue)]
             )
         }
         self.upstreamErrors = errors
         self.tunnelsOpen = registry.makeGauge(
-            descriptor: MetricNameDescriptor(
-                namespace: "ott_proxy", metricName: "tunnels", unitName: "",
-                helpText: "Upgraded connections (WebSockets) open."))
+            descriptor: Self.named("tunnels", unit: "", help: "Upgraded connections (WebSockets) open."))
         self.requestDuration = registry.makeDurationHistogram(
-            descriptor: MetricNameDescriptor(
-                namespace: "ott_proxy", metricName: "request_duration", unitName: "seconds",
-                helpText: "Time from request head to response end."),
+            descriptor: Self.named("request_duration", unit: "seconds", help: "Time from request head to response end."),
             buckets: [.milliseconds(1), .milliseconds(5), .milliseconds(25), .milliseconds(100), .milliseconds(500),
                       .seconds(2), .seconds(10), .seconds(60)]
         )
         self.rejectedConnections = registry.makeCounter(
-            descriptor: MetricNameDescriptor(
-                namespace: "ott_proxy", metricName: "rejected_connections", unitName: "total",
-                helpText: "Client connections closed at accept because max_connections was reached."))
+            descriptor: Self.named("rejected_connections", unit: "total", help: "Client connections closed at accept because max_connections was reached."))
         self.routingErrors = registry.makeCounter(
-            descriptor: MetricNameDescriptor(
-                namespace: "ott_proxy", metricName: "routing_errors", unitName: "total",
-                helpText: "Requests the routing policy failed on (script error, budget exceeded, bad decision)."))
+            descriptor: Self.named("routing_errors", unit: "total", help: "Requests the routing policy failed on (script error, budget exceeded, bad decision)."))
         self.adoptedKeys = registry.makeCounter(
-            descriptor: MetricNameDescriptor(
-                namespace: "ott_proxy", metricName: "reconciliation_adopted_keys", unitName: "total",
-                helpText: "Keys nobody owned that a reconciliation probe found on a backend and adopted."))
+            descriptor: Self.named("reconciliation_adopted_keys", unit: "total", help: "Keys nobody owned that a reconciliation probe found on a backend and adopted."))
         self.duplicateKeys = registry.makeGauge(
-            descriptor: MetricNameDescriptor(
-                namespace: "ott_proxy", metricName: "duplicate_keys", unitName: "",
-                helpText: "Keys the last reconciliation probe found on more than one backend (or off their owner)."))
+            descriptor: Self.named("duplicate_keys", unit: "", help: "Keys the last reconciliation probe found on more than one backend (or off their owner)."))
         var reloads: [String: Counter] = [:]
         for result in ["ok", "failed"] {
             reloads[result] = registry.makeCounter(
-                descriptor: MetricNameDescriptor(
-                    namespace: "ott_proxy", metricName: "reloads", unitName: "total",
-                    helpText: "Configuration reloads, by result."),
+                descriptor: Self.named("reloads", unit: "total", help: "Configuration reloads, by result."),
                 labels: [("result", result)])
         }
         self.reloads = reloads
@@ -104,6 +84,11 @@ public final class ProxyMetrics: Sendable {
 
     func countReload(succeeded: Bool) {
         self.reloads[succeeded ? "ok" : "failed"]?.increment()
+    }
+
+    /// Every series is `ott_proxy_<name>[_<unit>]`.
+    private static func named(_ name: String, unit: String, help: String) -> MetricNameDescriptor {
+        MetricNameDescriptor(namespace: "ott_proxy", metricName: name, unitName: unit, helpText: help)
     }
 
     func countRequest(listener: String, status: Int) {

@@ -73,7 +73,6 @@ extension ProxyRuntime {
         let drains = self.drains
         let region = self.config.ownership.region
         let factor = poolConfig.balanceFactor
-        let poolName = pool.name
         return OwnershipQuery(
             key: key,
             pool: pool.name,
@@ -87,7 +86,6 @@ extension ProxyRuntime {
                 let request = PlacementRequest(
                     key: key, strategy: strategy, preferredRegion: region, balanceFactor: factor,
                     seed: UInt64.random(in: .min ... .max), turn: Int.random(in: 0..<Int.max))
-                _ = poolName
                 return poolObject.placementCache.withLock { cache in
                     Placement.place(request, candidates: candidates, cache: &cache)
                 }
