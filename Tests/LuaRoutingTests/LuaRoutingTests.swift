@@ -127,6 +127,47 @@ import Testing
         #expect(try p.body(request(.GET, "/?n=1")) == "none/1")
         #expect(try p.body(request(.GET, "/?n=2")) == "1/2")
     }
+
+    @Test func pairsListsEveryFieldAlthoughMostAreFilledOnFirstRead() throws {
+        let p = try policy(#"""
+            function route(req)
+                local names = {}
+                for k, v in pairs(req) do
+                    if type(v) ~= "function" then names[#names + 1] = k end
+                end
+                table.sort(names)
+                return { respond = { status = 200, body = table.concat(names, ",") .. "|" .. req.headers["x-tenant"] } }
+            end
+            """#)
+        #expect(try p.body(request(headers: [("X-Tenant", "acme")]))
+            == "client_ip,headers,host,is_upgrade,listener,method,path,query,scheme|acme")
+    }
+
+    @Test func aRequestKeptPastItsCallKeepsWhatWasReadAndRefusesTheRest() throws {
+        let p = try policy(#"""
+            local previous
+            function route(req)
+                local out = "none"
+                if previous then
+                    out = previous.path .. " " .. previous.host
+                    if req.path == "/late" then out = previous.scheme end
+                end
+                previous = req
+                local _ = req.host
+                return { respond = { status = 200, body = out } }
+            end
+            """#)
+        #expect(try p.body(request(.GET, "/one")) == "none")
+        #expect(try p.body(request(.GET, "/two")) == "/one example.test")
+        // `scheme` of the kept request was never read during its call: an error naming the field, not another
+        // request's value.
+        #expect {
+            try p.body(request(.GET, "/late"))
+        } throws: { error in
+            guard case .runtime(let message) = error as? LuaScriptError else { return false }
+            return message.contains("req.scheme was first read after the call")
+        }
+    }
 }
 
 @Suite struct ErrorTests {
@@ -241,6 +282,17 @@ import Testing
         #expect(throws: LuaScriptError.badDecision("on_response: unknown field 'clam'")) {
             try p.onResponse(request: request(), status: 501, headers: headers, body: nil)
         }
+    }
+
+    @Test func theRequestHasItsLazyFieldsAndTheResponseDoesNot() throws {
+        let p = try policy(#"""
+            function route(req) return { pool = "rooms" } end
+            function on_response(req, res)
+                return { claim = req.host .. "|" .. req.headers["x-tenant"] .. "|" .. tostring(res.host) .. "|" .. tostring(res.query) }
+            end
+            """#)
+        #expect(try p.onResponse(request: request(headers: [("X-Tenant", "acme")]), status: 200, headers: HTTPHeaders(), body: nil)
+            == "example.test|acme|nil|nil")
     }
 
     @Test func absent() throws {

@@ -47,6 +47,14 @@ public final class LuaRoutingPolicy: RoutingPolicy {
     private var routeRef: Int32 = LUA_NOREF
     private var onResponseRef: Int32 = LUA_NOREF
     private var requestMetatableRef: Int32 = LUA_NOREF
+    private var responseMetatableRef: Int32 = LUA_NOREF
+    /// A registry list of the `req` field names, interned once: pushing them from it skips hashing each name on
+    /// every request.
+    private var fieldNamesRef: Int32 = LUA_NOREF
+    /// The request behind the `req` table of the call in progress, and that table's address: the lazy fields of
+    /// `req` are filled from it (`luaFillRequest`). Both are nil between calls.
+    private var currentRequest: UnsafePointer<RouteRequest>?
+    private var currentRequestTable: UnsafeRawPointer?
     var nullRef: Int32 = LUA_NOREF
 
     var ringCache = RingCache()
@@ -199,11 +207,14 @@ public final class LuaRoutingPolicy: RoutingPolicy {
         let top = lua_gettop(L)
         defer { lua_settop(L, top) }
         lua_rawgeti(L, clua_registryindex(), lua_Integer(self.routeRef))
-        self.pushRequest(L, request)
-        try self.script.call(arguments: 1, results: 1)
-        let result = try self.readDecision(L, lua_gettop(L), request: request)
-        self.lastExtras = result.extras
-        return result
+        return try withUnsafePointer(to: request) { (pointer) throws(LuaScriptError) -> LuaRouteResult in
+            self.pushRequest(L, pointer)
+            defer { self.endRequest() }
+            try self.script.call(arguments: 1, results: 1)
+            let result = try self.readDecision(L, lua_gettop(L), hasBody: pointer.pointee.body != nil)
+            self.lastExtras = result.extras
+            return result
+        }
     }
 
     /// Runs `on_response(req, res)` when the script has it: `res` has `status`, `headers` (like `req.headers`),
@@ -215,35 +226,38 @@ public final class LuaRoutingPolicy: RoutingPolicy {
         let top = lua_gettop(L)
         defer { lua_settop(L, top) }
         lua_rawgeti(L, clua_registryindex(), lua_Integer(self.onResponseRef))
-        self.pushRequest(L, request)
-        lua_createtable(L, 0, 4)
-        lua_pushinteger(L, lua_Integer(status))
-        setField(L, -2, "status")
-        self.pushHeaders(L, headers, into: lua_gettop(L))
-        if let body {
-            pushString(L, body)
-            setField(L, -2, "body")
-        }
-        lua_rawgeti(L, clua_registryindex(), lua_Integer(self.requestMetatableRef))
-        lua_setmetatable(L, -2)
-        try self.script.call(arguments: 2, results: 1)
-        let index = lua_gettop(L)
-        switch lua_type(L, index) {
-        case LUA_TNIL:
-            return nil
-        case LUA_TTABLE:
-            var claim: String?
-            lua_pushnil(L)
-            while lua_next(L, index) != 0 {
-                guard lua_type(L, -2) == LUA_TSTRING, self.script.string(at: -2) == "claim" else {
-                    throw LuaScriptError.badDecision("on_response: unknown field \(self.keyDescription(L, -2))")
-                }
-                claim = try self.nonEmptyString(L, field: "on_response: claim")
-                clua_pop(L, 1)
+        return try withUnsafePointer(to: request) { (pointer) throws -> String? in
+            self.pushRequest(L, pointer)
+            defer { self.endRequest() }
+            lua_createtable(L, 0, 4)
+            lua_pushinteger(L, lua_Integer(status))
+            setField(L, -2, "status")
+            self.pushHeaders(L, headers, into: lua_gettop(L))
+            if let body {
+                pushString(L, body)
+                setField(L, -2, "body")
             }
-            return claim
-        default:
-            throw LuaScriptError.badDecision("on_response must return nil or a table, got \(typeName(L, index))")
+            lua_rawgeti(L, clua_registryindex(), lua_Integer(self.responseMetatableRef))
+            lua_setmetatable(L, -2)
+            try self.script.call(arguments: 2, results: 1)
+            let index = lua_gettop(L)
+            switch lua_type(L, index) {
+            case LUA_TNIL:
+                return nil
+            case LUA_TTABLE:
+                var claim: String?
+                lua_pushnil(L)
+                while lua_next(L, index) != 0 {
+                    guard lua_type(L, -2) == LUA_TSTRING, self.script.string(at: -2) == "claim" else {
+                        throw LuaScriptError.badDecision("on_response: unknown field \(self.keyDescription(L, -2))")
+                    }
+                    claim = try self.nonEmptyString(L, field: "on_response: claim")
+                    clua_pop(L, 1)
+                }
+                return claim
+            default:
+                throw LuaScriptError.badDecision("on_response must return nil or a table, got \(typeName(L, index))")
+            }
         }
     }
 
@@ -258,55 +272,108 @@ public final class LuaRoutingPolicy: RoutingPolicy {
         guard lua_type(L, -1) == LUA_TFUNCTION else {
             throw UnknownMergeFunction(name: function)
         }
-        self.pushRequest(L, request)
-        lua_createtable(L, Int32(responses.count), 0)
-        let list = lua_gettop(L)
-        for (index, response) in responses.enumerated() {
-            lua_createtable(L, 0, 4)
-            let item = lua_gettop(L)
-            pushString(L, response.backend)
-            setField(L, item, "backend")
-            lua_pushinteger(L, lua_Integer(response.status))
-            setField(L, item, "status")
-            self.pushHeaders(L, response.headers, into: item)
-            pushString(L, String(buffer: response.body))
-            setField(L, item, "body")
-            lua_rawseti(L, list, lua_Integer(index + 1))
+        return try withUnsafePointer(to: request) { (pointer) throws -> LocalResponse in
+            self.pushRequest(L, pointer)
+            defer { self.endRequest() }
+            lua_createtable(L, Int32(responses.count), 0)
+            let list = lua_gettop(L)
+            for (index, response) in responses.enumerated() {
+                lua_createtable(L, 0, 4)
+                let item = lua_gettop(L)
+                pushString(L, response.backend)
+                setField(L, item, "backend")
+                lua_pushinteger(L, lua_Integer(response.status))
+                setField(L, item, "status")
+                self.pushHeaders(L, response.headers, into: item)
+                pushString(L, String(buffer: response.body))
+                setField(L, item, "body")
+                lua_rawseti(L, list, lua_Integer(index + 1))
+            }
+            try self.script.call(arguments: 2, results: 1)
+            return try self.readResponse(L, lua_gettop(L))
         }
-        try self.script.call(arguments: 2, results: 1)
-        return try self.readResponse(L, lua_gettop(L))
     }
 
     // MARK: - The request table
 
-    private func pushRequest(_ L: OpaquePointer, _ request: RouteRequest) {
-        lua_createtable(L, 0, 12)
+    /// The `req` field names interned in `fieldNamesRef`, by position.
+    private enum FieldName: lua_Integer, CaseIterable {
+        case method = 1, path, isUpgrade, body
+
+        var name: String {
+            switch self {
+            case .method: "method"
+            case .path: "path"
+            case .isUpgrade: "is_upgrade"
+            case .body: "body"
+            }
+        }
+    }
+
+    /// Pushes a `req` table and makes it the current one (`endRequest()` ends that). Only `method`, `path`,
+    /// `is_upgrade` and `body` are set here; the prelude's `__index` asks `luaFillRequest` for the others on first
+    /// read, so a script reading only the path never pays for the header table.
+    private func pushRequest(_ L: OpaquePointer, _ pointer: UnsafePointer<RouteRequest>) {
+        lua_rawgeti(L, clua_registryindex(), lua_Integer(self.fieldNamesRef))
+        let names = lua_gettop(L)
+        lua_createtable(L, 0, 4)
         let table = lua_gettop(L)
-        pushString(L, request.method.rawValue)
-        setField(L, table, "method")
-        pushString(L, request.path)
-        setField(L, table, "path")
-        pushSubstring(L, request.query)
-        setField(L, table, "query")
-        pushString(L, request.host)
-        setField(L, table, "host")
-        pushString(L, request.scheme)
-        setField(L, table, "scheme")
-        pushString(L, request.clientIP)
-        setField(L, table, "client_ip")
-        lua_pushboolean(L, request.isUpgrade ? 1 : 0)
-        setField(L, table, "is_upgrade")
-        pushString(L, request.listener)
-        setField(L, table, "listener")
-        self.pushHeaders(L, request.headers, into: table)
-        if let body = request.body {
+        lua_rawgeti(L, names, FieldName.method.rawValue)
+        pushString(L, pointer.pointee.method.rawValue)
+        lua_rawset(L, table)
+        lua_rawgeti(L, names, FieldName.path.rawValue)
+        pushString(L, pointer.pointee.path)
+        lua_rawset(L, table)
+        lua_rawgeti(L, names, FieldName.isUpgrade.rawValue)
+        lua_pushboolean(L, pointer.pointee.isUpgrade ? 1 : 0)
+        lua_rawset(L, table)
+        if let body = pointer.pointee.body {
+            lua_rawgeti(L, names, FieldName.body.rawValue)
             body.withUnsafeReadableBytes { bytes in
                 _ = lua_pushlstring(L, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count)
             }
-            setField(L, table, "body")
+            lua_rawset(L, table)
         }
         lua_rawgeti(L, clua_registryindex(), lua_Integer(self.requestMetatableRef))
         lua_setmetatable(L, table)
+        lua_rotate(L, names, -1)
+        clua_pop(L, 1)
+        self.currentRequest = pointer
+        self.currentRequestTable = lua_topointer(L, -1)
+    }
+
+    private func endRequest() {
+        self.currentRequest = nil
+        self.currentRequestTable = nil
+    }
+
+    /// `fill(t, k)` from the prelude: sets the lazy field `k` of the current `req` table `t` and returns it. A `req`
+    /// kept past its call has only the fields read during the call; reading another one is an error, not a silent
+    /// nil or another request's value.
+    func luaFillRequest(_ L: OpaquePointer) -> Int32 {
+        guard lua_type(L, 2) == LUA_TSTRING, let name = self.script.string(at: 2) else { return 0 }
+        guard let pointer = self.currentRequest, lua_topointer(L, 1) == self.currentRequestTable else {
+            pushString(L, "req.\(name) was first read after the call that received req returned; read it during the call")
+            return -1
+        }
+        let request = pointer.pointee
+        switch name {
+        case "headers":
+            self.pushHeaders(L, request.headers, into: 1)
+            lua_pushvalue(L, 2)
+            lua_rawget(L, 1)
+            return 1
+        case "query": pushSubstring(L, request.query)
+        case "host": pushString(L, request.host)
+        case "scheme": pushString(L, request.scheme)
+        case "client_ip": pushString(L, request.clientIP)
+        case "listener": pushString(L, request.listener)
+        default: return 0
+        }
+        lua_pushvalue(L, 2)
+        lua_pushvalue(L, -2)
+        lua_rawset(L, 1)
+        return 1
     }
 
     /// Sets `headers` (lower-case name → value; repeated fields joined with ", ", except `set-cookie` which keeps
@@ -363,7 +430,7 @@ public final class LuaRoutingPolicy: RoutingPolicy {
     private func readDecision(
         _ L: OpaquePointer,
         _ index: Int32,
-        request: RouteRequest
+        hasBody: Bool
     ) throws(LuaScriptError) -> LuaRouteResult {
         guard lua_type(L, index) == LUA_TTABLE else {
             throw LuaScriptError.badDecision("route must return a table, got \(typeName(L, index))")
@@ -480,7 +547,7 @@ public final class LuaRoutingPolicy: RoutingPolicy {
             if key != nil || backend != nil || pool != nil {
                 throw LuaScriptError.badDecision("need_body cannot be combined with key, backend or pool")
             }
-            if request.body != nil {
+            if hasBody {
                 throw LuaScriptError.badDecision("need_body returned although req.body is already present")
             }
             action = .needBody
@@ -652,9 +719,20 @@ public final class LuaRoutingPolicy: RoutingPolicy {
         try self.script.load(luaPrelude, name: "=prelude")
         lua_pushvalue(L, proxy)
         clua_pushcfunction(L, clua_parsequery)
-        try self.script.call(arguments: 2, results: 2)
+        clua_pushswiftfunction(L, { L, context in
+            Unmanaged<LuaRoutingPolicy>.fromOpaque(context!).takeUnretainedValue().luaFillRequest(L!)
+        }, Unmanaged.passUnretained(self).toOpaque())
+        try self.script.call(arguments: 3, results: 3)
         self.nullRef = luaL_ref(L, clua_registryindex())
+        self.responseMetatableRef = luaL_ref(L, clua_registryindex())
         self.requestMetatableRef = luaL_ref(L, clua_registryindex())
+
+        lua_createtable(L, Int32(FieldName.allCases.count), 0)
+        for field in FieldName.allCases {
+            pushString(L, field.name)
+            lua_rawseti(L, -2, field.rawValue)
+        }
+        self.fieldNamesRef = luaL_ref(L, clua_registryindex())
 
         options.push(L, nullRef: self.nullRef)
         setField(L, proxy, "options")
