@@ -26,10 +26,13 @@ public final class ProxyServer: Service, Sendable {
     final class LoopState {
         let pool: UpstreamPool
         var generation: LoopGeneration
+        /// Closes this loop's idle tunnels.
+        let tunnelIdle: TunnelIdleSweeper
 
         init(pool: UpstreamPool, generation: LoopGeneration) {
             self.pool = pool
             self.generation = generation
+            self.tunnelIdle = TunnelIdleSweeper(eventLoop: pool.eventLoop)
         }
     }
 
@@ -438,6 +441,7 @@ public final class ProxyServer: Service, Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 16)
+            .childChannelOption(.recvAllocator, value: ReadBuffers.allocator)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     guard connections.add(channel) else {
@@ -469,6 +473,7 @@ public final class ProxyServer: Service, Sendable {
                     encoderConfiguration.automaticallySetFramingHeaders = false
                     let handlers = DownstreamHTTPHandlers(
                         headTimer: RequestHeadTimer(headerTimeout: timeouts.requestHeader, idleTimeout: timeouts.idleKeepAlive),
+                        readAhead: ReadAheadHandler(limit: ReadBuffers.readAheadLimit),
                         encoder: HTTPResponseEncoder(configuration: encoderConfiguration),
                         decoder: ByteToMessageHandler(
                             HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes, limitConfiguration: decoderLimits)
@@ -476,6 +481,7 @@ public final class ProxyServer: Service, Sendable {
                         pipelining: HTTPServerPipelineHandler()
                     )
                     try sync.addHandler(handlers.headTimer)
+                    try sync.addHandler(handlers.readAhead)
                     try sync.addHandler(handlers.encoder)
                     try sync.addHandler(handlers.decoder)
                     try sync.addHandler(handlers.pipelining)

@@ -35,6 +35,34 @@ import Testing
         }
     }
 
+    /// A client that pipelines gets every response, in order, even when it sends more than the proxy reads ahead
+    /// (`ReadAheadHandler`, 16 KiB) in one go: the read-ahead must hand over to the pipelining handler's back-pressure.
+    @Test func pipelinedRequestsAreAnsweredInOrder() async throws {
+        try await withOrigin { origin in
+            try await withProxy(backends: [(id: "o", port: origin.port)]) { proxy in
+                let connection = try await RawHTTPConnection.connect(port: proxy.port)
+                defer { Task { await connection.close() } }
+                let count = 400
+                var batch = ""
+                for i in 0..<count {
+                    if i % 50 == 7 {
+                        batch += "POST /echo?n=\(i) HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello"
+                    } else {
+                        batch += "GET /echo?n=\(i) HTTP/1.1\r\nHost: test\r\nX-Padding: \(String(repeating: "p", count: 40))\r\n\r\n"
+                    }
+                }
+                #expect(batch.utf8.count > 2 * 16 * 1024)
+                try await connection.send(batch)
+                for i in 0..<count {
+                    let response = try await connection.readResponse()
+                    #expect(response.status == 200)
+                    #expect(response.header("x-origin-uri") == "/echo?n=\(i)")
+                    if i % 50 == 7 { #expect(response.bodyText == "hello") }
+                }
+            }
+        }
+    }
+
     @Test func deleteWithJSONBody() async throws {
         try await withOrigin { origin in
             try await withProxy(backends: [(id: "o", port: origin.port)]) { proxy in

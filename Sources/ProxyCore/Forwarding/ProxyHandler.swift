@@ -5,6 +5,7 @@ import NIOHTTP1
 /// The handlers of a client connection's HTTP pipeline that an upgrade must remove to turn it into a byte tunnel.
 struct DownstreamHTTPHandlers {
     let headTimer: RequestHeadTimer
+    let readAhead: ReadAheadHandler
     let encoder: HTTPResponseEncoder
     let decoder: ByteToMessageHandler<HTTPRequestDecoder>
     let pipelining: HTTPServerPipelineHandler
@@ -987,19 +988,30 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         let token = runtime.tunnels.register(key: exchange.key, backend: exchange.backend.id) { code in
             loop.execute { boundClientSide.value.close(code: code) }
         }
+        // The tunnel keeps only what its access-log line needs, not the exchange with its request head: an idle
+        // WebSocket should cost the proxy as little memory as possible.
+        let backend = exchange.backend
+        let key = exchange.key
+        let method = exchange.head.method
+        let clientURI = exchange.clientURI
+        let started = exchange.started
+        let (bytesIn, bytesOut) = (exchange.bytesIn, exchange.bytesOut)
+        let idleSweeper = self.loop.tunnelIdle
+        idleSweeper.add(client: clientSide, backend: backendSide, timeout: runtime.config.timeouts.tunnelIdle)
         clientSide.onClose = { [unowned clientSide, unowned backendSide] in
+            idleSweeper.remove(clientSide)
             runtime.tunnels.unregister(token)
-            exchange.bytesIn += clientSide.bytesRelayed
-            exchange.bytesOut += backendSide.bytesRelayed
-            exchange.backend.release()
-            if let key = exchange.key { runtime.directory.releaseLease(key: key) }
+            backend.release()
+            if let key { runtime.directory.releaseLease(key: key) }
             runtime.metrics.tunnelsOpen.decrement()
             runtime.metrics.countRequest(listener: listener.name, status: 101)
-            ProxyHandler.logAccess(runtime: runtime, listener: listener, clientIP: clientIP, exchange: exchange, status: 101)
+            ProxyHandler.logAccess(
+                runtime: runtime, listener: listener, clientIP: clientIP, method: method, clientURI: clientURI,
+                backend: backend.id, bytesIn: bytesIn + clientSide.bytesRelayed, bytesOut: bytesOut + backendSide.bytesRelayed,
+                started: started, status: 101)
         }
         do {
             let downstream = context.pipeline.syncOperations
-            try downstream.addHandler(IdleStateHandler(allTimeout: self.runtime.config.timeouts.tunnelIdle))
             try downstream.addHandler(clientSide)
             let upstreamPipeline = upstream.channel.pipeline.syncOperations
             try upstreamPipeline.addHandler(backendSide)
@@ -1013,6 +1025,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             upstreamPipeline.removeHandler(upstream.encoder, promise: nil)
             upstreamPipeline.removeHandler(upstream.decoder).whenComplete { _ in clientChannel.flush() }
             downstream.removeHandler(self.httpHandlers.headTimer, promise: nil)
+            downstream.removeHandler(self.httpHandlers.readAhead, promise: nil)
             downstream.removeHandler(self.httpHandlers.pipelining, promise: nil)
             downstream.removeHandler(self.httpHandlers.encoder, promise: nil)
             downstream.removeHandler(context: context, promise: nil)
@@ -1057,19 +1070,29 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     private static func logAccess(
         runtime: ProxyRuntime, listener: ListenerContext, clientIP: String, exchange: Exchange, status: Int
     ) {
+        Self.logAccess(
+            runtime: runtime, listener: listener, clientIP: clientIP, method: exchange.head.method,
+            clientURI: exchange.clientURI, backend: exchange.backend.id, bytesIn: exchange.bytesIn,
+            bytesOut: exchange.bytesOut, started: exchange.started, status: status)
+    }
+
+    private static func logAccess(
+        runtime: ProxyRuntime, listener: ListenerContext, clientIP: String, method: HTTPMethod, clientURI: String,
+        backend: String, bytesIn: Int, bytesOut: Int, started: NIODeadline, status: Int
+    ) {
         guard runtime.accessLog else { return }
-        let elapsed = NIODeadline.now() - exchange.started
+        let elapsed = NIODeadline.now() - started
         runtime.accessLogger.info(
             "request",
             metadata: [
                 "listener": "\(listener.name)",
                 "client": "\(clientIP)",
-                "method": "\(exchange.head.method.rawValue)",
-                "path": "\(exchange.clientURI)",
+                "method": "\(method.rawValue)",
+                "path": "\(clientURI)",
                 "status": "\(status)",
-                "backend": "\(exchange.backend.id)",
-                "bytes_in": "\(exchange.bytesIn)",
-                "bytes_out": "\(exchange.bytesOut)",
+                "backend": "\(backend)",
+                "bytes_in": "\(bytesIn)",
+                "bytes_out": "\(bytesOut)",
                 "duration_ms": "\(Double(elapsed.nanoseconds / 1000) / 1000)",
             ]
         )

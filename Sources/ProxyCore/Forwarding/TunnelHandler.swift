@@ -14,6 +14,8 @@ final class TunnelHandler: ChannelDuplexHandler {
     private var context: ChannelHandlerContext?
     private var pendingRead = false
     private var closing = false
+    /// Set by every read, cleared by the idle sweep (`TunnelIdleSweeper`).
+    private var active = false
     /// Bytes this side received and passed to the partner.
     private(set) var bytesRelayed = 0
     /// On the backend side of a WebSocket tunnel: where frames start in what goes to the client.
@@ -43,6 +45,7 @@ final class TunnelHandler: ChannelDuplexHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = Self.unwrapInboundIn(data)
+        self.active = true
         self.bytesRelayed += buffer.readableBytes
         self.frameTracker?.consume(buffer)
         self.partner?.partnerWrite(buffer)
@@ -63,12 +66,15 @@ final class TunnelHandler: ChannelDuplexHandler {
         context.close(promise: nil)
     }
 
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .all {
-            context.close(promise: nil)
-        } else {
-            context.fireUserInboundEventTriggered(event)
-        }
+    /// True when this side read anything since the last call.
+    func takeActivity() -> Bool {
+        defer { self.active = false }
+        return self.active
+    }
+
+    /// The tunnel passed no bytes for its idle timeout: close this side (the partner follows).
+    func closeIdle() {
+        self.context?.close(promise: nil)
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
