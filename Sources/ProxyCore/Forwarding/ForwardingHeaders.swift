@@ -6,41 +6,62 @@ import NIOHTTP1
 /// field named in `Connection`. Framing (`Content-Length`/`Transfer-Encoding`) is re-derived for the next hop from how
 /// the message was actually framed, never copied blindly.
 public enum ForwardingHeaders {
-    /// Fields that are hop-by-hop whatever `Connection` says (RFC 9110 §7.6.1, plus the legacy `Proxy-Connection`).
-    static let hopByHop: Set<String> = [
-        "connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
-    ]
-
-    /// Fields that `Connection` cannot make hop-by-hop: removing them would change what the request means.
-    static let endToEndOnly: Set<String> = ["host", "content-length", "x-forwarded-for"]
-
     /// The value the proxy adds to `Via` (RFC 9110 §7.6.3): protocol version and a pseudonym, never a host name.
     public static let viaValue = "1.1 ott-proxy"
 
-    /// Removes hop-by-hop fields in place and returns the lower-cased tokens that `Connection` listed.
-    static func stripHopByHop(_ headers: inout HTTPHeaders) -> Set<String> {
-        var listed: Set<String> = []
-        for value in headers[canonicalForm: "connection"] {
-            listed.insert(value.lowercased())
-        }
-        for value in headers[canonicalForm: "proxy-connection"] {
-            listed.insert(value.lowercased())
-        }
-        if listed.isEmpty {
-            // Fast path: nothing named by Connection, only the fixed set to drop.
-            if headers.contains(where: { hopByHop.contains($0.name.lowercased()) }) {
-                headers = HTTPHeaders(headers.filter { !hopByHop.contains($0.name.lowercased()) })
+    /// Removes hop-by-hop fields in place: the fixed set, and every field `Connection` (or the legacy
+    /// `Proxy-Connection`) names, except the fields that only travel end to end.
+    ///
+    /// On every request and every response, so it compares names byte by byte, case-insensitively, instead of
+    /// lower-casing them into new strings and hashing them (a profile put the earlier version at 6 % of the proxy's
+    /// user time), and removes fields in place rather than rebuilding the headers.
+    static func stripHopByHop(_ headers: inout HTTPHeaders) {
+        var connection = false
+        var found = false
+        for field in headers where isHopByHop(field.name) {
+            found = true
+            if asciiEqualsLowercased(field.name, "connection") || asciiEqualsLowercased(field.name, "proxy-connection") {
+                connection = true
+                break
             }
-            return listed
         }
-        headers = HTTPHeaders(
-            headers.filter { field in
-                let name = field.name.lowercased()
-                // A client may not strip the message's own routing fields by naming them in Connection.
-                return !hopByHop.contains(name) && (!listed.contains(name) || endToEndOnly.contains(name))
+        guard found else { return }
+        var listed: [Substring] = []
+        if connection {
+            listed = headers[canonicalForm: "connection"] + headers[canonicalForm: "proxy-connection"]
+        }
+        var drop: [String] = []
+        for field in headers {
+            let name = field.name
+            let remove =
+                isHopByHop(name)
+                || (!listed.isEmpty && !isEndToEndOnly(name)
+                    && listed.contains { asciiCaseInsensitiveEquals(name.utf8, $0.utf8) })
+            if remove, !drop.contains(where: { asciiCaseInsensitiveEquals($0.utf8, name.utf8) }) {
+                drop.append(name)
             }
-        )
-        return listed
+        }
+        for name in drop {
+            headers.remove(name: name)
+        }
+    }
+
+    /// The fixed hop-by-hop set (RFC 9110 §7.6.1, plus the legacy `Proxy-Connection`), any case.
+    static func isHopByHop(_ name: String) -> Bool {
+        switch name.utf8.count {
+        case 2: return asciiEqualsLowercased(name, "te")
+        case 7: return asciiEqualsLowercased(name, "trailer") || asciiEqualsLowercased(name, "upgrade")
+        case 10: return asciiEqualsLowercased(name, "connection") || asciiEqualsLowercased(name, "keep-alive")
+        case 16: return asciiEqualsLowercased(name, "proxy-connection")
+        case 17: return asciiEqualsLowercased(name, "transfer-encoding")
+        default: return false
+        }
+    }
+
+    /// Fields that `Connection` cannot make hop-by-hop: removing them would change what the request means.
+    static func isEndToEndOnly(_ name: String) -> Bool {
+        asciiEqualsLowercased(name, "host") || asciiEqualsLowercased(name, "content-length")
+            || asciiEqualsLowercased(name, "x-forwarded-for")
     }
 
     /// Builds the head sent to a backend.
@@ -56,7 +77,7 @@ public enum ForwardingHeaders {
         scheme: String
     ) -> HTTPRequestHead {
         var headers = head.headers
-        _ = stripHopByHop(&headers)
+        stripHopByHop(&headers)
 
         switch framing {
         case .none:
@@ -107,7 +128,7 @@ public enum ForwardingHeaders {
         var headers = head.headers
         let hasLength = headers.contains(name: "content-length")
         let upgrade = head.status == .switchingProtocols ? headers.first(name: "upgrade") : nil
-        _ = stripHopByHop(&headers)
+        stripHopByHop(&headers)
         var closeAfter = !keepAlive
 
         if let upgrade {
@@ -251,4 +272,31 @@ extension HTTPResponseStatus {
         default: return true
         }
     }
+}
+
+/// `name` equals `lower` (which is lower case) ignoring ASCII case.
+@inline(__always)
+func asciiEqualsLowercased(_ name: String, _ lower: StaticString) -> Bool {
+    guard name.utf8.count == lower.utf8CodeUnitCount else { return false }
+    return lower.withUTF8Buffer { expected in
+        var index = 0
+        for byte in name.utf8 {
+            let folded = byte &- 65 < 26 ? byte | 0x20 : byte
+            if folded != expected[index] { return false }
+            index += 1
+        }
+        return true
+    }
+}
+
+/// Two byte sequences are equal ignoring ASCII case.
+@inline(__always)
+func asciiCaseInsensitiveEquals<A: Collection<UInt8>, B: Collection<UInt8>>(_ a: A, _ b: B) -> Bool {
+    guard a.count == b.count else { return false }
+    for (x, y) in zip(a, b) where x != y {
+        let fx = x &- 65 < 26 ? x | 0x20 : x
+        let fy = y &- 65 < 26 ? y | 0x20 : y
+        if fx != fy { return false }
+    }
+    return true
 }

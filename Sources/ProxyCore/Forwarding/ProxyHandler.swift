@@ -707,7 +707,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             // Interim answers (100 Continue, 103 Early Hints) go to HTTP/1.1 clients as they are.
             if exchange.head.version.minor >= 1 && !exchange.responseStarted {
                 var interim = HTTPResponseHead(version: .http1_1, status: head.status, headers: head.headers)
-                _ = ForwardingHeaders.stripHopByHop(&interim.headers)
+                ForwardingHeaders.stripHopByHop(&interim.headers)
                 context.writeAndFlush(Self.wrapOutboundOut(.head(interim)), promise: nil)
             }
             return
