@@ -386,3 +386,26 @@ struct DownstreamResponseHeadTests {
         #expect(out.headers["via"] == ["1.1 edge, 1.0 ott-proxy"])
     }
 }
+
+@Suite struct HeaderElementsTests {
+    /// `elements(_:)` replaces NIO's `canonicalForm` on the hot path: it must agree with it on every value.
+    @Test func agreesWithCanonicalFormOnRandomValues() {
+        var generator = SystemRandomNumberGenerator()
+        let alphabet: [Character] = ["a", "B", "7", "-", ",", " ", "\t", ";", "="]
+        for _ in 0..<2_000 {
+            var headers = HTTPHeaders()
+            for _ in 0..<Int.random(in: 0...3, using: &generator) {
+                let value = String((0..<Int.random(in: 0...12, using: &generator)).map { _ in alphabet.randomElement(using: &generator)! })
+                headers.add(name: Bool.random(using: &generator) ? "Connection" : "connection", value: value)
+                headers.add(name: "Other", value: value)
+            }
+            #expect(headers.elements("connection") == headers[canonicalForm: "connection"], "\(headers)")
+        }
+    }
+
+    @Test func examples() {
+        let headers = HTTPHeaders([("Connection", " keep-alive ,, X-Foo,"), ("CONNECTION", ""), ("connection", " , ")])
+        #expect(headers.elements("connection") == ["keep-alive", "X-Foo", "", ""])
+        #expect(headers.elements("host") == [])
+    }
+}

@@ -28,7 +28,7 @@ public enum ForwardingHeaders {
         guard found else { return }
         var listed: [Substring] = []
         if connection {
-            listed = headers[canonicalForm: "connection"] + headers[canonicalForm: "proxy-connection"]
+            listed = headers.elements("connection") + headers.elements("proxy-connection")
         }
         var drop: [String] = []
         for field in headers {
@@ -97,7 +97,7 @@ public enum ForwardingHeaders {
             headers.add(name: "upgrade", value: upgrade)
         }
 
-        let existingFor = headers[canonicalForm: "x-forwarded-for"]
+        let existingFor = headers.elements("x-forwarded-for")
         if existingFor.isEmpty {
             headers.add(name: "x-forwarded-for", value: clientIP)
         } else {
@@ -163,7 +163,7 @@ public enum ForwardingHeaders {
     /// RFC 9110 §7.6.3: each proxy appends the protocol version it *received* the message with.
     private static func appendVia(_ headers: inout HTTPHeaders, requestVersion: HTTPVersion) {
         let entry = requestVersion == .http1_0 ? "1.0 ott-proxy" : viaValue
-        let existing = headers[canonicalForm: "via"]
+        let existing = headers.elements("via")
         if existing.isEmpty {
             headers.add(name: "via", value: entry)
         } else {
@@ -202,8 +202,8 @@ public enum RequestRejection: Error, Equatable, Sendable {
 /// and the connection closed, rather than guessed at.
 public enum RequestValidator {
     public static func framing(of head: HTTPRequestHead) throws(RequestRejection) -> RequestFraming {
-        let encodings = head.headers[canonicalForm: "transfer-encoding"]
-        let lengths = head.headers[canonicalForm: "content-length"]
+        let encodings = head.headers.elements("transfer-encoding")
+        let lengths = head.headers.elements("content-length")
         // `canonicalForm` drops empty list elements, so a field whose value is empty (or only commas) would look
         // absent: decide on the fields' presence, not on what is left of their values.
         let hasEncoding = head.headers.contains(name: "transfer-encoding")
@@ -232,7 +232,7 @@ public enum RequestValidator {
     }
 
     public static func validateHost(of head: HTTPRequestHead) throws(RequestRejection) {
-        let hosts = head.headers[canonicalForm: "host"]
+        let hosts = head.headers.elements("host")
         if hosts.count > 1 { throw .multipleHosts }
         if hosts.isEmpty && head.version.minor >= 1 && head.version.major == 1 { throw .missingHost }
     }
@@ -247,8 +247,8 @@ public enum RequestValidator {
         guard head.version == .http1_1, let upgrade = head.headers.first(name: "upgrade"), !upgrade.isEmpty else {
             return nil
         }
-        let tokens = head.headers[canonicalForm: "connection"]
-        guard tokens.contains(where: { $0.lowercased() == "upgrade" }) else { return nil }
+        let tokens = head.headers.elements("connection")
+        guard tokens.contains(where: { asciiCaseInsensitiveEquals($0.utf8, "upgrade".utf8) }) else { return nil }
         return upgrade
     }
 }
@@ -299,4 +299,39 @@ func asciiCaseInsensitiveEquals<A: Collection<UInt8>, B: Collection<UInt8>>(_ a:
         if fx != fy { return false }
     }
     return true
+}
+
+extension HTTPHeaders {
+    /// What `self[canonicalForm: name]` gives for these (non-`Set-Cookie`) names: every `name` field's comma-separated
+    /// elements, empty ones dropped, ASCII whitespace trimmed. Computed on UTF-8 bytes: NIO's version lower-cases the
+    /// name into a new string and splits by `Character`, and with eight calls per request it cost a few percent of the
+    /// proxy's time (`RequestValidator.validateHost` alone showed 2.5 % of user time in a profile).
+    func elements(_ name: StaticString) -> [Substring] {
+        var result: [Substring] = []
+        for (field, value) in self where asciiEqualsLowercased(field, name) {
+            let utf8 = value.utf8
+            var start = utf8.startIndex
+            while start < utf8.endIndex {
+                var end = start
+                while end < utf8.endIndex && utf8[end] != UInt8(ascii: ",") {
+                    end = utf8.index(after: end)
+                }
+                if end > start {
+                    var low = start
+                    var high = end
+                    while low < high && isASCIIWhitespace(utf8[low]) { low = utf8.index(after: low) }
+                    while high > low && isASCIIWhitespace(utf8[utf8.index(before: high)]) { high = utf8.index(before: high) }
+                    result.append(Substring(utf8[low..<high]))
+                }
+                guard end < utf8.endIndex else { break }
+                start = utf8.index(after: end)
+            }
+        }
+        return result
+    }
+}
+
+@inline(__always)
+private func isASCIIWhitespace(_ byte: UInt8) -> Bool {
+    byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\t") || byte == UInt8(ascii: "\r") || byte == UInt8(ascii: "\n")
 }
