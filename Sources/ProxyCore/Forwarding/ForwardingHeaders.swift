@@ -309,6 +309,15 @@ extension HTTPHeaders {
     func elements(_ name: StaticString) -> [Substring] {
         var result: [Substring] = []
         for (field, value) in self where asciiEqualsLowercased(field, name) {
+            // Most values are one element with nothing to trim (`keep-alive`, a host name): take them whole.
+            let whole = value.utf8.withContiguousStorageIfAvailable { bytes -> Bool in
+                guard let first = bytes.first, let last = bytes.last else { return true }
+                return !isASCIIWhitespace(first) && !isASCIIWhitespace(last) && !bytes.contains(UInt8(ascii: ","))
+            }
+            if whole == true {
+                if !value.isEmpty { result.append(value[...]) }
+                continue
+            }
             let utf8 = value.utf8
             var start = utf8.startIndex
             while start < utf8.endIndex {

@@ -256,7 +256,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             context.close(promise: nil)
             return
         }
-        context.triggerUserOutboundEvent(RequestHeadTimerEvent.headReceived, promise: nil)
+        self.httpHandlers.headTimer.handle(.headReceived)
         let generation = self.loop.generation
         self.runtime = generation.runtime
         self.policy = generation.policy(for: self.listener.name)
@@ -553,7 +553,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         case .answered(let keepAlive):
             if keepAlive {
                 self.state = .idle
-                context.triggerUserOutboundEvent(RequestHeadTimerEvent.awaitingHead, promise: nil)
+                self.httpHandlers.headTimer.handle(.awaitingHead)
             } else {
                 self.state = .closed
             }
@@ -848,7 +848,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         self.state = keepAlive ? .idle : .closed
         self.setReadsHeld(false, context: context)
         if keepAlive {
-            context.triggerUserOutboundEvent(RequestHeadTimerEvent.awaitingHead, promise: nil)
+            self.httpHandlers.headTimer.handle(.awaitingHead)
         }
         if exchange.wroteEnd {
             if !keepAlive { context.close(promise: nil) }
@@ -878,7 +878,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         }
         self.setReadsHeld(false, context: context)
         if case .idle = self.state {
-            context.triggerUserOutboundEvent(RequestHeadTimerEvent.awaitingHead, promise: nil)
+            self.httpHandlers.headTimer.handle(.awaitingHead)
         }
         self.writeLocalResponse(status: status, body: reason, headers: [], keepAlive: keepAlive, context: context)
     }
@@ -907,7 +907,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         if requestEnded {
             self.state = keepAlive ? .idle : .closed
             if keepAlive {
-                context.triggerUserOutboundEvent(RequestHeadTimerEvent.awaitingHead, promise: nil)
+                self.httpHandlers.headTimer.handle(.awaitingHead)
             }
         } else {
             self.state = .answered(keepAlive: keepAlive)

@@ -72,11 +72,10 @@ final class RequestHeadTimer: ChannelDuplexHandler, RemovableChannelHandler {
         context.fireChannelRead(data)
     }
 
-    func triggerUserOutboundEvent(context: ChannelHandlerContext, event: Any, promise: EventLoopPromise<Void>?) {
-        guard let event = event as? RequestHeadTimerEvent else {
-            context.triggerUserOutboundEvent(event, promise: promise)
-            return
-        }
+    /// Called directly by the request handler of the same connection (on its event loop), not sent as a pipeline
+    /// event: an outbound user event would pass every handler in between and be cast back from `Any`, twice per
+    /// request.
+    func handle(_ event: RequestHeadTimerEvent) {
         switch event {
         case .awaitingHead:
             self.enter(.idle, for: self.idleTimeout)
@@ -84,7 +83,6 @@ final class RequestHeadTimer: ChannelDuplexHandler, RemovableChannelHandler {
             self.state = .inRequest
             self.deadline = nil
         }
-        promise?.succeed()
     }
 
     private func enter(_ state: State, for timeout: TimeAmount) {
