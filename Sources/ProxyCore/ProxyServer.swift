@@ -142,6 +142,19 @@ public final class ProxyServer: Service, Sendable {
         return true
     }
 
+    /// Undoes `drain(backend:migrate:)`: new keys may be placed on the backend again and a running migration stops
+    /// after the key it is moving. Keys already moved stay where they are now. Returns false for a backend that is
+    /// not in the current configuration (a removed backend stays drained until it is gone).
+    @discardableResult
+    public func undrain(backend id: String) -> Bool {
+        let runtime = self.runtime
+        guard let backend = runtime.table.backends[id] else { return false }
+        runtime.drains.undrain(id)
+        backend.health.undrain()
+        runtime.logger.info("drain undone", metadata: ["backend": "\(id)"])
+        return true
+    }
+
     private func startMigration(of id: String) {
         // One migration per backend: a second drain (or a drain then a removal) must not double the rate.
         guard self.migrating.insert(id) else { return }
@@ -151,6 +164,13 @@ public final class ProxyServer: Service, Sendable {
             defer { migrating.remove(id) }
             while true {
                 let runtime = current.get()
+                // Undrained (`undrain(backend:)`): stop moving keys. A backend removed from the configuration is
+                // migrated without a drain entry and cannot be undrained: its migration runs to the end (unless a
+                // reload brings it back).
+                guard runtime.drains.state(of: id)?.migrate == true || runtime.table.backends[id] == nil else {
+                    runtime.logger.info("migration stopped: the drain was undone", metadata: ["backend": "\(id)"])
+                    return
+                }
                 let interval = Duration.seconds(1.0 / max(runtime.config.ownership.migrateRate, 0.001))
                 let code = runtime.config.ownership.closeCode
                 if let key = runtime.directory.keys(ownedBy: id).first {

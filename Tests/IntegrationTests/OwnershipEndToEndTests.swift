@@ -314,6 +314,55 @@ import Testing
         }
     }
 
+    @Test func anUndrainedBackendTakesNewKeysAgain() async throws {
+        try await Self.withSetup { setup in
+            #expect(try await setup.admin("POST", "/backends/r1/drain").status == 202)
+            for index in 0..<9 {
+                #expect(try await setup.backend(ofRoom: "during\(index)") != "r1", "during\(index) placed while draining")
+            }
+            let answer = try await setup.admin("DELETE", "/backends/r1/drain")
+            #expect(answer.status == 200)
+            #expect(answer.json["draining"] as? Bool == false)
+            let row = try #require(try await setup.backendsByID()["r1"])
+            #expect(row["status"] as? String == "healthy")
+            #expect(row["draining"] as? Bool == false)
+            // least-keys: r1 holds none of the nine keys placed meanwhile, so new keys go to it again.
+            var placedOnR1 = 0
+            for index in 0..<6 where try await setup.backend(ofRoom: "after\(index)") == "r1" { placedOnR1 += 1 }
+            #expect(placedOnR1 > 0, "no new key was placed on the undrained backend")
+            #expect(try await setup.admin("DELETE", "/backends/nope/drain").status == 404)
+        }
+    }
+
+    @Test func undrainingStopsAMigrationUnderWay() async throws {
+        try await Self.withSetup(place: "rendezvous", configure: { $0.ownership.migrateRate = 2 }) { setup in
+            let rooms = Array((0..<1_000).lazy.map { "u\($0)" }
+                .filter { NamedOrigins.rendezvous("room:\($0)", among: ["r1", "r2", "r3"]) == "r1" }.prefix(6))
+            var clients: [WebSocketClient] = []
+            for room in rooms {
+                let (client, backend) = try await setup.join(room)
+                clients.append(client)
+                #expect(backend == "r1")
+            }
+            #expect(try await setup.admin("POST", "/backends/r1/drain?migrate=true").status == 202)
+            // The first key moves at once; the next would follow every 500 ms.
+            let first = try await WSSupport.waitUntil(timeout: .seconds(3)) {
+                (try await setup.backendsByID()["r1"]?["tunnels"] as? Int ?? 0) < rooms.count
+            }
+            #expect(first, "the migration did not start")
+            #expect(try await setup.admin("DELETE", "/backends/r1/drain").status == 200)
+            let left = try await setup.backendsByID()["r1"]?["tunnels"] as? Int ?? 0
+            // Three more intervals: a migration still running would have moved three more keys by now.
+            try await Task.sleep(for: .milliseconds(1_500))
+            let row = try #require(try await setup.backendsByID()["r1"])
+            #expect(row["tunnels"] as? Int == left, "tunnels kept closing after the undrain: \(row)")
+            #expect(left >= rooms.count - 2)
+            #expect(row["draining"] as? Bool == false)
+            #expect(row["migrating"] as? Bool == false)
+            for client in clients { await client.close() }
+        }
+    }
+
     // MARK: Leases
 
     @Test func anOpenWebSocketHoldsTheLeasePastIdleTTLAndTheKeyExpiresAfterItCloses() async throws {

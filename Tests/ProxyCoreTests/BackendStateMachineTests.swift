@@ -235,6 +235,25 @@ struct BackendStateMachineTests {
 
     // MARK: Drain and remove
 
+    @Test("undraining returns a backend to its health verdict; a removed backend cannot be undrained")
+    func undrain() {
+        var m = machine(active: active, passive: passive)
+        #expect(m.undrain() == [], "an active backend has no drain to undo")
+        #expect(m.drain() == [.startedDraining])
+        #expect(m.undrain() == [.stoppedDraining])
+        #expect(m.state(at: at(1)) == .healthy)
+        #expect(m.isUsable(at: at(1)))
+        // Checks kept running while it drained: it comes back with their verdict, not as healthy by default.
+        #expect(m.drain() == [.startedDraining])
+        _ = (1...3).map { m.activeCheck(passed: false, now: at(Double($0))) }
+        #expect(m.undrain() == [.stoppedDraining])
+        #expect(m.state(at: at(4)) == .unhealthy)
+        #expect(m.drain() == [.startedDraining])
+        #expect(m.remove() == [.removed])
+        #expect(m.undrain() == [])
+        #expect(m.state(at: at(5)) == .removed)
+    }
+
     @Test("draining and removed backends are not usable, whatever their health")
     func drainAndRemove() {
         var m = machine(active: active, passive: passive)

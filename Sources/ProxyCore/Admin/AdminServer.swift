@@ -126,8 +126,8 @@ struct AdminServer: Sendable {
 extension AdminServer {
     static let json = "application/json"
 
-    /// `GET /backends`, `POST /backends/{id}/drain[?migrate=true]`, `GET /keys?prefix=&limit=`, `GET /keys/{key}`,
-    /// `DELETE /keys/{key}`; nil when the path is none of these.
+    /// `GET /backends`, `POST /backends/{id}/drain[?migrate=true]`, `DELETE /backends/{id}/drain`,
+    /// `GET /keys?prefix=&limit=`, `GET /keys/{key}`, `DELETE /keys/{key}`; nil when the path is none of these.
     static func ownershipAPI(method: HTTPMethod, path: String, proxy: ProxyServer) -> (HTTPResponseStatus, String, String)? {
         let runtime = proxy.runtime
         let components = URLComponents(string: path)
@@ -165,6 +165,11 @@ extension AdminServer {
                 return (.notFound, json, render(["error": "no backend '\(segments[1])'"]))
             }
             return (.accepted, json, render(["backend": segments[1], "draining": true, "migrate": migrate]))
+        case (.DELETE, "backends", 3) where segments[2] == "drain":
+            guard proxy.undrain(backend: segments[1]) else {
+                return (.notFound, json, render(["error": "no backend '\(segments[1])'"]))
+            }
+            return (.ok, json, render(["backend": segments[1], "draining": false]))
         case (.GET, "keys", 1):
             let limit = max(1, min(Int(query["limit"] ?? "") ?? 100, 10_000))
             let keys = runtime.directory.list(prefix: query["prefix"] ?? "", limit: limit).map {

@@ -62,6 +62,11 @@ public final class BackendHealth: Sendable {
     }
 
     @discardableResult
+    public func undrain() -> [BackendStateMachine.Action] {
+        self.apply { machine, _ in machine.undrain() }
+    }
+
+    @discardableResult
     public func remove() -> [BackendStateMachine.Action] {
         self.apply { machine, _ in machine.remove() }
     }
@@ -104,6 +109,8 @@ public final class BackendHealth: Sendable {
             logger.info("backend ejection ended", metadata: metadata)
         case .startedDraining:
             logger.info("backend draining", metadata: metadata)
+        case .stoppedDraining:
+            logger.info("backend drain undone: taking new work again", metadata: metadata)
         case .removed:
             logger.info("backend removed", metadata: metadata)
         }

@@ -13,8 +13,8 @@ import NIOCore
 ///   that time has passed, or at the first passing active check. A request that succeeds outside an ejection resets
 ///   both the failure count and the back-off.
 ///
-/// Draining and removal are one-way lifecycle steps on top of that: a draining backend is kept for what it already
-/// serves but takes nothing new; a removed one is gone from configuration or discovery.
+/// Draining and removal are lifecycle steps on top of that: a draining backend is kept for what it already serves but
+/// takes nothing new, until the drain is undone; a removed one is gone from configuration or discovery, for good.
 public struct BackendStateMachine: Sendable, Equatable {
     /// What the admin API reports. An ejected backend reports `unhealthy`.
     public enum State: String, Sendable, Equatable, CaseIterable {
@@ -46,6 +46,8 @@ public struct BackendStateMachine: Sendable, Equatable {
         /// The ejection ended, because its time passed or an active check passed.
         case ejectionEnded(byActiveCheck: Bool)
         case startedDraining
+        /// A drain was undone: the backend takes new work again.
+        case stoppedDraining
         case removed
     }
 
@@ -187,6 +189,13 @@ public struct BackendStateMachine: Sendable, Equatable {
         guard self.lifecycle == .active else { return [] }
         self.lifecycle = .draining
         return [.startedDraining]
+    }
+
+    /// Undoes a drain: the backend takes new work again (when its health allows). A removed backend stays removed.
+    public mutating func undrain() -> [Action] {
+        guard self.lifecycle == .draining else { return [] }
+        self.lifecycle = .active
+        return [.stoppedDraining]
     }
 
     /// Gone from configuration or discovery.
