@@ -462,6 +462,9 @@ public final class ProxyServer: Service, Sendable {
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 16)
             .childChannelOption(.recvAllocator, value: ReadBuffers.allocator)
+            // Reading ahead (`ReadAheadHandler`) may read a client's end of stream while its response is pending:
+            // half-closure lets that handler close the connection when the response is done instead.
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     guard connections.add(channel) else {

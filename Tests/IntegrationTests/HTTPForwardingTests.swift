@@ -63,6 +63,37 @@ import Testing
         }
     }
 
+    /// A client that sends its request and shuts down its sending side (HTTP/1.0 tools, `nc -N`) still gets the whole
+    /// response, and then the connection closes; on an idle connection, the end of stream closes it at once.
+    @Test func aHalfClosedClientGetsItsResponse() async throws {
+        try await withOrigin { origin in
+            try await withProxy(backends: [(id: "o", port: origin.port)]) { proxy in
+                for _ in 0..<5 {
+                    let connection = try await RawHTTPConnection.connect(port: proxy.port)
+                    try await connection.send("GET /echo?half=1 HTTP/1.1\r\nHost: test\r\n\r\n")
+                    try await connection.channel.close(mode: .output)
+                    let received = String(decoding: try await connection.readUntilClosed(timeout: .seconds(5)), as: UTF8.self)
+                    #expect(received.hasPrefix("HTTP/1.1 200"), "got: \(received.prefix(80))")
+                    #expect(received.contains("x-origin-uri: /echo?half=1"))
+                    await connection.close()
+                }
+                // A request that can no longer complete (its body was cut short by the end of stream) closes at once.
+                let cut = try await RawHTTPConnection.connect(port: proxy.port)
+                try await cut.send("POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\nhello")
+                try await cut.channel.close(mode: .output)
+                _ = try await cut.readUntilClosed(timeout: .seconds(5))
+                await cut.close()
+                let idle = try await RawHTTPConnection.connect(port: proxy.port)
+                try await idle.send("GET /echo HTTP/1.1\r\nHost: test\r\n\r\n")
+                #expect(try await idle.readResponse().status == 200)
+                try await idle.channel.close(mode: .output)
+                _ = try await idle.readUntilClosed(timeout: .seconds(5))
+                #expect(idle.isClosed)
+                await idle.close()
+            }
+        }
+    }
+
     @Test func deleteWithJSONBody() async throws {
         try await withOrigin { origin in
             try await withProxy(backends: [(id: "o", port: origin.port)]) { proxy in

@@ -140,8 +140,42 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         self.context = nil
     }
 
+    /// The client ended its sending side (half-close, see `ReadAheadHandler`): no request can follow the current one,
+    /// so the connection closes once its response is written.
+    private var clientEnded = false
+    /// The current request's `.end` has arrived (or no request has started).
+    private var requestComplete = true
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard let event = event as? ChannelEvent, event == .inputClosed else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        self.clientEnded = true
+        switch self.state {
+        case .tunnel, .closed:
+            return
+        case .idle:
+            self.state = .closed
+            context.close(promise: nil)
+        case .proxying, .answered, .bufferingBody, .resolving, .fanningOut:
+            // The pipelining handler delivers every request part that arrived before the end of stream first: a
+            // request not complete by now never will be. A complete one gets its response, then the close (every
+            // keep-alive decision below includes `clientEnded`).
+            if !self.requestComplete {
+                context.close(promise: nil)
+            }
+        }
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch Self.unwrapInboundIn(data) {
+        let part = Self.unwrapInboundIn(data)
+        switch part {
+        case .head: self.requestComplete = false
+        case .end: self.requestComplete = true
+        case .body: break
+        }
+        switch part {
         case .head(let head):
             self.receivedHead(head, context: context)
         case .body(var buffer):
@@ -844,7 +878,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     private func finish(_ exchange: Exchange, trailers: HTTPHeaders?, context: ChannelHandlerContext) {
         self.release(exchange)
         self.logAccess(exchange, status: exchange.status)
-        let keepAlive = exchange.clientKeepAlive && !exchange.closeAfter
+        let keepAlive = exchange.clientKeepAlive && !exchange.closeAfter && !self.clientEnded
         self.state = keepAlive ? .idle : .closed
         self.setReadsHeld(false, context: context)
         if keepAlive {
@@ -869,7 +903,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         exchange.status = Int(status.code)
         self.logAccess(exchange, status: Int(status.code))
         // The request body may be half read; only a bodiless request leaves the connection in a known state.
-        let keepAlive = exchange.clientKeepAlive && exchange.upgrade == nil
+        let keepAlive = exchange.clientKeepAlive && exchange.upgrade == nil && !self.clientEnded
             && (exchange.requestEnded || exchange.framing == .none)
         if keepAlive && !exchange.requestEnded {
             self.state = .answered(keepAlive: true)
@@ -903,7 +937,8 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         bodyAsGiven: Bool = false,
         context: ChannelHandlerContext
     ) {
-        let keepAlive = head.isKeepAlive && (framing == .none || requestEnded) && RequestValidator.upgradeProtocol(of: head) == nil
+        let keepAlive = head.isKeepAlive && (framing == .none || requestEnded) && !self.clientEnded
+            && RequestValidator.upgradeProtocol(of: head) == nil
         if requestEnded {
             self.state = keepAlive ? .idle : .closed
             if keepAlive {
@@ -1012,6 +1047,9 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         }
         do {
             let downstream = context.pipeline.syncOperations
+            // A tunnel closes when the client ends its side, as NIO does without half-closure (which the HTTP phase
+            // enabled for `ReadAheadHandler`). NIO reads this option when the end of stream arrives.
+            try context.channel.syncOptions?.setOption(.allowRemoteHalfClosure, value: false)
             try downstream.addHandler(clientSide)
             let upstreamPipeline = upstream.channel.pipeline.syncOperations
             try upstreamPipeline.addHandler(backendSide)
@@ -1030,6 +1068,10 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             downstream.removeHandler(self.httpHandlers.encoder, promise: nil)
             downstream.removeHandler(context: context, promise: nil)
             downstream.removeHandler(self.httpHandlers.decoder).whenComplete { _ in upstreamChannel.flush() }
+            if self.clientEnded {
+                // The client ended its side while the upgrade was answered: nothing will come from it.
+                context.close(promise: nil)
+            }
         } catch {
             self.runtime.logger.error("could not set up tunnel", metadata: ["error": "\(error)"])
             upstream.channel.close(promise: nil)

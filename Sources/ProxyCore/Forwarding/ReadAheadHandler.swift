@@ -14,6 +14,12 @@ import NIOCore
 /// early (as it does for bytes that arrive in the same read), and a client that pushes more than `limit` bytes ahead
 /// is back-pressured exactly as before. It comes out of the pipeline with the HTTP handlers when a connection turns
 /// into a tunnel, whose own back-pressure must not be overridden.
+///
+/// Reading ahead also reads a client's end of stream early, while its response is pending: a client that sends its
+/// request and then shuts down its side (`shutdown(SHUT_WR)`, HTTP/1.0 tools) must still get that response. So client
+/// channels allow half-closure: the `inputClosed` event passes the pipelining handler (after any request parts it
+/// buffered) and `ProxyHandler` closes the connection once the response is written, or at once when the connection is
+/// idle or the request can no longer complete.
 final class ReadAheadHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
