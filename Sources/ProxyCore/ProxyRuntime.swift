@@ -15,6 +15,20 @@ public final class ProxyRuntime: Sendable {
     public let drains: DrainRegistry
     /// Counts reloads: 1 for the configuration the server started with.
     public let generation: Int
+    /// Each pool's settings by name, looked up on every keyed request.
+    let pools: [String: PoolSettings]
+
+    /// A pool's configuration with its default placement already parsed: the data path looks it up by name once per
+    /// keyed request, where a search of the configuration copied the whole `PoolConfig` (twice per request).
+    final class PoolSettings: Sendable {
+        let config: PoolConfig
+        let placement: PlacementStrategyKind
+
+        init(config: PoolConfig) {
+            self.config = config
+            self.placement = PlacementStrategyKind(rawValue: config.placement) ?? .leastKeys
+        }
+    }
 
     public init(
         config: ProxyConfig, table: RoutingTable, logger: Logger, accessLogger: Logger, metrics: ProxyMetrics,
@@ -31,6 +45,7 @@ public final class ProxyRuntime: Sendable {
         self.tunnels = tunnels
         self.drains = drains
         self.generation = generation
+        self.pools = Dictionary(config.pools.map { ($0.name, PoolSettings(config: $0)) }, uniquingKeysWith: { first, _ in first })
     }
 }
 
@@ -43,7 +58,7 @@ extension ProxyRuntime {
     }
 
     func poolConfig(named name: String) -> PoolConfig? {
-        self.config.pools.first { $0.name == name }
+        self.pools[name]?.config
     }
 }
 

@@ -56,11 +56,15 @@ extension ProxyRuntime {
         case .backend(let id):
             return self.table.backends[id].map { .backend($0) } ?? .unknownBackend(id)
         case .keyed(let key, let name, let placement):
-            guard let pool = self.table.pools[name], let poolConfig = self.poolConfig(named: name) else {
+            guard let pool = self.table.pools[name], let settings = self.pools[name] else {
                 return .unknownPool(name)
             }
-            if let placement, !PlacementStrategy.names.contains(placement) { return .unknownPlacement(placement) }
-            let query = self.ownershipQuery(key: key, pool: pool, poolConfig: poolConfig, placement: placement)
+            var strategy = settings.placement
+            if let placement {
+                guard let named = PlacementStrategyKind(rawValue: placement) else { return .unknownPlacement(placement) }
+                strategy = named
+            }
+            let query = self.ownershipQuery(key: key, pool: pool, settings: settings, strategy: strategy)
             switch self.directory.resolve(query, on: eventLoop) {
             case .owned(let ownership):
                 guard let backend = self.table.backends[ownership.backend] else { return .noBackend }

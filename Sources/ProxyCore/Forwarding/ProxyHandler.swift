@@ -498,9 +498,11 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         _ pending: PendingForward, backend: Backend, ownership: Ownership?, context: ChannelHandlerContext
     ) {
         var forwardedHead = Self.rewrite(pending.head, with: pending.decision)
-        if let ownership, let pool = self.runtime.poolConfig(named: ownership.pool) {
-            if let name = pool.keyHeader { forwardedHead.headers.replaceOrAdd(name: name, value: ownership.key) }
-            if let name = pool.epochHeader { forwardedHead.headers.replaceOrAdd(name: name, value: String(ownership.epoch)) }
+        if let ownership, let pool = self.runtime.pools[ownership.pool] {
+            if let name = pool.config.keyHeader { forwardedHead.headers.replaceOrAdd(name: name, value: ownership.key) }
+            if let name = pool.config.epochHeader {
+                forwardedHead.headers.replaceOrAdd(name: name, value: String(ownership.epoch))
+            }
         }
         let bodyFraming: RequestFraming = pending.bufferedBody.map { .contentLength($0.readableBytes) } ?? pending.framing
         let exchange = Exchange(

@@ -66,17 +66,16 @@ public struct LiveRoutingEnvironment: RoutingEnvironment {
 extension ProxyRuntime {
     /// The directory query for a keyed decision: keep a still-valid owner, else place by `placement` (or the pool's
     /// default) among the pool's backends that accept new keys.
-    func ownershipQuery(key: String, pool: Pool, poolConfig: PoolConfig, placement: String?) -> OwnershipQuery {
-        let strategy = PlacementStrategyKind(rawValue: placement ?? poolConfig.placement) ?? .leastKeys
+    func ownershipQuery(key: String, pool: Pool, settings: PoolSettings, strategy: PlacementStrategyKind) -> OwnershipQuery {
         let backends = pool.backends
         let poolObject = pool
         let drains = self.drains
         let region = self.config.ownership.region
-        let factor = poolConfig.balanceFactor
+        let factor = settings.config.balanceFactor
         return OwnershipQuery(
             key: key,
             pool: pool.name,
-            idleTTL: poolConfig.idleTTL,
+            idleTTL: settings.config.idleTTL,
             stillValid: { id in
                 // A draining backend keeps its existing keys (they end naturally); a down or removed one does not.
                 backends.contains { $0.id == id && $0.canServeExistingKeys }
