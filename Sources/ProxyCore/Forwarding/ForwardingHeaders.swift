@@ -274,19 +274,10 @@ extension HTTPResponseStatus {
     }
 }
 
-/// `name` equals `lower` (which is lower case) ignoring ASCII case.
+/// `name` equals `lower` (a lower-case literal) ignoring ASCII case.
 @inline(__always)
 func asciiEqualsLowercased(_ name: String, _ lower: StaticString) -> Bool {
-    guard name.utf8.count == lower.utf8CodeUnitCount else { return false }
-    return lower.withUTF8Buffer { expected in
-        var index = 0
-        for byte in name.utf8 {
-            let folded = byte &- 65 < 26 ? byte | 0x20 : byte
-            if folded != expected[index] { return false }
-            index += 1
-        }
-        return true
-    }
+    lower.withUTF8Buffer { asciiCaseInsensitiveEquals(name.utf8, $0) }
 }
 
 /// Two byte sequences are equal ignoring ASCII case.
