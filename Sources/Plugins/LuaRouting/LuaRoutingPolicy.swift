@@ -336,7 +336,7 @@ public final class LuaRoutingPolicy: RoutingPolicy {
         }
         lua_rawgeti(L, clua_registryindex(), lua_Integer(self.requestMetatableRef))
         lua_setmetatable(L, table)
-        lua_rotate(L, names, -1)
+        lua_rotate(L, names, -1)  // lua_remove(L, names): the request table is left on top
         clua_pop(L, 1)
         self.currentRequest = pointer
         self.currentRequestTable = lua_topointer(L, -1)
