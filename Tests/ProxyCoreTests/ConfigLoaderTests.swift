@@ -7,18 +7,6 @@ import Testing
 
 
 /// A valid file, so each error test changes one thing and expects exactly one error.
-private let minimal = """
-    listeners:
-      - port: 8080
-        pool: rooms
-    pools:
-      rooms:
-        backends:
-          - id: a
-            address: 127.0.0.1:9001
-
-    """
-
 @Suite("ConfigLoader")
 struct ConfigLoaderTests {
     // MARK: Valid files

@@ -5,18 +5,6 @@ import Testing
 
 
 /// Eight lines; text appended to it continues the pool `rooms` (indent pool keys by 4 spaces), from line 9 on.
-private let minimal = """
-    listeners:
-      - port: 8080
-        pool: rooms
-    pools:
-      rooms:
-        backends:
-          - id: a
-            address: 127.0.0.1:9001
-
-    """
-
 private func pool(_ yaml: String) throws -> PoolConfig {
     try #require(try ConfigLoader.parse(yaml: yaml, file: "test.yaml").pool(named: "rooms"))
 }

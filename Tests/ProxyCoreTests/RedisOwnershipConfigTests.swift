@@ -2,20 +2,6 @@ import NIOCore
 import ProxyCore
 import Testing
 
-private let minimal = """
-    listeners:
-      - port: 8080
-        pool: rooms
-    pools:
-      rooms:
-        backends:
-          - id: a
-            address: 127.0.0.1:9001
-
-    """
-
-
-
 @Suite("RedisOwnershipConfig")
 struct RedisOwnershipConfigTests {
     @Test("store redis with every key")
