@@ -2,8 +2,9 @@
 import PackageDescription
 
 // The data path's code is compiled without the run-time exclusivity checks in release builds: under HTTP load they
-// were about 2.5 % of the proxy's profile, and with the flag on every module a wrk run gained about 7 % requests/s
-// (docs/benchmarks.md; here only ProxyCore's own checks go, NIO keeps its). Debug builds, and so the tests, keep them.
+// were about 2.5 % of the proxy's profile (docs/benchmarks.md). A package can set this for its own targets only; the
+// scripts' release build (`RELEASE_BUILD` in scripts/lib.sh) passes it on the command line so NIO's checks go too.
+// Debug builds, and so the tests, keep them.
 let hotPathSettings: [SwiftSetting] = [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
 
 let package = Package(

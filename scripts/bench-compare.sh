@@ -54,7 +54,7 @@ fi
 
 cd "$ROOT"
 echo "==> building (release): ott-proxy, ws-echo-origin, ws-load"
-swift build -c release --product ott-proxy >/dev/null
+"${RELEASE_BUILD[@]}" --product ott-proxy >/dev/null
 swift build -c release --package-path Benchmarks --product ws-load >/dev/null
 swift build -c release --package-path Benchmarks --product ws-echo-origin >/dev/null
 OTT="$ROOT/.build/release/ott-proxy"

@@ -9,7 +9,7 @@ CONNECTIONS="${2:-64}"
 ensure_swift
 ensure_packages "${BASE_PACKAGES[@]}" wrk nginx-light
 cd "$ROOT"
-swift build -c release --product ott-proxy >/dev/null
+"${RELEASE_BUILD[@]}" --product ott-proxy >/dev/null
 
 WORK="$(mktemp -d)"
 ORIGIN_PORT=18081

@@ -6,5 +6,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ensure_swift
 ensure_packages "${BASE_PACKAGES[@]}"
 cd "$ROOT"
-swift build -c release --product ott-proxy
+"${RELEASE_BUILD[@]}" --product ott-proxy
 exec "$ROOT/.build/release/ott-proxy" demo "$@"
