@@ -1011,50 +1011,33 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     }
 
     private func spliceTunnel(_ exchange: Exchange, upstream: UpstreamConnection, context: ChannelHandlerContext) {
-
-        let (clientSide, backendSide) = TunnelHandler.pair()
         let runtime = self.runtime
-        let listener = self.listener
-        let clientIP = self.clientIP
-        if exchange.upgrade?.lowercased() == "websocket" {
-            backendSide.frameTracker = WebSocketFrameTracker()
-        }
-        // Registered so an owner change, a forced re-placement or a migration can close exactly this tunnel.
-        let boundClientSide = NIOLoopBound(clientSide, eventLoop: context.eventLoop)
-        let loop = context.eventLoop
-        let token = runtime.tunnels.register(key: exchange.key, backend: exchange.backend.id) { code in
-            loop.execute { boundClientSide.value.close(code: code) }
-        }
         // The tunnel keeps only what its access-log line needs, not the exchange with its request head: an idle
         // WebSocket should cost the proxy as little memory as possible.
-        let backend = exchange.backend
-        let key = exchange.key
-        let method = exchange.head.method
-        let clientURI = exchange.clientURI
-        let started = exchange.started
-        let (bytesIn, bytesOut) = (exchange.bytesIn, exchange.bytesOut)
-        let idleSweeper = self.loop.tunnelIdle
-        idleSweeper.add(client: clientSide, backend: backendSide, timeout: runtime.config.timeouts.tunnelIdle)
-        clientSide.onClose = { [unowned clientSide, unowned backendSide] in
-            idleSweeper.remove(clientSide)
-            runtime.tunnels.unregister(token)
-            backend.release()
-            if let key { runtime.directory.releaseLease(key: key) }
-            runtime.metrics.tunnelsOpen.decrement()
-            runtime.metrics.countRequest(listener: listener.name, status: 101)
-            ProxyHandler.logAccess(
-                runtime: runtime, listener: listener, clientIP: clientIP, method: method, clientURI: clientURI,
-                backend: backend.id, bytesIn: bytesIn + clientSide.bytesRelayed, bytesOut: bytesOut + backendSide.bytesRelayed,
-                started: started, status: 101)
+        let tunnel = TunnelHandler(
+            webSocket: exchange.upgrade?.lowercased() == "websocket",
+            record: TunnelHandler.Record(
+                runtime: runtime, idleSweeper: self.loop.tunnelIdle, listener: self.listener, clientIP: self.clientIP, method: exchange.head.method,
+                clientURI: exchange.clientURI, backend: exchange.backend, key: exchange.key, started: exchange.started,
+                bytesIn: exchange.bytesIn, bytesOut: exchange.bytesOut))
+        // Registered so an owner change, a forced re-placement or a migration can close exactly this tunnel.
+        let loop = context.eventLoop
+        let bound = NIOLoopBound(tunnel, eventLoop: loop)
+        tunnel.registryToken = runtime.tunnels.register(key: exchange.key, backend: exchange.backend.id) { code in
+            loop.execute { bound.value.close(code: code) }
         }
+        self.loop.tunnelIdle.add(tunnel, timeout: runtime.config.timeouts.tunnelIdle)
+        // A function, not a closure capturing the tunnel's state: that would be one more allocation per tunnel.
+        tunnel.onClose = ProxyHandler.tunnelClosed
         do {
             let downstream = context.pipeline.syncOperations
             // A tunnel closes when the client ends its side, as NIO does without half-closure (which the HTTP phase
             // enabled for `ReadAheadHandler`). NIO reads this option when the end of stream arrives.
             try context.channel.syncOptions?.setOption(.allowRemoteHalfClosure, value: false)
-            try downstream.addHandler(clientSide)
+            // The client side first: the tunnel tells its sides apart by the order they are added in.
+            try downstream.addHandler(tunnel)
             let upstreamPipeline = upstream.channel.pipeline.syncOperations
-            try upstreamPipeline.addHandler(backendSide)
+            try upstreamPipeline.addHandler(tunnel)
             // Removing the decoders last forwards any bytes that arrived right behind the heads (a first WebSocket
             // frame) to the tunnel handlers, in order. That delivery comes with no `channelReadComplete`, so the
             // tunnel would never flush those bytes: flush the partner once each decoder is gone.
@@ -1076,9 +1059,26 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             }
         } catch {
             self.runtime.logger.error("could not set up tunnel", metadata: ["error": "\(error)"])
+            tunnel.reportClosed()
             upstream.channel.close(promise: nil)
             context.close(promise: nil)
         }
+    }
+
+    /// A tunnel's first side closed: its registration, lease and metrics end, and its access-log line is written.
+    private static func tunnelClosed(_ tunnel: TunnelHandler) {
+        let record = tunnel.record
+        let runtime = record.runtime
+        record.idleSweeper.remove(tunnel)
+        if let token = tunnel.registryToken { runtime.tunnels.unregister(token) }
+        record.backend.release()
+        if let key = record.key { runtime.directory.releaseLease(key: key) }
+        runtime.metrics.tunnelsOpen.decrement()
+        runtime.metrics.countRequest(listener: record.listener.name, status: 101)
+        ProxyHandler.logAccess(
+            runtime: runtime, listener: record.listener, clientIP: record.clientIP, method: record.method,
+            clientURI: record.clientURI, backend: record.backend.id, bytesIn: record.bytesIn + tunnel.bytesFromClient,
+            bytesOut: record.bytesOut + tunnel.bytesFromBackend, started: record.started, status: 101)
     }
 
     // MARK: Logging and metrics

@@ -1,64 +1,110 @@
 import NIOCore
+import NIOHTTP1
 
-/// One side of an upgraded connection (WebSocket or any `Upgrade` protocol): relays raw bytes to its partner on the
-/// other channel, unchanged, with back-pressure.
+/// An upgraded connection (WebSocket or any `Upgrade` protocol): relays raw bytes between the client's channel and
+/// the backend's, unchanged, with back-pressure, and keeps what the tunnel's access-log line and lease need.
 ///
-/// Reading stops while the partner cannot take more, so a slow reader on one side bounds what the proxy holds for it
-/// to a socket's worth of buffers rather than growing without limit. Both channels share one event loop.
+/// One object per tunnel, added to both pipelines: it tells the two sides apart by their contexts (both channels run
+/// on one event loop). An idle WebSocket costs the proxy mostly NIO's two channels; a handler object per side, a
+/// close closure with the log fields and an idle-sweep entry each came on top (about 550 bytes per tunnel, measured
+/// with heaptrack, docs/benchmarks.md), this one object is about half of that.
+///
+/// Reading stops on a side while the other side cannot take more, so a slow reader bounds what the proxy holds for
+/// it to a socket's worth of buffers rather than growing without limit.
 final class TunnelHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    private var partner: TunnelHandler?
-    private var context: ChannelHandlerContext?
-    private var pendingRead = false
-    private var closing = false
-    /// Set by every read, cleared by the idle sweep (`TunnelIdleSweeper`).
-    private var active = false
-    /// Bytes this side received and passed to the partner.
-    private(set) var bytesRelayed = 0
-    /// On the backend side of a WebSocket tunnel: where frames start in what goes to the client.
-    var frameTracker: WebSocketFrameTracker?
-    var onClose: (() -> Void)?
-
-    static func pair() -> (TunnelHandler, TunnelHandler) {
-        let a = TunnelHandler()
-        let b = TunnelHandler()
-        a.partner = b
-        b.partner = a
-        return (a, b)
+    /// What the access-log line, the metrics and the lease need when the tunnel closes.
+    struct Record {
+        let runtime: ProxyRuntime
+        let idleSweeper: TunnelIdleSweeper
+        let listener: ListenerContext
+        let clientIP: String
+        let method: HTTPMethod
+        let clientURI: String
+        let backend: Backend
+        let key: String?
+        let started: NIODeadline
+        /// Bytes of the upgrade request and its `101`, before the tunnel.
+        let bytesIn: Int
+        let bytesOut: Int
     }
 
+    private struct Flags: OptionSet {
+        let rawValue: UInt8
+        static let clientReadPending = Flags(rawValue: 1 << 0)
+        static let backendReadPending = Flags(rawValue: 1 << 1)
+        static let closing = Flags(rawValue: 1 << 2)
+        static let closed = Flags(rawValue: 1 << 3)
+        /// Set by every read, cleared by the idle sweep (`TunnelIdleSweeper`).
+        static let active = Flags(rawValue: 1 << 4)
+    }
+
+    private var client: ChannelHandlerContext?
+    private var backend: ChannelHandlerContext?
+    private var flags: Flags = []
+    /// Bytes relayed from the client to the backend, and back.
+    private(set) var bytesFromClient = 0
+    private(set) var bytesFromBackend = 0
+    /// For WebSocket tunnels: where frames start in what goes to the client.
+    private var frameTracker: WebSocketFrameTracker?
+    let record: Record
+    /// Bookkeeping of this loop's `TunnelIdleSweeper`.
+    var idleSweep = TunnelIdleSweeper.Slot()
+    /// The `TunnelRegistry` token, unregistered on close.
+    var registryToken: UInt64?
+    /// Called once, when the first side closes (before the other side is told).
+    var onClose: ((TunnelHandler) -> Void)?
+
+    init(webSocket: Bool, record: Record) {
+        self.frameTracker = webSocket ? WebSocketFrameTracker() : nil
+        self.record = record
+    }
+
+    // MARK: Pipeline events (both sides)
+
     func handlerAdded(context: ChannelHandlerContext) {
-        self.context = context
-        if !context.channel.isActive {
+        // The client side is added first (`ProxyHandler.spliceTunnel`).
+        if self.client == nil {
+            self.client = context
+        } else {
+            self.backend = context
+        }
+        if self.flags.contains(.closed) {
+            // The side added first had already closed.
+            context.close(promise: nil)
+        } else if !context.channel.isActive {
             // Closed before the tunnel was spliced: take the other side down too.
-            self.partner?.partnerClosed()
+            self.sideClosed(context)
         }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
-        self.context = nil
-        self.partner = nil
+        if context === self.client { self.client = nil }
+        if context === self.backend { self.backend = nil }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = Self.unwrapInboundIn(data)
-        self.active = true
-        self.bytesRelayed += buffer.readableBytes
-        self.frameTracker?.consume(buffer)
-        self.partner?.partnerWrite(buffer)
+        self.flags.insert(.active)
+        if context === self.client {
+            self.bytesFromClient &+= buffer.readableBytes
+            self.backend?.write(data, promise: nil)
+        } else {
+            self.bytesFromBackend &+= buffer.readableBytes
+            self.frameTracker?.consume(buffer)
+            self.client?.write(data, promise: nil)
+        }
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        self.partner?.partnerFlush()
+        self.partner(of: context)?.flush()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        self.onClose?()
-        self.onClose = nil
-        self.partner?.partnerClosed()
+        self.sideClosed(context)
         context.fireChannelInactive()
     }
 
@@ -66,75 +112,78 @@ final class TunnelHandler: ChannelDuplexHandler {
         context.close(promise: nil)
     }
 
-    /// True when this side read anything since the last call.
-    func takeActivity() -> Bool {
-        defer { self.active = false }
-        return self.active
-    }
-
-    /// The tunnel passed no bytes for its idle timeout: close this side (the partner follows).
-    func closeIdle() {
-        self.context?.close(promise: nil)
-    }
-
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         if context.channel.isWritable {
-            self.partner?.partnerBecameWritable()
+            // This side drained: the other side may read again if it was held.
+            let held: Flags = context === self.client ? .backendReadPending : .clientReadPending
+            if self.flags.contains(held), let partner = self.partner(of: context) {
+                self.flags.remove(held)
+                partner.read()
+            }
         }
         context.fireChannelWritabilityChanged()
     }
 
     func read(context: ChannelHandlerContext) {
-        if let partner = self.partner, partner.isWritable {
+        if let partner = self.partner(of: context), partner.channel.isWritable {
             context.read()
         } else {
-            self.pendingRead = true
+            self.flags.insert(context === self.client ? .clientReadPending : .backendReadPending)
         }
     }
 
-    /// Closes the tunnel from the proxy's side (its key moved, or its backend is migrated). On the client side of a
-    /// WebSocket tunnel at a frame boundary, the client first gets a close frame with `code`, so it knows to
-    /// reconnect; otherwise the TCP connection just closes (which clients also treat as a reason to reconnect).
+    // MARK: Control from outside the pipelines
+
+    /// True when either side read anything since the last call.
+    func takeActivity() -> Bool {
+        defer { self.flags.remove(.active) }
+        return self.flags.contains(.active)
+    }
+
+    /// The tunnel passed no bytes for its idle timeout: close it.
+    func closeIdle() {
+        self.client?.close(promise: nil)
+    }
+
+    /// Closes the tunnel from the proxy's side (its key moved, or its backend is migrated). At a frame boundary of a
+    /// WebSocket tunnel, the client first gets a close frame with `code`, so it knows to reconnect; otherwise the TCP
+    /// connection just closes (which clients also treat as a reason to reconnect).
     func close(code: UInt16) {
-        guard let context = self.context, !self.closing else { return }
-        self.closing = true
-        if let tracker = self.partner?.frameTracker, tracker.atFrameBoundary, context.channel.isActive {
-            let frame = WebSocketFrameTracker.closeFrame(code: code, allocator: context.channel.allocator)
-            context.writeAndFlush(Self.wrapOutboundOut(frame)).assumeIsolated().whenComplete { _ in
-                context.close(promise: nil)
+        guard let client = self.client, !self.flags.contains(.closing) else { return }
+        self.flags.insert(.closing)
+        if let tracker = self.frameTracker, tracker.atFrameBoundary, client.channel.isActive {
+            let frame = WebSocketFrameTracker.closeFrame(code: code, allocator: client.channel.allocator)
+            client.writeAndFlush(Self.wrapOutboundOut(frame)).assumeIsolated().whenComplete { _ in
+                client.close(promise: nil)
             }
         } else {
-            context.close(promise: nil)
+            client.close(promise: nil)
         }
     }
 
-    private var isWritable: Bool {
-        self.context?.channel.isWritable ?? false
+    /// Runs `onClose`, once: when the first side closes, or when the tunnel could not be set up.
+    func reportClosed() {
+        guard !self.flags.contains(.closed) else { return }
+        self.flags.insert(.closed)
+        self.onClose?(self)
+        self.onClose = nil
     }
 
-    private func partnerWrite(_ buffer: ByteBuffer) {
-        self.context?.write(Self.wrapOutboundOut(buffer), promise: nil)
+    // MARK: Private
+
+    private func partner(of context: ChannelHandlerContext) -> ChannelHandlerContext? {
+        context === self.client ? self.backend : self.client
     }
 
-    private func partnerFlush() {
-        self.context?.flush()
-    }
-
-    private func partnerBecameWritable() {
-        if self.pendingRead, let context = self.context {
-            self.pendingRead = false
-            context.read()
-        }
-    }
-
-    /// The other side went away: deliver what is already queued, then close.
-    private func partnerClosed() {
-        guard !self.closing, let context = self.context else { return }
-        self.closing = true
-        guard context.channel.isActive else { return }
-        let buffer = context.channel.allocator.buffer(capacity: 0)
-        context.writeAndFlush(Self.wrapOutboundOut(buffer)).assumeIsolated().whenComplete { _ in
-            context.close(promise: nil)
+    /// One side went away: report the tunnel closed (once), then deliver what is already queued to the other side
+    /// and close it.
+    private func sideClosed(_ context: ChannelHandlerContext) {
+        self.reportClosed()
+        guard let other = self.partner(of: context), other !== context else { return }
+        guard other.channel.isActive else { return }
+        let empty = other.channel.allocator.buffer(capacity: 0)
+        other.writeAndFlush(Self.wrapOutboundOut(empty)).assumeIsolated().whenComplete { _ in
+            other.close(promise: nil)
         }
     }
 }

@@ -11,15 +11,16 @@ import NIOCore
 ///
 /// Confined to its event loop.
 final class TunnelIdleSweeper {
-    private struct Entry {
-        let client: TunnelHandler
-        let backend: TunnelHandler
-        let timeout: TimeAmount
-        var lastSeen: NIODeadline
+    /// A tunnel's place in the sweep, kept in the tunnel itself: an array slot and two numbers rather than a
+    /// dictionary entry per tunnel.
+    struct Slot {
+        fileprivate var index = -1
+        fileprivate var timeout = TimeAmount.zero
+        fileprivate var lastSeen = NIODeadline.uptimeNanoseconds(0)
     }
 
     private let eventLoop: EventLoop
-    private var entries: [ObjectIdentifier: Entry] = [:]
+    private var tunnels: [TunnelHandler] = []
     private var sweep: Scheduled<Void>?
     private var sweepAt: NIODeadline = .distantFuture
     /// The sweep interval for the timeouts registered: a quarter of the shortest, at least 10 ms.
@@ -29,13 +30,15 @@ final class TunnelIdleSweeper {
         self.eventLoop = eventLoop
     }
 
-    var count: Int { self.entries.count }
+    var count: Int { self.tunnels.count }
 
-    /// Watches the tunnel made of `client` (the client side) and `backend`; `remove(_:)` with the client side ends it.
-    func add(client: TunnelHandler, backend: TunnelHandler, timeout: TimeAmount) {
+    /// Watches `tunnel` until `remove(_:)`.
+    func add(_ tunnel: TunnelHandler, timeout: TimeAmount) {
         self.eventLoop.preconditionInEventLoop()
+        guard tunnel.idleSweep.index < 0 else { return }
         let now = NIODeadline.now()
-        self.entries[ObjectIdentifier(client)] = Entry(client: client, backend: backend, timeout: timeout, lastSeen: now)
+        tunnel.idleSweep = Slot(index: self.tunnels.count, timeout: timeout, lastSeen: now)
+        self.tunnels.append(tunnel)
         let interval = TimeAmount.nanoseconds(max(timeout.nanoseconds / 4, 10_000_000))
         if interval < self.interval || self.sweep == nil {
             self.interval = min(interval, self.interval)
@@ -43,9 +46,16 @@ final class TunnelIdleSweeper {
         }
     }
 
-    func remove(_ client: TunnelHandler) {
-        self.entries.removeValue(forKey: ObjectIdentifier(client))
-        if self.entries.isEmpty {
+    func remove(_ tunnel: TunnelHandler) {
+        let index = tunnel.idleSweep.index
+        guard index >= 0, index < self.tunnels.count, self.tunnels[index] === tunnel else { return }
+        tunnel.idleSweep.index = -1
+        let last = self.tunnels.removeLast()
+        if index < self.tunnels.count {
+            self.tunnels[index] = last
+            last.idleSweep.index = index
+        }
+        if self.tunnels.isEmpty {
             self.sweep?.cancel()
             self.sweep = nil
             self.sweepAt = .distantFuture
@@ -68,19 +78,18 @@ final class TunnelIdleSweeper {
         let now = NIODeadline.now()
         var idle: [TunnelHandler] = []
         var shortest = TimeAmount.hours(24)
-        for (id, var entry) in self.entries {
-            shortest = min(shortest, entry.timeout)
-            if entry.client.takeActivity() || entry.backend.takeActivity() {
-                entry.lastSeen = now
-                self.entries[id] = entry
-            } else if now - entry.lastSeen >= entry.timeout {
-                idle.append(entry.client)
+        for tunnel in self.tunnels {
+            shortest = min(shortest, tunnel.idleSweep.timeout)
+            if tunnel.takeActivity() {
+                tunnel.idleSweep.lastSeen = now
+            } else if now - tunnel.idleSweep.lastSeen >= tunnel.idleSweep.timeout {
+                idle.append(tunnel)
             }
         }
-        for client in idle {
-            client.closeIdle()
+        for tunnel in idle {
+            tunnel.closeIdle()
         }
-        guard !self.entries.isEmpty else { return }
+        guard !self.tunnels.isEmpty else { return }
         self.interval = .nanoseconds(max(shortest.nanoseconds / 4, 10_000_000))
         self.schedule(at: now + self.interval)
     }
