@@ -461,7 +461,7 @@ public final class ProxyServer: Service, Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 16)
-            .childChannelOption(.recvAllocator, value: ReadBuffers.allocator)
+            .childChannelOption(.recvAllocator, value: ReadBuffers.clientAllocator)
             // Reading ahead (`ReadAheadHandler`) may read a client's end of stream while its response is pending:
             // half-closure lets that handler close the connection when the response is done instead.
             .childChannelOption(.allowRemoteHalfClosure, value: true)

@@ -136,7 +136,7 @@ final class UpstreamPool {
             .connectTimeout(self.settings.connectTimeout)
             .channelOption(.socketOption(.so_reuseaddr), value: 1)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .channelOption(.recvAllocator, value: ReadBuffers.allocator)
+            .channelOption(.recvAllocator, value: ReadBuffers.backendAllocator)
         bootstrap.connect(to: backend.address).assumeIsolated().whenComplete { result in
             switch result {
             case .failure(ChannelError.connectTimeout):
