@@ -277,7 +277,12 @@ extension HTTPResponseStatus {
 /// `name` equals `lower` (a lower-case literal) ignoring ASCII case.
 @inline(__always)
 func asciiEqualsLowercased(_ name: String, _ lower: StaticString) -> Bool {
-    lower.withUTF8Buffer { asciiCaseInsensitiveEquals(name.utf8, $0) }
+    // Header names are native strings: compare their contiguous bytes. Walking `String.UTF8View` element by element
+    // (zip) showed up at 1 % of the proxy's user time, called for every header of every request and response.
+    guard name.utf8.count == lower.utf8CodeUnitCount else { return false }
+    return name.utf8.withContiguousStorageIfAvailable { bytes in
+        lower.withUTF8Buffer { asciiCaseInsensitiveEquals(bytes, $0) }
+    } ?? lower.withUTF8Buffer { asciiCaseInsensitiveEquals(name.utf8, $0) }
 }
 
 /// Two byte sequences are equal ignoring ASCII case.
