@@ -27,7 +27,7 @@ public final class ProxyServer: Service, Sendable {
         let pool: UpstreamPool
         var generation: LoopGeneration
         /// Closes this loop's idle tunnels.
-        let tunnelIdle: TunnelIdleSweeper
+        let tunnelIdle: TunnelIdleSweeper<TunnelHandler>
 
         init(pool: UpstreamPool, generation: LoopGeneration) {
             self.pool = pool

@@ -11,7 +11,7 @@ import NIOHTTP1
 ///
 /// Reading stops on a side while the other side cannot take more, so a slow reader bounds what the proxy holds for
 /// it to a socket's worth of buffers rather than growing without limit.
-final class TunnelHandler: ChannelDuplexHandler {
+final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -19,7 +19,7 @@ final class TunnelHandler: ChannelDuplexHandler {
     /// What the access-log line, the metrics and the lease need when the tunnel closes.
     struct Record {
         let runtime: ProxyRuntime
-        let idleSweeper: TunnelIdleSweeper
+        let idleSweeper: TunnelIdleSweeper<TunnelHandler>
         let listener: ListenerContext
         let clientIP: String
         let method: HTTPMethod
@@ -52,7 +52,7 @@ final class TunnelHandler: ChannelDuplexHandler {
     private var frameTracker: WebSocketFrameTracker?
     let record: Record
     /// Bookkeeping of this loop's `TunnelIdleSweeper`.
-    var idleSweep = TunnelIdleSweeper.Slot()
+    var idleSweep = IdleSweepSlot()
     /// The `TunnelRegistry` token, unregistered on close.
     var registryToken: UInt64?
     /// Called once, when the first side closes (before the other side is told).

@@ -1,5 +1,26 @@
 import NIOCore
 
+/// What `TunnelIdleSweeper` watches: something that notes its own activity and can be closed.
+protocol IdleSweepable: AnyObject {
+    /// The sweeper's bookkeeping, kept in the swept object itself.
+    var idleSweep: IdleSweepSlot { get set }
+    /// True when there was activity since the last call.
+    func takeActivity() -> Bool
+    /// Idle for its whole timeout: close.
+    func closeIdle()
+}
+
+/// A tunnel's place in the sweep, kept in the tunnel itself: an array slot and two numbers rather than a dictionary
+/// entry per tunnel.
+struct IdleSweepSlot {
+    fileprivate var index = -1
+    fileprivate var timeout = TimeAmount.zero
+    fileprivate var lastSeen = NIODeadline.uptimeNanoseconds(0)
+
+    /// True while the owner is registered with a sweeper.
+    var isWatched: Bool { self.index >= 0 }
+}
+
 /// Closes the tunnels of one event loop that passed no bytes, in either direction, for their idle timeout
 /// (`timeouts.tunnel_idle`).
 ///
@@ -9,18 +30,10 @@ import NIOCore
 /// shortest timeout and notes when it last saw each tunnel active. So a tunnel closes between one timeout and one
 /// timeout plus two sweep intervals after its last byte, never before a full timeout.
 ///
-/// Confined to its event loop.
-final class TunnelIdleSweeper {
-    /// A tunnel's place in the sweep, kept in the tunnel itself: an array slot and two numbers rather than a
-    /// dictionary entry per tunnel.
-    struct Slot {
-        fileprivate var index = -1
-        fileprivate var timeout = TimeAmount.zero
-        fileprivate var lastSeen = NIODeadline.uptimeNanoseconds(0)
-    }
-
+/// Confined to its event loop. Generic over what it sweeps so the bookkeeping can be tested without sockets.
+final class TunnelIdleSweeper<Tunnel: IdleSweepable> {
     private let eventLoop: EventLoop
-    private var tunnels: [TunnelHandler] = []
+    private var tunnels: [Tunnel] = []
     private var sweep: Scheduled<Void>?
     private var sweepAt: NIODeadline = .distantFuture
     /// The sweep interval for the timeouts registered: a quarter of the shortest, at least 10 ms.
@@ -33,11 +46,11 @@ final class TunnelIdleSweeper {
     var count: Int { self.tunnels.count }
 
     /// Watches `tunnel` until `remove(_:)`.
-    func add(_ tunnel: TunnelHandler, timeout: TimeAmount) {
+    func add(_ tunnel: Tunnel, timeout: TimeAmount) {
         self.eventLoop.preconditionInEventLoop()
         guard tunnel.idleSweep.index < 0 else { return }
-        let now = NIODeadline.now()
-        tunnel.idleSweep = Slot(index: self.tunnels.count, timeout: timeout, lastSeen: now)
+        let now = self.eventLoop.now
+        tunnel.idleSweep = IdleSweepSlot(index: self.tunnels.count, timeout: timeout, lastSeen: now)
         self.tunnels.append(tunnel)
         let interval = TimeAmount.nanoseconds(max(timeout.nanoseconds / 4, 10_000_000))
         if interval < self.interval || self.sweep == nil {
@@ -46,7 +59,7 @@ final class TunnelIdleSweeper {
         }
     }
 
-    func remove(_ tunnel: TunnelHandler) {
+    func remove(_ tunnel: Tunnel) {
         let index = tunnel.idleSweep.index
         guard index >= 0, index < self.tunnels.count, self.tunnels[index] === tunnel else { return }
         tunnel.idleSweep.index = -1
@@ -75,8 +88,8 @@ final class TunnelIdleSweeper {
     private func run() {
         self.sweep = nil
         self.sweepAt = .distantFuture
-        let now = NIODeadline.now()
-        var idle: [TunnelHandler] = []
+        let now = self.eventLoop.now
+        var idle: [Tunnel] = []
         var shortest = TimeAmount.hours(24)
         for tunnel in self.tunnels {
             shortest = min(shortest, tunnel.idleSweep.timeout)
