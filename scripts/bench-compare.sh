@@ -10,7 +10,8 @@
 #   2. HTTP/1.1 keep-alive, 1 KiB, 64 connections (wrk --latency): requests/s, p50, p99
 #   3. WebSocket echo, 1,000 connections, 64-byte messages, one in flight each (ws-load): messages/s, p50, p99
 #   4. new connections/s: HTTP/1.1 with `Connection: close`, 64 connections (wrk)
-# Metrics 2-4 are repeated ROUNDS times (round-robin over the targets each time) and the median is reported.
+# Metrics 2-4 are repeated ROUNDS times (round-robin over the targets, each round starting one target later) and the
+# median is reported.
 # Writes the "Side by side" section of docs/benchmarks.md (other sections kept) and docs/bench/*.png.
 # Everything it starts is stopped on exit. Bounded: about 6 minutes with the defaults once built.
 #
@@ -335,12 +336,16 @@ for t in "${PROXIES[@]}"; do
 done
 
 for round in $(seq "$ROUNDS"); do
-    echo "==> round $round/$ROUNDS: HTTP keep-alive"
-    for t in "${TARGETS[@]}"; do run_wrk "$round" http "$t"; sleep 1; done
+    # Each round starts with a different target, so no proxy is always measured in the same position (right after
+    # the origin, or last).
+    order=()
+    for i in "${!TARGETS[@]}"; do order+=("${TARGETS[$(((i + round - 1) % ${#TARGETS[@]}))]}"); done
+    echo "==> round $round/$ROUNDS: HTTP keep-alive (order: ${order[*]})"
+    for t in "${order[@]}"; do run_wrk "$round" http "$t"; sleep 1; done
     echo "==> round $round/$ROUNDS: WebSocket echo"
-    for t in "${TARGETS[@]}"; do run_ws "$round" "$t"; sleep 1; done
+    for t in "${order[@]}"; do run_ws "$round" "$t"; sleep 1; done
     echo "==> round $round/$ROUNDS: new connections (Connection: close)"
-    for t in "${TARGETS[@]}"; do run_wrk "$round" conn "$t" -H 'Connection: close'; sleep 1; done
+    for t in "${order[@]}"; do run_wrk "$round" conn "$t" -H 'Connection: close'; sleep 1; done
 done
 
 # ------------------------------------------------------------------------------------------------------- report

@@ -108,8 +108,9 @@ def section(data, facts, commands, configs_dir, charts_rel):
              f"`scripts/bench-compare.sh` in {facts.get('elapsed_s', '?')} s (build excluded). Every process is on "
              "127.0.0.1 on one machine; origin, proxy and load generator share its "
              f"{facts.get('nproc', '?')} cores. Throughput metrics: median of {rounds} interleaved rounds of "
-             f"{facts.get('duration', '?')} s each (per round: origin, HAProxy, nginx, ott-proxy for one metric, "
-             "then the next metric); the charts' whiskers show the min–max over the rounds.")
+             f"{facts.get('duration', '?')} s each (per round: every target for one metric, then the next metric; "
+             "the order origin, HAProxy, nginx, ott-proxy rotates by one each round, so no target is always "
+             "measured in the same position); the charts' whiskers show the min–max over the rounds.")
     L.append("")
     L.append(f"**Noise.** The machine is shared with other developers' builds: load average "
              f"{facts.get('load_before', '?')} before the run, {facts.get('load_after', '?')} after it (1/5/15 min), "
