@@ -264,6 +264,22 @@ proxy_pids() {
     if [ "$1" = nginx ]; then echo "$p$(pgrep -P "$p" | sed 's/^/,/' | tr -d '\n')"; else echo "$p"; fi
 }
 
+# CPU time (utime + stime, clock ticks) used so far by every process of a proxy; empty for the origin target.
+cpu_ticks() { # target
+    [ "$1" != origin ] || return 0
+    local total=0 pid
+    for pid in $(proxy_pids "$1" | tr ',' ' '); do
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+    done
+    echo "$total"
+}
+# proxy CPU per unit of work in microseconds: ticks-before ticks-after count
+cpu_us() {
+    if [ -n "$1" ] && [ "${3:-0}" != 0 ]; then
+        awk -v a="$1" -v b="$2" -v n="$3" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", (b - a) * 1e6 / hz / n }'
+    fi
+}
+
 rec() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >>"$RESULTS"; } # round test target field value
 to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'; }
 log_cmd() { [ "$1" != 1 ] || echo "$ ${*:2}" >>"$COMMANDS"; }  # round cmd...: record the first round's commands
@@ -274,8 +290,11 @@ run_wrk() {
     local url="http://127.0.0.1:${HTTP_PORT[$target]}/rooms/bench/1k"
     local cmd=(wrk -t1 -c"$HTTP_CONNS" -d"${DURATION}s" --latency "$@" "$url")
     log_cmd "$round" "${cmd[@]}"
+    local before after
+    before="$(cpu_ticks "$target")"
     local out; out="$(timeout $((DURATION + 30)) "${cmd[@]}" 2>&1)" || true
-    local rps p50 p99 errs non2xx
+    after="$(cpu_ticks "$target")"
+    local rps p50 p99 errs non2xx requests
     rps="$(awk '/Requests\/sec/ {print $2}' <<<"$out")"
     p50="$(to_ms "$(awk '$1=="50%" {print $2}' <<<"$out")")"
     p99="$(to_ms "$(awk '$1=="99%" {print $2}' <<<"$out")")"
@@ -285,6 +304,8 @@ run_wrk() {
     rec "$round" "$test" "$target" p50_ms "$p50"
     rec "$round" "$test" "$target" p99_ms "$p99"
     rec "$round" "$test" "$target" errors "$(( ${errs:-0} + ${non2xx:-0} ))"
+    requests="$(awk '/requests in/ {print $1}' <<<"$out")"
+    rec "$round" "$test" "$target" cpu_us "$(cpu_us "$before" "$after" "${requests:-0}")"
     printf '  %-10s %-5s round %s: %10s req/s  p50 %8s ms  p99 %8s ms  errors %s\n' \
         "$target" "$test" "$round" "${rps:-0}" "$p50" "$p99" "$(( ${errs:-0} + ${non2xx:-0} ))"
 }
@@ -295,12 +316,18 @@ run_ws() {
     local cmd=("$WS_LOAD" echo --host 127.0.0.1 --port "${WS_PORT[$target]}" --connections "$WS_CONNS" --size "$WS_SIZE"
         --warmup 1 --duration "$DURATION" --threads 1 --concurrency 100)
     log_cmd "$round" "${cmd[@]}"
+    local before after
+    before="$(cpu_ticks "$target")"
     local out; out="$(timeout $((DURATION + 60)) "${cmd[@]}" 2>&1)" || true
+    after="$(cpu_ticks "$target")"
     local line; line="$(grep '^result' <<<"$out" || echo 'result')"
     local field
     for field in msgs_per_s p50_ms p99_ms failed still_open; do
         rec "$round" ws "$target" "$field" "$(tr ' ' '\n' <<<"$line" | awk -F= -v f="$field" '$1==f {print $2}')"
     done
+    # Over the whole ws-load run (connecting, 1 s warm-up, the measured seconds) per message of the measured part.
+    local messages; messages="$(tr ' ' '\n' <<<"$line" | awk -F= '$1=="messages" {print $2}')"
+    rec "$round" ws "$target" cpu_us "$(cpu_us "$before" "$after" "${messages:-0}")"
     printf '  %-10s ws    round %s: %s\n' "$target" "$round" "${line#result }"
     grep -v '^result' <<<"$out" | head -3 || true
 }

@@ -27,6 +27,8 @@ METRICS = [
     ("idle", "bytes_per_conn", "Idle WebSocket: proxy RSS per connection", "bytes", False, "idle-rss.png",
      "≤ HAProxy"),
     ("conn", "rps", "New connections/s (Connection: close)", "conn/s", True, "new-conns.png", None),
+    ("http", "cpu_us", "HTTP/1.1 keep-alive: proxy CPU per request", "µs", False, "http-cpu.png", None),
+    ("ws", "cpu_us", "WebSocket echo: proxy CPU per message", "µs", False, "ws-cpu.png", None),
 ]
 
 
@@ -60,6 +62,8 @@ def fmt(value, unit):
         return "—"
     if unit in ("ms",):
         return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+    if unit == "µs":
+        return f"{value:.1f}"
     return f"{value:,.0f}"
 
 
@@ -116,6 +120,13 @@ def section(data, facts, commands, configs_dir, charts_rel):
              f"{facts.get('load_before', '?')} before the run, {facts.get('load_after', '?')} after it (1/5/15 min), "
              "on 2 cores. Absolute numbers move by tens of percent between runs; the ratios from the same round "
              "are more trustworthy than the absolute values, and even they carry noise of ±10–20 %.")
+    L.append("")
+    L.append("**Proxy CPU per request / per message** is the proxy's own `utime + stime` (all its processes, from "
+             "`/proc/PID/stat`) over a run, divided by the requests or messages the load generator completed. It "
+             "moves much less than throughput on a shared machine, and it is what decides the throughput ratios: "
+             "load generator, origin and proxy share the same cores. For WebSocket it covers the whole `ws-load` "
+             "run (connecting 1,000 sockets, 1 s of warm-up, the measured seconds) divided by the measured "
+             "messages: compare the proxies with each other, not with other figures.")
     L.append("")
 
     # main table
