@@ -10,6 +10,7 @@
 #   2. HTTP/1.1 keep-alive, 1 KiB, 64 connections (wrk --latency): requests/s, p50, p99
 #   3. WebSocket echo, 1,000 connections, 64-byte messages, one in flight each (ws-load): messages/s, p50, p99
 #   4. new connections/s: HTTP/1.1 with `Connection: close`, 64 connections (wrk)
+# and, for 2 and 3, each proxy's CPU time (utime + stime from /proc) per request and per message.
 # Metrics 2-4 are repeated ROUNDS times (round-robin over the targets, each round starting one target later) and the
 # median is reported.
 # Writes the "Side by side" section of docs/benchmarks.md (other sections kept) and docs/bench/*.png.
