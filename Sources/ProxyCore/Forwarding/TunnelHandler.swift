@@ -5,9 +5,10 @@ import NIOHTTP1
 /// the backend's, unchanged, with back-pressure, and keeps what the tunnel's access-log line and lease need.
 ///
 /// One object per tunnel, added to both pipelines: it tells the two sides apart by their contexts (both channels run
-/// on one event loop). An idle WebSocket costs the proxy mostly NIO's two channels; a handler object per side, a
-/// close closure with the log fields and an idle-sweep entry each came on top (about 550 bytes per tunnel, measured
-/// with heaptrack, docs/benchmarks.md), this one object is about half of that.
+/// on one event loop). An idle WebSocket costs the proxy mostly NIO's two channels; on top, a handler object per
+/// side, a close closure capturing the log fields and an idle-sweep dictionary entry came to about 500 bytes per
+/// tunnel, where this one object (with its record and sweep slot) and the registry's closure take about 340
+/// (heaptrack, docs/benchmarks.md).
 ///
 /// Reading stops on a side while the other side cannot take more, so a slow reader bounds what the proxy holds for
 /// it to a socket's worth of buffers rather than growing without limit.
