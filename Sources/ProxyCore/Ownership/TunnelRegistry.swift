@@ -52,59 +52,58 @@ public final class TunnelRegistry: Sendable {
 /// Follows WebSocket framing (RFC 6455 §5.2) in the backend → client byte stream, only to know whether the next
 /// byte starts a frame: the one place the proxy may inject its own close frame without corrupting the stream.
 struct WebSocketFrameTracker: Sendable {
-    private var header: [UInt8] = []
+    // Fixed-size state, no buffer: it runs on every read of every WebSocket tunnel, and a header array kept its
+    // allocation for the life of the tunnel and cost a uniqueness check per byte.
     private var payloadRemaining: UInt64 = 0
+    /// The extended payload length being read (16 or 64 bits, big-endian).
+    private var extendedLength: UInt64 = 0
+    /// Header bytes of the current frame seen so far; 0 between frames.
+    private var headerSeen: UInt8 = 0
+    /// The header's total length (2 to 14 bytes), known from its second byte on.
+    private var headerLength: UInt8 = 2
+    /// The 7-bit length field of the second byte (126: 16-bit length follows, 127: 64-bit length follows).
+    private var lengthCode: UInt8 = 0
     /// Once the stream stops looking like WebSocket framing, never inject.
     private(set) var broken = false
 
-    var atFrameBoundary: Bool { !self.broken && self.header.isEmpty && self.payloadRemaining == 0 }
+    var atFrameBoundary: Bool { !self.broken && self.headerSeen == 0 && self.payloadRemaining == 0 }
 
     mutating func consume(_ buffer: ByteBuffer) {
         guard !self.broken else { return }
-        var view = buffer.readableBytesView[...]
-        while !view.isEmpty {
-            if self.payloadRemaining > 0 {
-                let skip = Int(min(UInt64(view.count), self.payloadRemaining))
-                view = view.dropFirst(skip)
-                self.payloadRemaining -= UInt64(skip)
-                continue
+        buffer.withUnsafeReadableBytes { bytes in
+            var index = 0
+            while index < bytes.count {
+                if self.payloadRemaining > 0 {
+                    let skip = Int(min(UInt64(bytes.count - index), self.payloadRemaining))
+                    index += skip
+                    self.payloadRemaining -= UInt64(skip)
+                    continue
+                }
+                let byte = bytes[index]
+                index += 1
+                self.headerSeen += 1
+                if self.headerSeen == 2 {
+                    self.lengthCode = byte & 0x7F
+                    let extended: UInt8 = self.lengthCode == 126 ? 2 : self.lengthCode == 127 ? 8 : 0
+                    self.headerLength = 2 + extended + (byte & 0x80 != 0 ? 4 : 0)
+                    self.extendedLength = 0
+                } else if self.headerSeen > 2, self.headerSeen <= 2 + self.extendedLengthBytes {
+                    self.extendedLength = self.extendedLength << 8 | UInt64(byte)
+                }
+                guard self.headerSeen >= 2, self.headerSeen == self.headerLength else { continue }
+                let length = self.extendedLengthBytes == 0 ? UInt64(self.lengthCode) : self.extendedLength
+                guard length >> 63 == 0 else {
+                    self.broken = true
+                    return
+                }
+                self.payloadRemaining = length
+                self.headerSeen = 0
             }
-            self.header.append(view.removeFirst())
-            guard let needed = Self.headerLength(self.header) else { continue }
-            if self.header.count < needed { continue }
-            guard let length = Self.payloadLength(self.header) else {
-                self.broken = true
-                return
-            }
-            self.payloadRemaining = length
-            self.header.removeAll(keepingCapacity: true)
         }
     }
 
-    /// Total header length once the first two bytes are known.
-    private static func headerLength(_ header: [UInt8]) -> Int? {
-        guard header.count >= 2 else { return nil }
-        let masked = header[1] & 0x80 != 0
-        let base: Int
-        switch header[1] & 0x7F {
-        case 126: base = 4
-        case 127: base = 10
-        default: base = 2
-        }
-        return base + (masked ? 4 : 0)
-    }
-
-    private static func payloadLength(_ header: [UInt8]) -> UInt64? {
-        switch header[1] & 0x7F {
-        case 126:
-            return UInt64(header[2]) << 8 | UInt64(header[3])
-        case 127:
-            var length: UInt64 = 0
-            for byte in header[2..<10] { length = length << 8 | UInt64(byte) }
-            return length >> 63 == 0 ? length : nil
-        case let small:
-            return UInt64(small)
-        }
+    private var extendedLengthBytes: UInt8 {
+        self.lengthCode == 126 ? 2 : self.lengthCode == 127 ? 8 : 0
     }
 
     /// A server-to-client close frame (unmasked) carrying `code`.
