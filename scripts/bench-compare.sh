@@ -241,6 +241,14 @@ start() { # name cmd...
 haproxy -c -q -f "$WORK/haproxy/haproxy.cfg"
 nginx -t -q -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf"
 
+# Every port must be free: HAProxy binds with SO_REUSEPORT, so a leftover process on a port would silently take half
+# of that port's connections and skew the figures instead of failing the bind.
+for port in "${HTTP_PORT[@]}" "${WS_PORT[@]}" "${HTTP_ORIGIN_PORTS[@]}" "${WS_ORIGIN_PORTS[@]}"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "error: something already listens on 127.0.0.1:$port; stop it first (e.g. ss -ltnp | grep :$port)" >&2
+        exit 1
+    fi
+done
 echo "==> starting origins and proxies on 127.0.0.1"
 start origin-nginx nginx -p "$WORK/origin" -c "$WORK/origin/nginx.conf"
 start ws-echo "$WS_ECHO" --host 127.0.0.1 --port "${WS_ORIGIN_PORTS[0]}" --port "${WS_ORIGIN_PORTS[1]}" --threads 1
