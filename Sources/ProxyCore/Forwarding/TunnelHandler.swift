@@ -180,8 +180,7 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
     /// and close it.
     private func sideClosed(_ context: ChannelHandlerContext) {
         self.reportClosed()
-        guard let other = self.partner(of: context), other !== context else { return }
-        guard other.channel.isActive else { return }
+        guard let other = self.partner(of: context), other.channel.isActive else { return }
         let empty = other.channel.allocator.buffer(capacity: 0)
         other.writeAndFlush(Self.wrapOutboundOut(empty)).assumeIsolated().whenComplete { _ in
             other.close(promise: nil)

@@ -90,7 +90,8 @@ struct WebSocketFrameTracker: Sendable {
                 } else if self.headerSeen > 2, self.headerSeen <= 2 + self.extendedLengthBytes {
                     self.extendedLength = self.extendedLength << 8 | UInt64(byte)
                 }
-                guard self.headerSeen >= 2, self.headerSeen == self.headerLength else { continue }
+                // `headerLength` is at least 2 and set at the second byte, so this holds once the header is whole.
+                guard self.headerSeen == self.headerLength else { continue }
                 let length = self.extendedLengthBytes == 0 ? UInt64(self.lengthCode) : self.extendedLength
                 guard length >> 63 == 0 else {
                     self.broken = true
