@@ -46,6 +46,14 @@ let package = Package(
             path: "Sources/ws-load"
         ),
         .executableTarget(
+            name: "nio-relay",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            path: "Sources/nio-relay"
+        ),
+        .executableTarget(
             name: "route-bench",
             dependencies: [
                 .product(name: "ProxyCore", package: "ott-proxy"),

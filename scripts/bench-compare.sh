@@ -5,12 +5,15 @@
 # (Benchmarks/: ws-echo-origin, ws-load) in release mode, starts one shared origin (nginx serving 1 KiB on two ports,
 # ws-echo-origin on two ports) and the three proxies configured equivalently (route by the key in /rooms/{key}/...
 # with consistent hashing over a pool of two origin entries, WebSocket pass-through), then measures, interleaved per
-# proxy (origin direct / HAProxy / nginx / ott-proxy for metric 1, then metric 2, ...):
+# proxy (origin direct / HAProxy / nginx / ott-proxy / nio-relay for metric 1, then metric 2, ...):
 #   1. idle WebSockets: proxy RSS per connection, IDLE_N connections held open (fresh proxies, measured first)
 #   2. HTTP/1.1 keep-alive, 1 KiB, 64 connections (wrk --latency): requests/s, p50, p99
 #   3. WebSocket echo, 1,000 connections, 64-byte messages, one in flight each (ws-load): messages/s, p50, p99
 #   4. new connections/s: HTTP/1.1 with `Connection: close`, 64 connections (wrk)
 # and, for 2 and 3, each proxy's CPU time (utime + stime from /proc) per request and per message.
+# `nio-relay` (Benchmarks/) is a reference row, not a contender: a bare SwiftNIO byte relay with one origin connection
+# per client connection and no parsing or routing, i.e. the floor any SwiftNIO proxy pays. ott-proxy's own cost is its
+# difference to that row.
 # Metrics 2-4 are repeated ROUNDS times (round-robin over the targets, each round starting one target later) and the
 # median is reported.
 # Writes the "Side by side" section of docs/benchmarks.md (other sections kept) and docs/bench/*.png.
@@ -30,10 +33,10 @@ WS_SIZE=64
 
 HTTP_ORIGIN_PORTS=(18081 18082)
 WS_ORIGIN_PORTS=(18091 18092)
-declare -A HTTP_PORT=([origin]=18081 [haproxy]=18110 [nginx]=18120 [ott-proxy]=18130)
-declare -A WS_PORT=([origin]=18091 [haproxy]=18111 [nginx]=18121 [ott-proxy]=18131)
-TARGETS=(origin haproxy nginx ott-proxy)
-PROXIES=(haproxy nginx ott-proxy)
+declare -A HTTP_PORT=([origin]=18081 [haproxy]=18110 [nginx]=18120 [ott-proxy]=18130 [nio-relay]=18140)
+declare -A WS_PORT=([origin]=18091 [haproxy]=18111 [nginx]=18121 [ott-proxy]=18131 [nio-relay]=18141)
+TARGETS=(origin haproxy nginx ott-proxy nio-relay)
+PROXIES=(haproxy nginx ott-proxy nio-relay)
 
 # ---------------------------------------------------------------------------------------------------------- setup
 ensure_swift
@@ -55,13 +58,15 @@ if [ $((IDLE_N * 2 + 500)) -gt "$FD_LIMIT" ]; then
 fi
 
 cd "$ROOT"
-echo "==> building (release): ott-proxy, ws-echo-origin, ws-load"
+echo "==> building (release): ott-proxy, ws-echo-origin, ws-load, nio-relay"
 "${RELEASE_BUILD[@]}" --product ott-proxy >/dev/null
 swift build -c release --package-path Benchmarks --product ws-load >/dev/null
+swift build -c release --package-path Benchmarks --product nio-relay >/dev/null
 swift build -c release --package-path Benchmarks --product ws-echo-origin >/dev/null
 OTT="$ROOT/.build/release/ott-proxy"
 WS_LOAD="$ROOT/Benchmarks/.build/release/ws-load"
 WS_ECHO="$ROOT/Benchmarks/.build/release/ws-echo-origin"
+NIO_RELAY="$ROOT/Benchmarks/.build/release/nio-relay"
 
 WORK="$(mktemp -d /tmp/bench-compare.XXXXXX)"
 chmod 755 "$WORK"  # nginx workers run as www-data and read $WORK/www
@@ -255,6 +260,9 @@ start ws-echo "$WS_ECHO" --host 127.0.0.1 --port "${WS_ORIGIN_PORTS[0]}" --port 
 start haproxy haproxy -db -f "$WORK/haproxy/haproxy.cfg"
 start nginx nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf"
 start ott-proxy "$OTT" run --config "$WORK/ott/proxy.yaml"
+# one origin entry each (no routing): the SwiftNIO floor, see the header
+start nio-relay-http "$NIO_RELAY" --port "${HTTP_PORT[nio-relay]}" --to "${HTTP_ORIGIN_PORTS[0]}" --threads 2
+start nio-relay-ws "$NIO_RELAY" --port "${WS_PORT[nio-relay]}" --to "${WS_ORIGIN_PORTS[0]}" --threads 2
 
 wait_http() { # url
     for _ in $(seq 150); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done
@@ -269,6 +277,7 @@ for p in "${WS_ORIGIN_PORTS[@]}"; do wait_tcp "$p"; done
 
 # every process that makes up a proxy (nginx: master and its workers)
 proxy_pids() {
+    if [ "$1" = nio-relay ]; then echo "${PID[nio-relay-http]},${PID[nio-relay-ws]}"; return; fi
     local p=${PID[$1]}
     if [ "$1" = nginx ]; then echo "$p$(pgrep -P "$p" | sed 's/^/,/' | tr -d '\n')"; else echo "$p"; fi
 }
