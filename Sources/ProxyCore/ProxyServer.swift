@@ -455,6 +455,7 @@ public final class ProxyServer: Service, Sendable {
             )
         }
         let context = ListenerContext(name: listener.name, scheme: sslContext == nil ? "http" : "https")
+        let fastPath = listener.fastPath
 
         return try await ServerBootstrap(group: self.group)
             .serverChannelOption(.backlog, value: 1024)
@@ -494,23 +495,34 @@ public final class ProxyServer: Service, Sendable {
                     // Framing is decided by ForwardingHeaders, which knows the request method (HEAD) and the backend's
                     // own framing; the encoder must not add its own.
                     encoderConfiguration.automaticallySetFramingHeaders = false
-                    let handlers = DownstreamHTTPHandlers(
-                        headTimer: RequestHeadTimer(headerTimeout: timeouts.requestHeader, idleTimeout: timeouts.idleKeepAlive),
-                        readAhead: ReadAheadHandler(limit: ReadBuffers.readAheadLimit),
-                        encoder: HTTPResponseEncoder(configuration: encoderConfiguration),
-                        decoder: ByteToMessageHandler(
-                            HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes, limitConfiguration: decoderLimits)
-                        ),
-                        pipelining: HTTPServerPipelineHandler()
-                    )
-                    try sync.addHandler(handlers.headTimer)
-                    try sync.addHandler(handlers.readAhead)
-                    try sync.addHandler(handlers.encoder)
-                    try sync.addHandler(handlers.decoder)
-                    try sync.addHandler(handlers.pipelining)
-                    try sync.addHandler(
-                        ProxyHandler(listener: context, loop: loopState, httpHandlers: handlers)
-                    )
+                    let headTimer = RequestHeadTimer(headerTimeout: timeouts.requestHeader, idleTimeout: timeouts.idleKeepAlive)
+                    try sync.addHandler(headTimer)
+                    // The full HTTP pipeline: built at once without the fast path, and only when the fast path hands
+                    // the connection over with it (so, until then, every read and write passes two handlers, not seven).
+                    let installFullPipeline = { (sync: ChannelPipeline.SynchronousOperations, fastPath: FastPathHandler?) throws in
+                        let handlers = DownstreamHTTPHandlers(
+                            headTimer: headTimer,
+                            fastPath: fastPath,
+                            readAhead: ReadAheadHandler(limit: ReadBuffers.readAheadLimit),
+                            encoder: HTTPResponseEncoder(configuration: encoderConfiguration),
+                            decoder: ByteToMessageHandler(
+                                HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes, limitConfiguration: decoderLimits)
+                            ),
+                            pipelining: HTTPServerPipelineHandler()
+                        )
+                        try sync.addHandler(handlers.readAhead)
+                        try sync.addHandler(handlers.encoder)
+                        try sync.addHandler(handlers.decoder)
+                        try sync.addHandler(handlers.pipelining)
+                        try sync.addHandler(ProxyHandler(listener: context, loop: loopState, httpHandlers: handlers))
+                    }
+                    if fastPath {
+                        try sync.addHandler(
+                            FastPathHandler(
+                                listener: context, loop: loopState, headTimer: headTimer, installFullPipeline: installFullPipeline))
+                    } else {
+                        try installFullPipeline(sync, nil)
+                    }
                 }
             }
             .bind(host: listener.address, port: listener.port)

@@ -186,7 +186,13 @@ import Testing
             try await connection.send("GET /echo HTTP/1.1\r\nHost: test\r\nx-test-backend: healthy\r\n\r\n")
             #expect(try await connection.readResponse().status == 200)
             try await Task.sleep(for: .milliseconds(100))
-            #expect(!connection.isClosed, "closed well before the idle timeout")
+            // The response ended after `sent`, so before `sent + 600 ms` nothing may have closed the connection. (On
+            // a loaded machine this task can wake later than that; the check is then skipped, not weakened.)
+            let checked = ContinuousClock.now
+            let closed = connection.isClosed
+            if checked - sent < .milliseconds(550) {
+                #expect(!closed, "closed well before the idle timeout")
+            }
             #expect(await connection.waitForClose(timeout: .seconds(3)))
             #expect(ContinuousClock.now - sent >= .milliseconds(600))
             #expect(try await connection.readUntilClosed(timeout: .milliseconds(10)).isEmpty, "closed without a response")

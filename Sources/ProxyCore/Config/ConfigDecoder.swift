@@ -50,7 +50,7 @@ final class ConfigDecoder {
 
     private func listener(_ node: Node, path: String) -> ListenerConfig? {
         let r = self.reader
-        guard let s = r.section(node, path: path, keys: ["name", "address", "port", "pool", "tls", "routing"]) else {
+        guard let s = r.section(node, path: path, keys: ["name", "address", "port", "pool", "tls", "routing", "fast_path"]) else {
             return nil
         }
         let name = r.optional(s, "name", r.string)
@@ -59,6 +59,7 @@ final class ConfigDecoder {
         let pool = r.required(s, "pool", r.string)
         let tls = r.optional(s, "tls", self.tls)
         let routing = r.optional(s, "routing", self.routing)
+        let fastPath = r.optional(s, "fast_path", r.bool) ?? true
 
         // Registered even when a sibling key is bad, so one run reports a wrong pool name along with a wrong port.
         if let pool, let poolNode = s.values["pool"] {
@@ -73,7 +74,8 @@ final class ConfigDecoder {
         }
 
         guard let port, let pool else { return nil }
-        return ListenerConfig(name: name, address: address, port: port, pool: pool, tls: tls, routing: routing)
+        return ListenerConfig(
+            name: name, address: address, port: port, pool: pool, tls: tls, routing: routing, fastPath: fastPath)
     }
 
     private func routing(_ node: Node, path: String) -> RoutingScriptConfig? {

@@ -49,6 +49,9 @@ public struct ListenerConfig: Sendable, Equatable {
     public var tls: TLSConfig?
     /// Optional routing script; without one every request goes to `pool`.
     public var routing: RoutingScriptConfig?
+    /// Forward plain requests from their raw bytes (`FastPathHandler`, docs/architecture.md "Fast path"); anything
+    /// unusual still takes the full HTTP path. On by default; `false` sends every request through the full path.
+    public var fastPath: Bool
 
     public init(
         name: String? = nil,
@@ -56,7 +59,8 @@ public struct ListenerConfig: Sendable, Equatable {
         port: Int,
         pool: String,
         tls: TLSConfig? = nil,
-        routing: RoutingScriptConfig? = nil
+        routing: RoutingScriptConfig? = nil,
+        fastPath: Bool = true
     ) {
         self.name = name ?? "\(address):\(port)"
         self.address = address
@@ -64,6 +68,7 @@ public struct ListenerConfig: Sendable, Equatable {
         self.pool = pool
         self.tls = tls
         self.routing = routing
+        self.fastPath = fastPath
     }
 }
 

@@ -5,6 +5,8 @@ import NIOHTTP1
 /// The handlers of a client connection's HTTP pipeline that an upgrade must remove to turn it into a byte tunnel.
 struct DownstreamHTTPHandlers {
     let headTimer: RequestHeadTimer
+    /// In front of the HTTP codec when the listener's fast path is on; a pass-through once it has handed over.
+    var fastPath: FastPathHandler?
     let readAhead: ReadAheadHandler
     let encoder: HTTPResponseEncoder
     let decoder: ByteToMessageHandler<HTTPRequestDecoder>
@@ -497,13 +499,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     private func startExchange(
         _ pending: PendingForward, backend: Backend, ownership: Ownership?, context: ChannelHandlerContext
     ) {
-        var forwardedHead = Self.rewrite(pending.head, with: pending.decision)
-        if let ownership, let pool = self.runtime.pools[ownership.pool] {
-            if let name = pool.config.keyHeader { forwardedHead.headers.replaceOrAdd(name: name, value: ownership.key) }
-            if let name = pool.config.epochHeader {
-                forwardedHead.headers.replaceOrAdd(name: name, value: String(ownership.epoch))
-            }
-        }
+        let forwardedHead = Self.forwardedHead(pending.head, decision: pending.decision, ownership: ownership, runtime: self.runtime)
         let bodyFraming: RequestFraming = pending.bufferedBody.map { .contentLength($0.readableBytes) } ?? pending.framing
         let exchange = Exchange(
             head: forwardedHead, clientURI: pending.head.uri, backend: backend, framing: bodyFraming, upgrade: pending.upgrade)
@@ -539,6 +535,21 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
 
     private var listenerFallbackPool: String? {
         self.runtime.config.listeners.first { $0.name == self.listener.name }?.routing?.fallbackPool
+    }
+
+    /// The request head as it goes to the backend before the hop-by-hop and `X-Forwarded-*` treatment: the decision's
+    /// rewrites, and the pool's key and epoch headers for an owned key. Shared with the fast path.
+    static func forwardedHead(
+        _ head: HTTPRequestHead, decision: RouteDecision, ownership: Ownership?, runtime: ProxyRuntime
+    ) -> HTTPRequestHead {
+        var forwardedHead = Self.rewrite(head, with: decision)
+        if let ownership, let pool = runtime.pools[ownership.pool] {
+            if let name = pool.config.keyHeader { forwardedHead.headers.replaceOrAdd(name: name, value: ownership.key) }
+            if let name = pool.config.epochHeader {
+                forwardedHead.headers.replaceOrAdd(name: name, value: String(ownership.epoch))
+            }
+        }
+        return forwardedHead
     }
 
     /// Applies a decision's path and header rewrites. Framing fields are the proxy's to decide and are left alone.
@@ -599,6 +610,11 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     }
 
     private func routeRequest(for head: HTTPRequestHead, isUpgrade: Bool) -> RouteRequest {
+        Self.routeRequest(for: head, isUpgrade: isUpgrade, listener: self.listener, clientIP: self.clientIP)
+    }
+
+    /// What the policy is asked about a request head. Shared with the fast path.
+    static func routeRequest(for head: HTTPRequestHead, isUpgrade: Bool, listener: ListenerContext, clientIP: String) -> RouteRequest {
         let uri = head.uri
         let path: String
         let query: Substring
@@ -615,10 +631,10 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             query: query,
             headers: head.headers,
             host: head.headers.first(name: "host") ?? "",
-            scheme: self.listener.scheme,
-            clientIP: self.clientIP,
+            scheme: listener.scheme,
+            clientIP: clientIP,
             isUpgrade: isUpgrade,
-            listener: self.listener.name
+            listener: listener.name
         )
     }
 
@@ -633,16 +649,9 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             switch result {
             case .success(let connection):
                 self.attach(connection, to: exchange)
-            case .failure(.timedOut):
-                exchange.backend.recordConnectFailure()
-                self.runtime.metrics.countUpstreamError(.connectTimeout)
-                self.fail(exchange, status: .gatewayTimeout, reason: "gateway timeout: backend did not accept the connection in time")
-            case .failure(.failed(let error)):
-                exchange.backend.recordConnectFailure()
-                self.runtime.metrics.countUpstreamError(.connectFailed)
-                self.runtime.logger.warning(
-                    "backend connection failed", metadata: ["backend": "\(exchange.backend.id)", "error": "\(error)"])
-                self.fail(exchange, status: .badGateway, reason: "bad gateway: backend unreachable")
+            case .failure(let error):
+                let answer = error.recordAndAnswer(backend: exchange.backend, runtime: self.runtime)
+                self.fail(exchange, status: answer.status, reason: answer.reason)
             }
         }
     }
@@ -1045,9 +1054,13 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             let clientChannel = context.channel
             let upstreamChannel = upstream.channel
             upstreamPipeline.removeHandler(upstream.handler, promise: nil)
+            upstreamPipeline.removeHandler(upstream.tap, promise: nil)
             upstreamPipeline.removeHandler(upstream.encoder, promise: nil)
             upstreamPipeline.removeHandler(upstream.decoder).whenComplete { _ in clientChannel.flush() }
             downstream.removeHandler(self.httpHandlers.headTimer, promise: nil)
+            if let fastPath = self.httpHandlers.fastPath {
+                downstream.removeHandler(fastPath, promise: nil)
+            }
             downstream.removeHandler(self.httpHandlers.readAhead, promise: nil)
             downstream.removeHandler(self.httpHandlers.pipelining, promise: nil)
             downstream.removeHandler(self.httpHandlers.encoder, promise: nil)
@@ -1111,7 +1124,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         Self.logAccess(runtime: self.runtime, listener: self.listener, clientIP: self.clientIP, exchange: exchange, status: status)
     }
 
-    private static func logAccess(
+    static func logAccess(
         runtime: ProxyRuntime, listener: ListenerContext, clientIP: String, exchange: Exchange, status: Int
     ) {
         Self.logAccess(

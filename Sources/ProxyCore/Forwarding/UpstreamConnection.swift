@@ -14,6 +14,8 @@ final class UpstreamConnection {
     let channel: Channel
     let backend: Backend
     let handler: UpstreamHandler
+    /// First in the pipeline: lets the fast path exchange raw bytes with the backend, past the HTTP codec.
+    let tap: RawUpstreamTap
     let encoder: HTTPRequestEncoder
     let decoder: ByteToMessageHandler<HTTPResponseDecoder>
     /// True once the connection has carried a request: a failure before any response byte may then be the
@@ -26,12 +28,14 @@ final class UpstreamConnection {
         channel: Channel,
         backend: Backend,
         handler: UpstreamHandler,
+        tap: RawUpstreamTap,
         encoder: HTTPRequestEncoder,
         decoder: ByteToMessageHandler<HTTPResponseDecoder>
     ) {
         self.channel = channel
         self.backend = backend
         self.handler = handler
+        self.tap = tap
         self.encoder = encoder
         self.decoder = decoder
         handler.connection = self
@@ -50,9 +54,81 @@ final class UpstreamConnection {
         self.channel.flush()
     }
 
+    /// While set, response bytes go to this sink raw instead of through the HTTP decoder (the fast path's lease).
+    var rawSink: RawUpstreamSink? {
+        get { self.tap.sink }
+        set { self.tap.sink = newValue }
+    }
+
+    /// Writes bytes below the HTTP encoder (a head the fast path serialized itself) and flushes.
+    func writeRawAndFlush(_ bytes: ByteBuffer) {
+        self.tap.writeAndFlush(bytes)
+    }
+
     /// Stops or resumes reading from the backend (back-pressure from a slow client).
     func holdReads(_ hold: Bool) {
         self.handler.holdReads(hold)
+    }
+}
+
+/// Receives a leased connection's raw bytes on the fast path.
+protocol RawUpstreamSink: AnyObject {
+    func rawUpstreamRead(_ bytes: ByteBuffer)
+    func rawUpstreamReadComplete()
+    func rawUpstreamWritabilityChanged(isWritable: Bool)
+    func rawUpstreamClosed()
+}
+
+/// Sits first in an upstream pipeline (next to the socket). Without a sink it passes everything on to the HTTP codec;
+/// with one (a fast-path lease) it hands response bytes to the sink and the codec behind it sees nothing, so its state
+/// is still fresh for whichever path leases the connection next. Removed when the connection becomes a tunnel.
+final class RawUpstreamTap: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    weak var sink: RawUpstreamSink?
+    private var context: ChannelHandlerContext?
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    func writeAndFlush(_ bytes: ByteBuffer) {
+        self.context?.writeAndFlush(Self.wrapOutboundOut(bytes), promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if let sink = self.sink {
+            sink.rawUpstreamRead(Self.unwrapInboundIn(data))
+        } else {
+            context.fireChannelRead(data)
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if let sink = self.sink {
+            sink.rawUpstreamReadComplete()
+        } else {
+            context.fireChannelReadComplete()
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        self.sink?.rawUpstreamWritabilityChanged(isWritable: context.channel.isWritable)
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if let sink = self.sink {
+            self.sink = nil
+            sink.rawUpstreamClosed()
+        }
+        context.fireChannelInactive()
     }
 }
 

@@ -6,6 +6,21 @@ import NIOPosix
 enum UpstreamConnectError: Error {
     case timedOut
     case failed(Error)
+
+    /// Records a failed lease (backend health, metrics, log) and says how the client is answered. Both data paths
+    /// (`ProxyHandler`, `FastPathHandler`) answer the same.
+    func recordAndAnswer(backend: Backend, runtime: ProxyRuntime) -> (status: HTTPResponseStatus, reason: String) {
+        backend.recordConnectFailure()
+        switch self {
+        case .timedOut:
+            runtime.metrics.countUpstreamError(.connectTimeout)
+            return (.gatewayTimeout, "gateway timeout: backend did not accept the connection in time")
+        case .failed(let error):
+            runtime.metrics.countUpstreamError(.connectFailed)
+            runtime.logger.warning("backend connection failed", metadata: ["backend": "\(backend.id)", "error": "\(error)"])
+            return (.badGateway, "bad gateway: backend unreachable")
+        }
+    }
 }
 
 /// Keep-alive connections to backends, one pool per event loop so a request and its upstream connection share a
@@ -57,6 +72,7 @@ final class UpstreamPool {
     func release(_ connection: UpstreamConnection) {
         self.eventLoop.preconditionInEventLoop()
         connection.sink = nil
+        connection.rawSink = nil
         connection.holdReads(false)
         guard !self.closed, connection.channel.isActive,
             self.idle[connection.backend.id, default: []].count < self.settings.maxIdlePerBackend
@@ -163,10 +179,13 @@ final class UpstreamPool {
             HTTPResponseDecoder(leftOverBytesStrategy: .forwardBytes, informationalResponseStrategy: .forward)
         )
         let handler = UpstreamHandler()
+        let tap = RawUpstreamTap()
         let sync = channel.pipeline.syncOperations
+        try sync.addHandler(tap)
         try sync.addHandler(encoder)
         try sync.addHandler(decoder)
         try sync.addHandler(handler)
-        return UpstreamConnection(channel: channel, backend: backend, handler: handler, encoder: encoder, decoder: decoder)
+        return UpstreamConnection(
+            channel: channel, backend: backend, handler: handler, tap: tap, encoder: encoder, decoder: decoder)
     }
 }

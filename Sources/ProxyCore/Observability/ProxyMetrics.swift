@@ -9,6 +9,8 @@ public final class ProxyMetrics: Sendable {
     private let connections: [String: Gauge]
     let tunnelsOpen: Gauge
     let requestDuration: DurationHistogram
+    /// Connections the fast path handed over to the full HTTP pipeline.
+    let fastPathHandoffs: Counter
     let rejectedConnections: Counter
     let routingErrors: Counter
     let adoptedKeys: Counter
@@ -56,6 +58,8 @@ public final class ProxyMetrics: Sendable {
             buckets: [.milliseconds(1), .milliseconds(5), .milliseconds(25), .milliseconds(100), .milliseconds(500),
                       .seconds(2), .seconds(10), .seconds(60)]
         )
+        self.fastPathHandoffs = registry.makeCounter(
+            descriptor: Self.named("fast_path_handoffs", unit: "total", help: "Client connections the fast path handed to the full HTTP path (a request it does not handle)."))
         self.rejectedConnections = registry.makeCounter(
             descriptor: Self.named("rejected_connections", unit: "total", help: "Client connections closed at accept because max_connections was reached."))
         self.routingErrors = registry.makeCounter(

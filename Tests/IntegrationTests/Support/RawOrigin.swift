@@ -20,8 +20,11 @@ final class RawOrigin: Sendable {
         self.accepted = accepted
     }
 
+    /// - Parameter closeOnNextRequest: keep the connection after answering, and close it without an answer when the
+    ///   next request arrives on it (a backend closing an idle keep-alive connection just as the proxy reuses it).
     static func start(
-        response: String, closeAfterResponse: Bool = true, group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton
+        response: String, closeAfterResponse: Bool = true, closeOnNextRequest: Bool = false,
+        group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton
     ) async throws -> RawOrigin {
         let accepted = NIOLockedValueBox(0)
         let bytes = Array(response.utf8)
@@ -30,7 +33,7 @@ final class RawOrigin: Sendable {
             .childChannelInitializer { channel in
                 accepted.withLockedValue { $0 += 1 }
                 return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ScriptedHandler(response: bytes, close: closeAfterResponse))
+                    try channel.pipeline.syncOperations.addHandler(ScriptedHandler(response: bytes, close: closeAfterResponse, closeOnNextRequest: closeOnNextRequest))
                 }
             }
             .bind(host: "127.0.0.1", port: 0)
@@ -50,16 +53,21 @@ final class RawOrigin: Sendable {
 
         let response: [UInt8]
         let close: Bool
+        let closeOnNextRequest: Bool
         var received: [UInt8] = []
         var answered = false
 
-        init(response: [UInt8], close: Bool) {
+        init(response: [UInt8], close: Bool, closeOnNextRequest: Bool) {
             self.response = response
             self.close = close
+            self.closeOnNextRequest = closeOnNextRequest
         }
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-            guard !self.answered else { return }
+            guard !self.answered else {
+                if self.closeOnNextRequest { context.close(promise: nil) }
+                return
+            }
             self.received.append(contentsOf: Self.unwrapInboundIn(data).readableBytesView)
             guard RawHTTPConnection.find([13, 10, 13, 10], in: self.received, from: 0) != nil else { return }
             self.answered = true

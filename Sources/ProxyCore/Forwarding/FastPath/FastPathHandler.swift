@@ -1,0 +1,676 @@
+import Logging
+import NIOCore
+import NIOHTTP1
+
+/// The fast path of a client connection: forwards plain requests from their raw bytes, past NIO's HTTP codec.
+///
+/// It sits where the full HTTP pipeline (decoder, pipelining handler, encoder, `ProxyHandler`) would start; that
+/// pipeline is only built behind it when it hands the connection over. For each request head it:
+/// - parses the head strictly (`HTTP1Scan`), routes it with the same policy and resolution as `ProxyHandler`;
+/// - writes the forwarded head (same `ForwardingHeaders` treatment) on a pooled backend connection, below that
+///   connection's codec (`RawUpstreamTap`);
+/// - relays the response: the head parsed and rewritten by `ForwardingHeaders`, the body verbatim, framed by
+///   `Content-Length` or followed by `ChunkedBodyScanner`, or chunk-encoded here when the backend delimits by close.
+///
+/// Anything it does not handle hands the connection over, at a request boundary, to the full pipeline, built then and
+/// given every byte held here; from then on it is a pass-through for the connection's life. That covers a head that is not a
+/// plain HTTP/1.1 request without a body (a body, `Upgrade`, `Expect`, HTTP/1.0, obs-text, anything malformed: the
+/// full parser answers those), a policy that observes responses, a decision other than a forward that resolves at
+/// once (a local answer, `needBody`, a fan-out, a shared store still being asked), and a failing script. The policy
+/// then runs a second time for that request, as it does after `needBody`: routing scripts are documented to be
+/// deterministic per request (docs/routing-api.md).
+///
+/// What `ProxyHandler` does per exchange is done here too, with the same messages and metrics: connection and lease
+/// accounting, the response-head deadline, the stale keep-alive retry, `502`/`504` answers, back-pressure, the access
+/// log and request metrics, and closing after the response when the client or a shutdown asks.
+final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawUpstreamSink {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    /// How the response body of the current exchange is delimited.
+    private enum BodyFraming {
+        case none
+        case length(Int)
+        case chunked(ChunkedBodyScanner)
+        /// Until the backend closes; re-chunked for the client.
+        case close
+    }
+
+    /// One request in flight on the fast path.
+    private final class FastExchange {
+        let exchange: Exchange
+        var responseHeadBytes: ByteBuffer?
+        var framing: BodyFraming = .none
+        /// The backend sent something after the response's end: its connection cannot be pooled.
+        var trailingGarbage = false
+
+        init(exchange: Exchange) {
+            self.exchange = exchange
+        }
+    }
+
+    private enum State {
+        case idle
+        case proxying(FastExchange)
+        case closed
+    }
+
+    private let listener: ListenerContext
+    private let loop: ProxyServer.LoopState
+    private let headTimer: RequestHeadTimer
+    private var runtime: ProxyRuntime
+    private var context: ChannelHandlerContext?
+    private var clientIP = ""
+    private var passthrough = false
+    private var state: State = .idle
+    /// Client bytes not yet consumed: a partial head, or requests sent behind the one in flight.
+    private var inbound: ByteBuffer?
+    /// Where the search for the end of the head in `inbound` resumes.
+    private var scannedHeadBytes = 0
+    private var readPending = false
+    /// The client ended its side, or a shutdown asked the connection to close after the current response.
+    private var closeWhenIdle = false
+    private var deadlineTimer: Scheduled<Void>?
+    private var deadlineTimerAt: NIODeadline = .distantFuture
+
+    /// Adds the full HTTP pipeline behind this handler (at hand-over).
+    private let installFullPipeline: (ChannelPipeline.SynchronousOperations, FastPathHandler) throws -> Void
+
+    init(
+        listener: ListenerContext, loop: ProxyServer.LoopState, headTimer: RequestHeadTimer,
+        installFullPipeline: @escaping (ChannelPipeline.SynchronousOperations, FastPathHandler) throws -> Void
+    ) {
+        self.listener = listener
+        self.loop = loop
+        self.headTimer = headTimer
+        self.installFullPipeline = installFullPipeline
+        self.runtime = loop.generation.runtime
+    }
+
+    // MARK: Channel events
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        self.clientIP = context.channel.remoteAddress?.ipAddress ?? "unknown"
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !self.passthrough else {
+            context.fireChannelRead(data)
+            return
+        }
+        guard case .closed = self.state else {
+            var bytes = Self.unwrapInboundIn(data)
+            if self.inbound == nil {
+                self.inbound = bytes
+            } else {
+                self.inbound!.writeBuffer(&bytes)
+            }
+            if case .idle = self.state { self.processInbound(context: context) }
+            return
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if self.passthrough { context.fireChannelReadComplete() }
+    }
+
+    func read(context: ChannelHandlerContext) {
+        // Reading goes on while a request is in flight (holding it would cost two `epoll_ctl` calls per request), but
+        // what a client sends behind it is bounded: past one head's worth of bytes, the rest waits in the socket.
+        if !self.passthrough, case .proxying = self.state,
+            (self.inbound?.readableBytes ?? 0) > self.runtime.config.limits.maxHeaderBytes
+        {
+            self.readPending = true
+        } else {
+            context.read()
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if !self.passthrough, case .proxying(let fast) = self.state {
+            fast.exchange.upstream?.holdReads(!context.channel.isWritable)
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard !self.passthrough else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        // The full pipeline has seen no request: it must not act on these (its pipelining handler would close at once).
+        if event is ChannelShouldQuiesceEvent || (event as? ChannelEvent) == .inputClosed {
+            self.closeWhenIdle = true
+            if case .idle = self.state {
+                self.state = .closed
+                context.close(promise: nil)
+            }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        guard !self.passthrough else {
+            context.fireErrorCaught(error)
+            return
+        }
+        // `channelInactive` releases what a current exchange holds.
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.deadlineTimer?.cancel()
+        self.deadlineTimer = nil
+        if case .proxying(let fast) = self.state {
+            let exchange = fast.exchange
+            exchange.responseDeadline = nil
+            self.abandonUpstream(exchange)
+            self.release(exchange)
+            // 499 as nginx logs it: the client went away before the response was complete.
+            self.logAccess(exchange, status: exchange.responseEnded ? exchange.status : 499)
+        }
+        self.state = .closed
+        context.fireChannelInactive()
+    }
+
+    // MARK: Requests
+
+    private func processInbound(context: ChannelHandlerContext) {
+        while !self.passthrough, case .idle = self.state, let buffer = self.inbound, buffer.readableBytes > 0 {
+            let from = self.scannedHeadBytes
+            let end = buffer.withUnsafeReadableBytes { HTTP1Scan.headEnd($0, from: max(0, from - 3)) }
+            guard let end else {
+                if buffer.readableBytes > self.runtime.config.limits.maxHeaderBytes {
+                    self.handOff(context: context)  // the full parser answers 431
+                } else {
+                    self.scannedHeadBytes = buffer.readableBytes
+                }
+                return
+            }
+            let head = buffer.withUnsafeReadableBytes { HTTP1Scan.parseRequestHead(UnsafeRawBufferPointer(rebasing: $0[..<end])) }
+            guard let head, self.forward(head, headLength: end, context: context) else {
+                self.handOff(context: context)
+                return
+            }
+        }
+    }
+
+    /// From now on the full pipeline serves this connection, starting with every byte held here.
+    private func handOff(context: ChannelHandlerContext) {
+        self.passthrough = true
+        self.runtime.metrics.fastPathHandoffs.increment()
+        do {
+            try self.installFullPipeline(context.pipeline.syncOperations, self)
+        } catch {
+            self.runtime.logger.error("could not set up the HTTP pipeline", metadata: ["error": "\(error)"])
+            self.inbound = nil
+            context.close(promise: nil)
+            return
+        }
+        if let bytes = self.inbound, bytes.readableBytes > 0 {
+            self.inbound = nil
+            context.fireChannelRead(Self.wrapInboundOut(bytes))
+            context.fireChannelReadComplete()
+        }
+        self.inbound = nil
+        if self.readPending {
+            self.readPending = false
+            context.read()
+        }
+    }
+
+    /// Routes and sends one request; `false` when the fast path does not handle it (nothing was changed then).
+    private func forward(_ head: HTTPRequestHead, headLength: Int, context: ChannelHandlerContext) -> Bool {
+        guard (try? RequestValidator.framing(of: head)) == RequestFraming.none,
+            (try? RequestValidator.validateHost(of: head)) != nil,
+            RequestValidator.upgradeProtocol(of: head) == nil,
+            !head.headers.contains(name: "expect")
+        else { return false }
+        let generation = self.loop.generation
+        let runtime = generation.runtime
+        let policy = generation.policy(for: self.listener.name)
+        guard !policy.observesResponses else { return false }
+        let request = ProxyHandler.routeRequest(for: head, isUpgrade: false, listener: self.listener, clientIP: self.clientIP)
+        guard let decision = try? policy.route(request), case .forward(let target) = decision.action, !decision.responseBody
+        else { return false }
+        let backend: Backend
+        let ownership: Ownership?
+        switch runtime.resolve(target, on: context.eventLoop) {
+        case .backend(let resolved):
+            (backend, ownership) = (resolved, nil)
+        case .owned(let resolved, let owned):
+            (backend, ownership) = (resolved, owned)
+        case .pending, .noBackend, .unknownPool, .unknownBackend, .unknownPlacement:
+            return false
+        }
+
+        self.runtime = runtime
+        self.inbound!.moveReaderIndex(forwardBy: headLength)
+        self.scannedHeadBytes = 0
+        if self.inbound!.readableBytes == 0 { self.inbound = nil }
+        self.headTimer.handle(.headReceived)
+
+        let forwardedHead = ProxyHandler.forwardedHead(head, decision: decision, ownership: ownership, runtime: runtime)
+        let exchange = Exchange(head: forwardedHead, clientURI: head.uri, backend: backend, framing: .none, upgrade: nil)
+        exchange.key = ownership?.key
+        exchange.requestEnded = true
+        backend.acquire()
+        if let key = exchange.key { runtime.directory.acquireLease(key: key) }
+        let fast = FastExchange(exchange: exchange)
+        self.state = .proxying(fast)
+        self.connectUpstream(fast, allowPooled: true)
+        return true
+    }
+
+    // MARK: Upstream
+
+    private func connectUpstream(_ fast: FastExchange, allowPooled: Bool) {
+        self.loop.pool.lease(fast.exchange.backend, allowPooled: allowPooled) { [self] result in
+            guard case .proxying(let current) = self.state, current === fast else {
+                if case .success(let connection) = result { self.loop.pool.release(connection) }
+                return
+            }
+            let exchange = fast.exchange
+            switch result {
+            case .success(let connection):
+                self.attach(connection, to: fast)
+            case .failure(let error):
+                let answer = error.recordAndAnswer(backend: exchange.backend, runtime: self.runtime)
+                self.fail(fast, status: answer.status, reason: answer.reason)
+            }
+        }
+    }
+
+    private func attach(_ connection: UpstreamConnection, to fast: FastExchange) {
+        guard let context = self.context else { return }
+        let exchange = fast.exchange
+        exchange.upstream = connection
+        exchange.upstreamReused = connection.hasBeenUsed
+        connection.hasBeenUsed = true
+        connection.rawSink = self
+        let head = ForwardingHeaders.upstreamRequestHead(
+            from: exchange.head, framing: .none, upgrade: nil, clientIP: self.clientIP, scheme: self.listener.scheme)
+        var bytes = context.channel.allocator.buffer(capacity: 256)
+        bytes.writeRequestHead(head)
+        connection.writeRawAndFlush(bytes)
+        self.armResponseDeadline(exchange, context: context)
+        connection.holdReads(!context.channel.isWritable)
+    }
+
+    func rawUpstreamRead(_ bytes: ByteBuffer) {
+        guard case .proxying(let fast) = self.state, let context = self.context else { return }
+        if fast.exchange.responseEnded {
+            fast.trailingGarbage = true
+            return
+        }
+        if fast.exchange.responseStarted {
+            self.relayBody(bytes, fast: fast, context: context)
+            return
+        }
+        var bytes = bytes
+        if fast.responseHeadBytes == nil {
+            fast.responseHeadBytes = bytes
+        } else {
+            fast.responseHeadBytes!.writeBuffer(&bytes)
+        }
+        self.readResponseHeads(fast, context: context)
+    }
+
+    private func readResponseHeads(_ fast: FastExchange, context: ChannelHandlerContext) {
+        let exchange = fast.exchange
+        while let buffer = fast.responseHeadBytes, !exchange.responseStarted {
+            guard let end = buffer.withUnsafeReadableBytes({ HTTP1Scan.headEnd($0) }) else {
+                if buffer.readableBytes > self.runtime.config.limits.maxHeaderBytes {
+                    self.badResponse(fast, "backend response head too large")
+                }
+                return
+            }
+            // The common case: rewritten byte for byte, no strings or `HTTPHeaders` built.
+            var out = context.channel.allocator.buffer(capacity: end + 64)
+            let clientKeepAlive = exchange.clientKeepAlive && !self.closeWhenIdle
+            if let summary = buffer.withUnsafeReadableBytes({
+                HTTP1Scan.rewriteResponseHead(
+                    UnsafeRawBufferPointer(rebasing: $0[..<end]), requestMethod: exchange.head.method,
+                    clientKeepAlive: clientKeepAlive, into: &out)
+            }) {
+                fast.responseHeadBytes!.moveReaderIndex(forwardBy: end)
+                exchange.responseDeadline = nil
+                exchange.status = summary.status
+                exchange.backend.recordResponse(status: summary.status)
+                exchange.upstreamKeepAlive = summary.upstreamKeepAlive
+                exchange.closeAfter = summary.closeAfter
+                exchange.responseStarted = true
+                switch summary.framing {
+                case .none: fast.framing = .none
+                case .length(let length): fast.framing = .length(length)
+                case .chunked: fast.framing = .chunked(ChunkedBodyScanner())
+                case .close: fast.framing = .close
+                }
+                context.write(Self.wrapOutboundOut(out), promise: nil)
+                self.relayRest(fast, context: context)
+                return
+            }
+            guard let head = buffer.withUnsafeReadableBytes({ HTTP1Scan.parseResponseHead(UnsafeRawBufferPointer(rebasing: $0[..<end])) })
+            else {
+                self.badResponse(fast, "malformed response head from backend")
+                return
+            }
+            fast.responseHeadBytes!.moveReaderIndex(forwardBy: end)
+            if head.status.code < 200 {
+                guard head.status != .switchingProtocols else {
+                    self.badResponse(fast, "backend switched protocols without being asked")
+                    return
+                }
+                // Interim answers (103 Early Hints) go to the client as they are, as on the full path.
+                var interim = HTTPResponseHead(version: .http1_1, status: head.status, headers: head.headers)
+                ForwardingHeaders.stripHopByHop(&interim.headers)
+                var bytes = context.channel.allocator.buffer(capacity: 128)
+                bytes.writeResponseHead(interim)
+                context.writeAndFlush(Self.wrapOutboundOut(bytes), promise: nil)
+                continue
+            }
+            guard self.startResponse(head, fast: fast, context: context) else { return }
+            self.relayRest(fast, context: context)
+        }
+    }
+
+    /// After the response head: relays what came with it, or ends a response without a body.
+    private func relayRest(_ fast: FastExchange, context: ChannelHandlerContext) {
+        let rest = fast.responseHeadBytes
+        fast.responseHeadBytes = nil
+        if let rest, rest.readableBytes > 0 {
+            self.relayBody(rest, fast: fast, context: context)
+        } else if case .none = fast.framing {
+            self.responseEnded(fast, context: context)
+        }
+    }
+
+    /// Writes the client's response head and sets up the body's framing; `false` when the head is unusable.
+    private func startResponse(_ head: HTTPResponseHead, fast: FastExchange, context: ChannelHandlerContext) -> Bool {
+        let exchange = fast.exchange
+        let framing: BodyFraming
+        if !head.status.mayHaveResponseBody(for: exchange.head.method) {
+            framing = .none
+        } else if head.headers.contains(name: "transfer-encoding") {
+            // Chunked must be the last (and here: the only) coding; anything else is for the full path to reject.
+            let codings = head.headers.elements("transfer-encoding")
+            guard codings.count == 1, asciiCaseInsensitiveEquals(codings[0].utf8, "chunked".utf8) else {
+                self.badResponse(fast, "unsupported transfer-encoding from backend")
+                return false
+            }
+            framing = .chunked(ChunkedBodyScanner())
+        } else if head.headers.contains(name: "content-length") {
+            let lengths = head.headers.elements("content-length")
+            guard let first = lengths.first, let length = RequestValidator.parseContentLength(first),
+                lengths.allSatisfy({ RequestValidator.parseContentLength($0) == length })
+            else {
+                self.badResponse(fast, "invalid content-length from backend")
+                return false
+            }
+            framing = length == 0 ? .none : .length(length)
+        } else {
+            framing = .close
+        }
+        exchange.responseDeadline = nil
+        exchange.status = Int(head.status.code)
+        exchange.backend.recordResponse(status: exchange.status)
+        exchange.upstreamKeepAlive = head.isKeepAlive
+        let (responseHead, closeAfter) = ForwardingHeaders.downstreamResponseHead(
+            from: head, requestMethod: exchange.head.method, keepAlive: exchange.clientKeepAlive && !self.closeWhenIdle,
+            clientVersion: .http1_1)
+        exchange.closeAfter = closeAfter
+        exchange.responseStarted = true
+        fast.framing = framing
+        var bytes = context.channel.allocator.buffer(capacity: 256)
+        bytes.writeResponseHead(responseHead)
+        context.write(Self.wrapOutboundOut(bytes), promise: nil)
+        return true
+    }
+
+    private func relayBody(_ bytes: ByteBuffer, fast: FastExchange, context: ChannelHandlerContext) {
+        let exchange = fast.exchange
+        var bytes = bytes
+        switch fast.framing {
+        case .none:
+            fast.trailingGarbage = true
+            self.responseEnded(fast, context: context)
+        case .length(let remaining):
+            let take = min(remaining, bytes.readableBytes)
+            if take < bytes.readableBytes { fast.trailingGarbage = true }
+            exchange.bytesOut += take
+            context.write(Self.wrapOutboundOut(bytes.readSlice(length: take)!), promise: nil)
+            if take == remaining {
+                self.responseEnded(fast, context: context)
+            } else {
+                fast.framing = .length(remaining - take)
+            }
+        case .chunked(var scanner):
+            let end: Int?
+            do {
+                end = try bytes.withUnsafeReadableBytes { try scanner.scan($0) }
+            } catch {
+                self.badResponse(fast, "malformed chunked body from backend")
+                return
+            }
+            fast.framing = .chunked(scanner)
+            let take = end ?? bytes.readableBytes
+            if take < bytes.readableBytes { fast.trailingGarbage = true }
+            exchange.bytesOut += take
+            context.write(Self.wrapOutboundOut(bytes.readSlice(length: take)!), promise: nil)
+            if end != nil { self.responseEnded(fast, context: context) }
+        case .close:
+            exchange.bytesOut += bytes.readableBytes
+            var chunk = context.channel.allocator.buffer(capacity: bytes.readableBytes + 16)
+            chunk.writeString(String(bytes.readableBytes, radix: 16))
+            chunk.writeStaticString("\r\n")
+            chunk.writeBuffer(&bytes)
+            chunk.writeStaticString("\r\n")
+            context.write(Self.wrapOutboundOut(chunk), promise: nil)
+        }
+    }
+
+    func rawUpstreamReadComplete() {
+        self.context?.flush()
+    }
+
+    func rawUpstreamWritabilityChanged(isWritable: Bool) {}
+
+    func rawUpstreamClosed() {
+        guard case .proxying(let fast) = self.state, let context = self.context else { return }
+        let exchange = fast.exchange
+        guard !exchange.responseEnded else { return }
+        exchange.upstream = nil
+        exchange.responseDeadline = nil
+        if case .close = fast.framing, exchange.responseStarted {
+            // A close-delimited body is complete: end the chunked stream the client was promised.
+            context.write(Self.wrapOutboundOut(context.channel.allocator.buffer(staticString: "0\r\n\r\n")), promise: nil)
+            self.responseEnded(fast, context: context)
+            return
+        }
+        if !exchange.responseStarted {
+            // A reused keep-alive connection may have been closed by the backend just as we sent on it; a request
+            // with no body can safely be sent again on a fresh connection (what HAProxy's `retry-on` does).
+            if exchange.upstreamReused && !exchange.retried {
+                exchange.retried = true
+                fast.responseHeadBytes = nil
+                self.connectUpstream(fast, allowPooled: false)
+                return
+            }
+            self.runtime.metrics.countUpstreamError(.closedEarly)
+            self.runtime.logger.warning(
+                "backend closed the connection before responding", metadata: ["backend": "\(exchange.backend.id)", "error": "eof"])
+            self.fail(fast, status: .badGateway, reason: "bad gateway: backend closed the connection")
+            return
+        }
+        // Part of the response is already with the client: closing is the only honest signal that it is truncated.
+        self.runtime.metrics.countUpstreamError(.resetMidResponse)
+        self.runtime.logger.warning("backend closed the connection mid-response", metadata: ["backend": "\(exchange.backend.id)"])
+        self.release(exchange)
+        self.logAccess(exchange, status: exchange.status)
+        self.state = .closed
+        context.close(promise: nil)
+    }
+
+    /// The backend sent something the fast path cannot relay: `502` if the client has no response yet, else close.
+    private func badResponse(_ fast: FastExchange, _ message: String) {
+        let exchange = fast.exchange
+        self.runtime.logger.warning("\(message)", metadata: ["backend": "\(exchange.backend.id)"])
+        self.abandonUpstream(exchange)
+        if exchange.responseStarted {
+            self.release(exchange)
+            self.logAccess(exchange, status: exchange.status)
+            self.state = .closed
+            self.context?.close(promise: nil)
+        } else {
+            self.fail(fast, status: .badGateway, reason: "bad gateway: invalid response from backend")
+        }
+    }
+
+    // MARK: Completion
+
+    private func responseEnded(_ fast: FastExchange, context: ChannelHandlerContext) {
+        let exchange = fast.exchange
+        exchange.responseEnded = true
+        if let upstream = exchange.upstream {
+            // (A close-delimited body ends with the connection, which is gone by now.)
+            exchange.upstream = nil
+            if exchange.upstreamKeepAlive && !fast.trailingGarbage {
+                self.loop.pool.release(upstream)
+            } else {
+                upstream.rawSink = nil
+                upstream.channel.close(promise: nil)
+            }
+        }
+        self.release(exchange)
+        self.logAccess(exchange, status: exchange.status)
+        let keepAlive = exchange.clientKeepAlive && !exchange.closeAfter && !self.closeWhenIdle
+        self.finishExchange(keepAlive: keepAlive, context: context)
+    }
+
+    /// The response is written (or queued): flush it, then serve the next request or close.
+    private func finishExchange(keepAlive: Bool, context: ChannelHandlerContext) {
+        if keepAlive {
+            self.state = .idle
+            self.headTimer.handle(.awaitingHead)
+            context.flush()
+            if self.readPending {
+                self.readPending = false
+                context.read()
+            }
+            self.processInbound(context: context)
+        } else {
+            self.state = .closed
+            context.writeAndFlush(Self.wrapOutboundOut(context.channel.allocator.buffer(capacity: 0))).assumeIsolated()
+                .whenComplete { _ in context.close(promise: nil) }
+        }
+    }
+
+    /// Fails an exchange that has not started its response: answers locally and releases what it held.
+    private func fail(_ fast: FastExchange, status: HTTPResponseStatus, reason: String) {
+        guard let context = self.context else { return }
+        let exchange = fast.exchange
+        exchange.responseDeadline = nil
+        self.abandonUpstream(exchange)
+        self.release(exchange)
+        exchange.status = Int(status.code)
+        self.logAccess(exchange, status: Int(status.code))
+        let keepAlive = exchange.clientKeepAlive && !self.closeWhenIdle
+        let body = reason + "\n"
+        var bytes = context.channel.allocator.buffer(capacity: 160 + body.utf8.count)
+        bytes.writeString("HTTP/1.1 \(status.code) \(status.reasonPhrase)\r\n")
+        bytes.writeStaticString("content-type: text/plain; charset=utf-8\r\n")
+        bytes.writeString("content-length: \(body.utf8.count)\r\n")
+        bytes.writeStaticString(keepAlive ? "connection: keep-alive\r\n\r\n" : "connection: close\r\n\r\n")
+        bytes.writeString(body)
+        context.write(Self.wrapOutboundOut(bytes), promise: nil)
+        self.finishExchange(keepAlive: keepAlive, context: context)
+    }
+
+    private func abandonUpstream(_ exchange: Exchange) {
+        exchange.responseDeadline = nil
+        if let upstream = exchange.upstream {
+            exchange.upstream = nil
+            upstream.rawSink = nil
+            upstream.channel.close(promise: nil)
+        }
+    }
+
+    /// Gives back what an exchange held: its backend's connection slot and its key's lease.
+    private func release(_ exchange: Exchange) {
+        exchange.backend.release()
+        if let key = exchange.key { self.runtime.directory.releaseLease(key: key) }
+    }
+
+    private func logAccess(_ exchange: Exchange, status: Int) {
+        self.runtime.metrics.countRequest(listener: self.listener.name, status: status)
+        self.runtime.metrics.requestDuration.recordNanoseconds((NIODeadline.now() - exchange.started).nanoseconds)
+        ProxyHandler.logAccess(runtime: self.runtime, listener: self.listener, clientIP: self.clientIP, exchange: exchange, status: status)
+    }
+
+    // MARK: Response-head deadline
+
+    /// One timer per connection, re-armed lazily for a later deadline (as in `ProxyHandler`).
+    private func armResponseDeadline(_ exchange: Exchange, context: ChannelHandlerContext) {
+        let deadline = NIODeadline.now() + self.runtime.config.timeouts.upstreamResponseHeader
+        exchange.responseDeadline = deadline
+        if self.deadlineTimer == nil || self.deadlineTimerAt > deadline {
+            self.deadlineTimer?.cancel()
+            self.scheduleDeadlineCheck(at: deadline, context: context)
+        }
+    }
+
+    private func scheduleDeadlineCheck(at deadline: NIODeadline, context: ChannelHandlerContext) {
+        self.deadlineTimerAt = deadline
+        self.deadlineTimer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
+            self.deadlineTimer = nil
+            self.deadlineTimerAt = .distantFuture
+            guard case .proxying(let fast) = self.state, let due = fast.exchange.responseDeadline, let context = self.context
+            else { return }
+            if NIODeadline.now() < due {
+                self.scheduleDeadlineCheck(at: due, context: context)
+            } else if !fast.exchange.responseStarted {
+                self.runtime.metrics.countUpstreamError(.responseTimeout)
+                self.fail(fast, status: .gatewayTimeout, reason: "gateway timeout: backend did not answer in time")
+            }
+        }
+    }
+}
+
+extension ByteBuffer {
+    /// HTTP/1.1 request head as NIO's encoder writes it (`name: value`, CRLF line ends).
+    mutating func writeRequestHead(_ head: HTTPRequestHead) {
+        self.writeString(head.method.rawValue)
+        self.writeStaticString(" ")
+        self.writeString(head.uri)
+        self.writeStaticString(head.version == .http1_0 ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n")
+        self.writeHeaderFields(head.headers)
+    }
+
+    /// HTTP/1.x response head as NIO's encoder writes it.
+    mutating func writeResponseHead(_ head: HTTPResponseHead) {
+        self.writeStaticString(head.version == .http1_0 ? "HTTP/1.0 " : "HTTP/1.1 ")
+        self.writeString(String(head.status.code))
+        self.writeStaticString(" ")
+        self.writeString(head.status.reasonPhrase)
+        self.writeStaticString("\r\n")
+        self.writeHeaderFields(head.headers)
+    }
+
+    private mutating func writeHeaderFields(_ headers: HTTPHeaders) {
+        for (name, value) in headers {
+            self.writeString(name)
+            self.writeStaticString(": ")
+            self.writeString(value)
+            self.writeStaticString("\r\n")
+        }
+        self.writeStaticString("\r\n")
+    }
+}

@@ -1,0 +1,167 @@
+import NIOCore
+import NIOPosix
+import ProxyCore
+import Testing
+
+/// The fast path (`FastPathHandler`): plain requests stay on it, everything else is handed to the full HTTP path on
+/// the same connection, and what a client receives is the same byte for byte whichever path served it.
+@Suite struct FastPathTests {
+    private static let admin = AdminConfig(address: "127.0.0.1", port: 0, token: nil, metricsOpen: true)
+
+    /// `ott_proxy_fast_path_handoffs_total` from the proxy's admin endpoint.
+    private func handoffs(_ proxy: ProxyHarness) async throws -> Double {
+        let connection = try await RawHTTPConnection.connect(port: try #require(proxy.adminPort))
+        defer { Task { await connection.close() } }
+        try await connection.send("GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        let metrics = try await connection.readResponse().bodyText
+        let line = try #require(metrics.split(separator: "\n").first { $0.hasPrefix("ott_proxy_fast_path_handoffs_total") })
+        return try #require(line.split(separator: " ").last.flatMap { Double($0) })
+    }
+
+    @Test func plainRequestsStayOnTheFastPathAndABodyIsHandedOver() async throws {
+        try await withOrigin { origin in
+            try await withProxy(backends: [(id: "a", port: origin.port)], admin: Self.admin) { proxy in
+                let connection = try await RawHTTPConnection.connect(port: proxy.port)
+                defer { Task { await connection.close() } }
+                for index in 0..<3 {
+                    try await connection.send("GET /echo?n=\(index) HTTP/1.1\r\nHost: test\r\n\r\n")
+                    let response = try await connection.readResponse()
+                    #expect(response.status == 200)
+                    #expect(response.header("x-origin-uri") == "/echo?n=\(index)")
+                    #expect(response.header("via") == "1.1 ott-proxy")
+                }
+                #expect(try await self.handoffs(proxy) == 0)
+                // The backend saw the forwarded head the full path would send.
+                let forwarded = try #require(origin.lastRequest)
+                #expect(forwarded.head.headers["x-forwarded-for"] == ["127.0.0.1"])
+                #expect(forwarded.head.headers["x-forwarded-proto"] == ["http"])
+                #expect(forwarded.head.headers["x-forwarded-host"] == ["test"])
+                #expect(forwarded.head.headers["via"] == ["1.1 ott-proxy"])
+
+                // A body: the same connection goes on through the full path, in order.
+                try await connection.send("POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello")
+                let posted = try await connection.readResponse()
+                #expect(posted.status == 200)
+                #expect(posted.bodyText == "hello")
+                try await connection.send("GET /echo?after HTTP/1.1\r\nHost: test\r\n\r\n")
+                #expect(try await connection.readResponse().header("x-origin-uri") == "/echo?after")
+                #expect(try await self.handoffs(proxy) == 1)
+            }
+        }
+    }
+
+    @Test func pipelinedRequestsAreAnsweredInOrder() async throws {
+        try await withOrigin { origin in
+            try await withProxy(backends: [(id: "a", port: origin.port)], admin: Self.admin) { proxy in
+                let connection = try await RawHTTPConnection.connect(port: proxy.port)
+                defer { Task { await connection.close() } }
+                var burst = ""
+                for index in 0..<5 { burst += "GET /echo?p=\(index) HTTP/1.1\r\nHost: test\r\n\r\n" }
+                try await connection.send(burst)
+                for index in 0..<5 {
+                    #expect(try await connection.readResponse().header("x-origin-uri") == "/echo?p=\(index)")
+                }
+                #expect(try await self.handoffs(proxy) == 0)
+            }
+        }
+    }
+
+    /// Requests the fast path leaves to the full path, each on a fresh connection; each must still be answered right.
+    @Test(arguments: [
+        ("GET /echo HTTP/1.0\r\nHost: test\r\n\r\n", 200),
+        ("GET /echo HTTP/1.1\r\n\r\n", 400),  // no Host: the full path's answer
+        ("GET /echo HTTP/1.1\r\nHost: test\r\nX: caf\u{e9}\r\n\r\n", 200),  // obs-text in a value
+        ("GET /continue HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok", 100),
+        ("GARBAGE\r\n\r\n", 400),
+    ])
+    func unusualRequestsAreHandedOverAndAnswered(_ request: String, _ status: Int) async throws {
+        try await withOrigin { origin in
+            try await withProxy(backends: [(id: "a", port: origin.port)], admin: Self.admin) { proxy in
+                let connection = try await RawHTTPConnection.connect(port: proxy.port)
+                defer { Task { await connection.close() } }
+                try await connection.send(request)
+                #expect(try await connection.readResponse().status == status)
+                #expect(try await self.handoffs(proxy) == 1)
+            }
+        }
+    }
+
+    /// The responses in what a client received, as status, ordered header fields and body. Reason phrases and chunk
+    /// boundaries are left out: the full path re-chunks bodies and drops reason phrases NIO does not know, the fast
+    /// path relays both as the backend sent them. A `502`'s body is left out too (it says why in each path's words).
+    private func responses(_ bytes: [UInt8], method: String) -> [String] {
+        var rest = bytes
+        var result: [String] = []
+        while !rest.isEmpty, case .complete(let response, let consumed) = RawHTTPConnection.parse(rest, method: method, closed: true) {
+            let fields = response.headers.map { "\($0.0): \($0.1)" }.joined(separator: "|")
+            result.append("\(response.status) [\(fields)] \(response.status == 502 ? "" : response.bodyText)")
+            rest.removeFirst(consumed)
+        }
+        return result
+    }
+
+    /// Scripted backend answers, relayed by a proxy with the fast path and one without: the client gets the same
+    /// responses (and, where neither reason phrases nor chunks are involved, the same bytes).
+    @Test(arguments: [
+        ("GET", "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nKeep-Alive: timeout=5\r\nContent-Length: 5\r\n\r\nhello"),
+        ("GET", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3;x=y\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"),
+        ("GET", "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nclose-delimited body"),
+        ("GET", "HTTP/1.0 200 OK\r\n\r\nold server"),
+        ("GET", "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"),
+        ("HEAD", "HTTP/1.1 200 OK\r\nContent-Length: 1024\r\n\r\n"),
+        ("GET", "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        ("GET", "HTTP/1.1 200 OK\r\nConnection: x-private\r\nX-Private: 1\r\nContent-Length: 2\r\n\r\nok"),
+        ("GET", "HTTP/1.1 299 Custom Thing\r\nVia: 1.0 upstream\r\nContent-Length: 2\r\n\r\nok"),
+        ("GET", "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"),  // truncated: both close the connection
+        ("GET", "NOT HTTP\r\n\r\n"),
+    ])
+    func bothPathsRelayTheSameBytes(_ method: String, _ response: String) async throws {
+        let origin = try await RawOrigin.start(response: response)
+        defer { Task { await origin.stop() } }
+        var received: [Bool: [UInt8]] = [:]
+        for fastPath in [true, false] {
+            try await withProxy(
+                backends: [(id: "raw", port: origin.port)], admin: Self.admin,
+                configure: { $0.listeners[0].fastPath = fastPath }
+            ) { proxy in
+                let connection = try await RawHTTPConnection.connect(port: proxy.port)
+                defer { Task { await connection.close() } }
+                try await connection.send("\(method) /x HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                received[fastPath] = try await connection.readUntilClosed()
+                if fastPath { #expect(try await self.handoffs(proxy) == 0) }
+            }
+        }
+        let fast = try #require(received[true])
+        let full = try #require(received[false])
+        #expect(!fast.isEmpty)
+        #expect(self.responses(fast, method: method) == self.responses(full, method: method))
+        let plain = !response.contains("chunked") && !response.contains("Custom") && !response.contains("Early") && !response.hasPrefix("NOT")
+        if plain {
+            #expect(String(decoding: fast, as: UTF8.self) == String(decoding: full, as: UTF8.self))
+        }
+    }
+
+    /// The backend closes a pooled connection just as the next request is sent on it: a request without a body is
+    /// sent again on a fresh connection (the client never sees the race), on either path.
+    @Test(arguments: [true, false])
+    func aReusedConnectionClosedByTheBackendIsRetried(_ fastPath: Bool) async throws {
+        let origin = try await RawOrigin.start(
+            response: "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", closeAfterResponse: false, closeOnNextRequest: true)
+        defer { Task { await origin.stop() } }
+        try await withProxy(
+            backends: [(id: "raw", port: origin.port)], admin: Self.admin, configure: { $0.listeners[0].fastPath = fastPath }
+        ) { proxy in
+            let connection = try await RawHTTPConnection.connect(port: proxy.port)
+            defer { Task { await connection.close() } }
+            for index in 0..<3 {
+                try await connection.send("GET /\(index) HTTP/1.1\r\nHost: test\r\n\r\n")
+                let response = try await connection.readResponse()
+                #expect(response.status == 200)
+                #expect(response.bodyText == "ok")
+            }
+            // One connection per request: each reuse attempt was closed and retried.
+            #expect(origin.acceptedConnections == 3)
+            #expect(try await self.handoffs(proxy) == 0)
+        }
+    }
+}

@@ -1,0 +1,259 @@
+import NIOCore
+import NIOHTTP1
+import Testing
+
+@testable import ProxyCore
+
+/// The fast path's byte-level HTTP/1.1 pieces. The response-head rewrite is checked against the general path it
+/// replaces (`ForwardingHeaders.downstreamResponseHead` + `writeResponseHead`), on fixed cases and on random heads.
+@Suite struct HTTP1ScanTests {
+    private func withBytes<T>(_ text: String, _ body: (UnsafeRawBufferPointer) -> T) -> T {
+        Array(text.utf8).withUnsafeBytes(body)
+    }
+
+    // MARK: Head end
+
+    @Test func headEndFindsTheFirstEmptyLineWhereverTheBytesAreSplit() {
+        let head = "GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+        let bytes = Array((head + "GET /next HTTP/1.1\r\n").utf8)
+        #expect(bytes.withUnsafeBytes { HTTP1Scan.headEnd($0) } == head.utf8.count)
+        // Every prefix shorter than the head has no end; resuming from any earlier point finds the same one.
+        for length in 0..<head.utf8.count {
+            #expect(Array(bytes[..<length]).withUnsafeBytes { HTTP1Scan.headEnd($0) } == nil)
+            #expect(bytes.withUnsafeBytes { HTTP1Scan.headEnd($0, from: max(0, length - 3)) } == head.utf8.count)
+        }
+        #expect(withBytes("a\r\n\r\r\n\r\n") { HTTP1Scan.headEnd($0) } == 8)
+        #expect(withBytes("\n\n\r\n\n") { HTTP1Scan.headEnd($0) } == nil)
+    }
+
+    // MARK: Request heads
+
+    @Test func plainRequestHeadsParse() throws {
+        let head = try #require(
+            withBytes("GET /rooms/a?x=1 HTTP/1.1\r\nHost: example.com\r\nX-Empty:\r\nAccept:  */*  \r\n\r\n") {
+                HTTP1Scan.parseRequestHead($0)
+            })
+        #expect(head.method == .GET)
+        #expect(head.uri == "/rooms/a?x=1")
+        #expect(head.version == .http1_1)
+        #expect(head.headers.map { [$0.name, $0.value] } == [["Host", "example.com"], ["X-Empty", ""], ["Accept", "*/*"]])
+    }
+
+    @Test(arguments: [
+        "GET / HTTP/1.0\r\nHost: a\r\n\r\n",  // HTTP/1.0: left to the full parser
+        "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",  // absolute form
+        "CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+        "get / HTTP/1.1\r\nHost: a\r\n\r\n",
+        "GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost : a\r\n\r\n",  // space before the colon
+        "GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",  // obsolete line folding
+        "GET / HTTP/1.1\r\nHost: caf\u{e9}\r\n\r\n",  // obs-text
+        "GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n",  // bare LF
+        "GET / HTTP/1.1\r\nHost: a\r\n\r\nextra",  // bytes past the head
+        "GET /\u{7f} HTTP/1.1\r\nHost: a\r\n\r\n",
+        "BREW / HTTP/1.1\r\nHost: a\r\n\r\n",  // a method NIO does not know
+    ])
+    func unusualRequestHeadsAreLeftToTheFullParser(_ text: String) {
+        #expect(withBytes(text) { HTTP1Scan.parseRequestHead($0) } == nil)
+    }
+
+    // MARK: Chunked bodies
+
+    private func scanWhole(_ text: String) throws -> Int? {
+        var scanner = ChunkedBodyScanner()
+        return try Array(text.utf8).withUnsafeBytes { bytes throws(ChunkedBodyScanner.Malformed) in try scanner.scan(bytes) }
+    }
+
+    @Test func chunkedBodiesEndAfterTheLastChunkAndTrailers() throws {
+        let bodies = [
+            "0\r\n\r\n",
+            "5\r\nhello\r\n0\r\n\r\n",
+            "5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\n\r\n",
+            "3\r\nabc\r\n0\r\nX-Trailer: 1\r\nY: 2\r\n\r\n",
+            "1a\r\n" + String(repeating: "z", count: 26) + "\r\n0 ; last\r\n\r\n",
+        ]
+        for body in bodies {
+            let total = body.utf8.count
+            #expect(try self.scanWhole(body + "NEXT") == total)
+            // Fed one byte at a time, it ends on exactly the last byte.
+            var scanner = ChunkedBodyScanner()
+            var endedAt: Int?
+            for (index, byte) in body.utf8.enumerated() {
+                let result = try [byte].withUnsafeBytes { bytes throws(ChunkedBodyScanner.Malformed) in try scanner.scan(bytes) }
+                if let result {
+                    #expect(result == 1)
+                    endedAt = index + 1
+                    break
+                }
+            }
+            #expect(endedAt == total)
+            #expect(scanner.isComplete)
+        }
+    }
+
+    @Test func chunkedBodySplitAtEveryPointEndsAtTheSameByte() throws {
+        let body = "4\r\nwiki\r\n5;a=b\r\npedia\r\n0\r\nT: v\r\n\r\n"
+        let bytes = Array(body.utf8)
+        for split in 0...bytes.count {
+            var scanner = ChunkedBodyScanner()
+            let first = try Array(bytes[..<split]).withUnsafeBytes { b throws(ChunkedBodyScanner.Malformed) in try scanner.scan(b) }
+            if split == bytes.count {
+                #expect(first == bytes.count)
+                continue
+            }
+            #expect(first == nil)
+            let second = try Array(bytes[split...]).withUnsafeBytes { b throws(ChunkedBodyScanner.Malformed) in try scanner.scan(b) }
+            #expect(second == bytes.count - split)
+        }
+    }
+
+    @Test(arguments: [
+        "\r\n",  // no size
+        "x\r\n",
+        "5\r\nhelloX\r\n",  // data longer than its size
+        "5\nhello\r\n",  // bare LF after the size
+        "fffffffffffffffff\r\n",  // too many digits
+        ";ext\r\n",
+    ])
+    func malformedChunkedBodiesAreRejected(_ text: String) {
+        #expect(throws: ChunkedBodyScanner.Malformed.self) { try self.scanWhole(text) }
+    }
+
+    @Test func overlongChunkExtensionsAreRejected() {
+        let text = "1;" + String(repeating: "x", count: ChunkedBodyScanner.maxLineLength + 1) + "\r\n"
+        #expect(throws: ChunkedBodyScanner.Malformed.self) { try self.scanWhole(text) }
+    }
+
+    // MARK: Response heads: the byte-level rewrite equals the general path
+
+    /// What the general path writes for a response head, and what it concludes about framing.
+    private func reference(_ text: String, method: HTTPMethod, keepAlive: Bool) -> (bytes: [UInt8], summary: HTTP1Scan.ResponseSummary)? {
+        guard let head = withBytes(text, { HTTP1Scan.parseResponseHead($0) }) else { return nil }
+        let (rewritten, closeAfter) = ForwardingHeaders.downstreamResponseHead(
+            from: head, requestMethod: method, keepAlive: keepAlive, clientVersion: .http1_1)
+        var buffer = ByteBuffer()
+        buffer.writeResponseHead(rewritten)
+        let framing: HTTP1Scan.ResponseSummary.Framing
+        if !head.status.mayHaveResponseBody(for: method) {
+            framing = .none
+        } else if head.headers.contains(name: "transfer-encoding") {
+            framing = .chunked
+        } else if let length = head.headers.first(name: "content-length").flatMap({ Int($0) }) {
+            framing = length == 0 ? .none : .length(length)
+        } else {
+            framing = .close
+        }
+        return (
+            Array(buffer.readableBytesView),
+            HTTP1Scan.ResponseSummary(
+                status: Int(head.status.code), framing: framing, upstreamKeepAlive: head.isKeepAlive, closeAfter: closeAfter)
+        )
+    }
+
+    private func rewrite(_ text: String, method: HTTPMethod, keepAlive: Bool) -> (bytes: [UInt8], summary: HTTP1Scan.ResponseSummary)? {
+        var out = ByteBuffer()
+        out.writeStaticString("prefix")
+        let summary = withBytes(text) {
+            HTTP1Scan.rewriteResponseHead($0, requestMethod: method, clientKeepAlive: keepAlive, into: &out)
+        }
+        guard let summary else {
+            // Declined: what was written stays as it was.
+            #expect(Array(out.readableBytesView) == Array("prefix".utf8))
+            return nil
+        }
+        return (Array(out.readableBytesView.dropFirst(6)), summary)
+    }
+
+    private static let responseCases: [String] = [
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nServer: x\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nContent-Length: 10\r\n\r\n",
+        "HTTP/1.1 200 Whatever\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\nX-A:   spaced   \r\n\r\n",
+        "HTTP/1.1 201 Created\r\nLocation: /a\r\n\r\n",
+        "HTTP/1.0 200 OK\r\nContent-Type: text/html\r\n\r\n",
+        "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 3\r\n\r\n",
+        "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nX-B: 1\r\n\r\n",
+        "HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\nContent-Length: 1024\r\n\r\n",
+        "HTTP/1.1 299 Custom Thing\r\nContent-Length: 2\r\n\r\n",
+        "HTTP/1.1 404\r\nContent-Length: 2\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nTE: trailers\r\nUpgrade: h2c\r\nContent-Length: 1\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 1\r\n\r\n",
+    ]
+
+    @Test(arguments: responseCases)
+    func responseHeadRewriteMatchesTheGeneralPath(_ text: String) throws {
+        for method in [HTTPMethod.GET, .HEAD] {
+            for keepAlive in [true, false] {
+                let expected = try #require(self.reference(text, method: method, keepAlive: keepAlive))
+                let actual = try #require(self.rewrite(text, method: method, keepAlive: keepAlive))
+                #expect(String(decoding: actual.bytes, as: UTF8.self) == String(decoding: expected.bytes, as: UTF8.self))
+                #expect(actual.summary == expected.summary)
+            }
+        }
+    }
+
+    @Test(arguments: [
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nConnection: x-private\r\nX-Private: 1\r\nContent-Length: 1\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nVia: 1.1 other\r\nContent-Length: 1\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nProxy-Connection: close\r\nContent-Length: 1\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nX: caf\u{e9}\r\n\r\n",
+        "HTTP/2 200 OK\r\n\r\n",
+        "HTTP/1.1 2000 OK\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nBad Name: 1\r\n\r\n",
+    ])
+    func unusualResponseHeadsAreLeftToTheGeneralPath(_ text: String) {
+        #expect(self.rewrite(text, method: .GET, keepAlive: true) == nil)
+    }
+
+    /// Random heads from a vocabulary of the fields the rewrite treats specially, in random order and case: wherever
+    /// the rewrite answers, it answers what the general path does.
+    @Test func randomResponseHeadsMatchTheGeneralPath() throws {
+        var rng = SplitMix64(seed: 0x0F_A5_7A_7E)
+        let statuses = ["200 OK", "204 No Content", "304 Not Modified", "404 Not Found", "500 Oops", "299 Odd", "302 Found"]
+        let fields = [
+            "Content-Length: 12", "Content-Length: 0", "Transfer-Encoding: chunked", "Connection: close",
+            "Connection: keep-alive", "Connection: Keep-Alive, close", "Keep-Alive: timeout=5", "TE: trailers",
+            "Trailer: X", "Upgrade: foo", "Server: test", "X-Thing:  padded \t", "Date: Thu, 26 Nov 2026 00:00:00 GMT",
+            "content-type: text/plain", "Via: 1.1 a", "Connection: x-thing", "X-Thing: 2",
+        ]
+        var answered = 0
+        for _ in 0..<2000 {
+            let version = rng.next() % 4 == 0 ? "HTTP/1.0" : "HTTP/1.1"
+            var text = "\(version) \(statuses[Int(rng.next() % UInt64(statuses.count))])\r\n"
+            for _ in 0..<Int(rng.next() % 6) {
+                var field = fields[Int(rng.next() % UInt64(fields.count))]
+                if rng.next() % 3 == 0 { field = field.uppercased() }
+                text += field + "\r\n"
+            }
+            text += "\r\n"
+            let method: HTTPMethod = rng.next() % 5 == 0 ? .HEAD : .GET
+            let keepAlive = rng.next() % 2 == 0
+            guard let actual = self.rewrite(text, method: method, keepAlive: keepAlive) else { continue }
+            answered += 1
+            let expected = try #require(self.reference(text, method: method, keepAlive: keepAlive), "\(text)")
+            #expect(String(decoding: actual.bytes, as: UTF8.self) == String(decoding: expected.bytes, as: UTF8.self), "\(text)")
+            #expect(actual.summary == expected.summary, "\(text)")
+        }
+        // The generator must exercise the rewrite, not only its refusals.
+        #expect(answered > 500)
+    }
+}
+
+/// A small deterministic generator, so a failure names a reproducible input.
+private struct SplitMix64 {
+    var state: UInt64
+    init(seed: UInt64) { self.state = seed }
+    mutating func next() -> UInt64 {
+        self.state &+= 0x9E37_79B9_7F4A_7C15
+        var z = self.state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
