@@ -245,8 +245,88 @@ import Testing
     }
 }
 
+extension HTTP1ScanTests {
+    // MARK: Request heads: the byte-level rewrite equals the general path
+
+    /// `added` are set with replace-or-add, as `ProxyHandler.forwardedHead` sets the pool's key and epoch fields.
+    private func requestPair(_ text: String, added: [(name: String, value: String)]) throws -> (fast: String, general: String)? {
+        let head = try #require(Array(text.utf8).withUnsafeBytes { HTTP1Scan.parseRequestHead($0) }, "\(text)")
+        var out = ByteBuffer()
+        out.writeStaticString("prefix")
+        let written = Array(text.utf8).withUnsafeBytes {
+            HTTP1Scan.rewriteRequestHead(
+                $0, method: head.method, added: added, clientIP: "10.0.0.7", scheme: "https", into: &out)
+        }
+        guard written else {
+            #expect(Array(out.readableBytesView) == Array("prefix".utf8))
+            return nil
+        }
+        var forwarded = head
+        for field in added { forwarded.headers.replaceOrAdd(name: field.name, value: field.value) }
+        let upstream = ForwardingHeaders.upstreamRequestHead(
+            from: forwarded, framing: .none, upgrade: nil, clientIP: "10.0.0.7", scheme: "https")
+        var general = ByteBuffer()
+        general.writeRequestHead(upstream)
+        return (String(decoding: out.readableBytesView.dropFirst(6), as: UTF8.self), String(buffer: general))
+    }
+
+    @Test func requestHeadRewriteMatchesTheGeneralPath() throws {
+        let cases: [(String, [(name: String, value: String)])] = [
+            ("GET /rooms/a HTTP/1.1\r\nHost: example.com\r\nAccept: */*\r\n\r\n", []),
+            ("GET /a HTTP/1.1\r\nHost: h\r\nConnection: keep-alive\r\nKeep-Alive: 5\r\nTE: trailers\r\n\r\n", []),
+            ("DELETE /a HTTP/1.1\r\nhost:   h  \r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: old\r\nX-A: 1\r\n\r\n", []),
+            ("POST /a HTTP/1.1\r\nHost: h\r\n\r\n", []),
+            ("GET /a HTTP/1.1\r\nHost: h\r\nX-Room-Key: forged\r\nX-B: 2\r\n\r\n", [("X-Room-Key", "room:a"), ("x-room-epoch", "7")]),
+            ("GET /a HTTP/1.1\r\nConnection: close\r\nHost: h\r\nUpgrade: nothing\r\n\r\n", [("k", "v")]),
+        ]
+        for (text, added) in cases {
+            let pair = try #require(try self.requestPair(text, added: added), "\(text)")
+            #expect(pair.fast == pair.general)
+        }
+    }
+
+    @Test func requestHeadsWithMergedFieldsAreLeftToTheGeneralPath() throws {
+        for text in [
+            "GET /a HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
+            "GET /a HTTP/1.1\r\nHost: h\r\nVia: 1.1 edge\r\n\r\n",
+            "GET /a HTTP/1.1\r\nHost: h\r\nConnection: x-secret\r\nX-Secret: 1\r\n\r\n",
+            "GET /a HTTP/1.1\r\nHost: h\r\nProxy-Connection: keep-alive\r\n\r\n",
+        ] {
+            #expect(try self.requestPair(text, added: []) == nil)
+        }
+    }
+
+    @Test func randomRequestHeadsMatchTheGeneralPath() throws {
+        var rng = SplitMix64(seed: 0x5EED_0F_4E57)
+        let methods = ["GET", "HEAD", "DELETE", "OPTIONS", "POST", "PUT", "PATCH"]
+        let fields = [
+            "Host: example.com", "Accept: */*", "Connection: keep-alive", "Connection: close", "Keep-Alive: 300",
+            "TE: trailers", "Upgrade: foo", "Trailer: X", "X-Forwarded-Proto: http", "X-Forwarded-Host: a",
+            "User-Agent:  wrk  ", "Cookie: a=1; b=2", "X-Room-Key: nope", "x-forwarded-for: 9.9.9.9", "Via: 1.0 x",
+            "Connection: upgrade",
+        ]
+        var answered = 0
+        for _ in 0..<2000 {
+            var text = "\(methods[Int(rng.next() % UInt64(methods.count))]) /r/\(rng.next() % 100)?q=1 HTTP/1.1\r\n"
+            var lines = ["Host: h\(rng.next() % 3)"]
+            for _ in 0..<Int(rng.next() % 6) {
+                var field = fields[Int(rng.next() % UInt64(fields.count))]
+                if rng.next() % 3 == 0 { field = field.uppercased() }
+                if !field.lowercased().hasPrefix("host:") { lines.append(field) }
+            }
+            lines.shuffle(using: &rng)
+            text += lines.joined(separator: "\r\n") + "\r\n\r\n"
+            let added: [(name: String, value: String)] = rng.next() % 2 == 0 ? [("X-Room-Key", "room:1"), ("X-Room-Epoch", "3")] : []
+            guard let pair = try self.requestPair(text, added: added) else { continue }
+            answered += 1
+            #expect(pair.fast == pair.general, "\(text)")
+        }
+        #expect(answered > 500)
+    }
+}
+
 /// A small deterministic generator, so a failure names a reproducible input.
-private struct SplitMix64 {
+private struct SplitMix64: RandomNumberGenerator {
     var state: UInt64
     init(seed: UInt64) { self.state = seed }
     mutating func next() -> UInt64 {

@@ -21,8 +21,9 @@ final class UpstreamConnection {
     /// True once the connection has carried a request: a failure before any response byte may then be the
     /// backend closing an idle connection at the same moment we reused it, which is safe to retry.
     var hasBeenUsed = false
-    /// Set while the connection sits idle in the pool, so the pool can forget it if the backend closes it.
-    var onIdleClose: (() -> Void)?
+    /// Set while the connection sits idle in the pool, so the pool can forget it if the backend closes it. (The pool
+    /// itself rather than a closure: that was one allocation per request.)
+    weak var idleIn: UpstreamPool?
 
     init(
         channel: Channel,
@@ -202,9 +203,9 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if let sink = self.sink {
             self.sink = nil
             sink.upstreamClosed(error: nil)
-        } else if let onIdleClose = self.connection?.onIdleClose {
-            self.connection?.onIdleClose = nil
-            onIdleClose()
+        } else if let connection = self.connection, let pool = connection.idleIn {
+            connection.idleIn = nil
+            pool.remove(connection)
         }
         context.fireChannelInactive()
     }

@@ -81,7 +81,7 @@ final class UpstreamPool {
             return
         }
         let id = connection.backend.id
-        connection.onIdleClose = { [unowned self] in self.remove(connection) }
+        connection.idleIn = self
         self.idle[id, default: []].append(IdleEntry(connection: connection, since: .now()))
         self.scheduleSweepIfNeeded()
     }
@@ -94,7 +94,7 @@ final class UpstreamPool {
         let all = self.idle.values.flatMap { $0 }
         self.idle.removeAll()
         for entry in all {
-            entry.connection.onIdleClose = nil
+            entry.connection.idleIn = nil
             entry.connection.channel.close(promise: nil)
         }
     }
@@ -117,7 +117,7 @@ final class UpstreamPool {
                 guard !stale.isEmpty else { continue }
                 self.idle[id] = fresh.isEmpty ? nil : fresh
                 for entry in stale {
-                    entry.connection.onIdleClose = nil
+                    entry.connection.idleIn = nil
                     entry.connection.channel.close(promise: nil)
                 }
             }
@@ -125,9 +125,16 @@ final class UpstreamPool {
         }
     }
 
+    /// An idle pooled connection to `backend`, if there is one: the synchronous half of `lease`, which the fast path
+    /// calls first so the common case allocates no completion closure.
+    func leaseIdle(_ backend: Backend) -> UpstreamConnection? {
+        self.eventLoop.preconditionInEventLoop()
+        return self.popIdle(backend.id)
+    }
+
     private func popIdle(_ id: String) -> UpstreamConnection? {
         while let entry = self.idle[id]?.popLast() {
-            entry.connection.onIdleClose = nil
+            entry.connection.idleIn = nil
             if entry.connection.channel.isActive {
                 return entry.connection
             }
@@ -135,7 +142,7 @@ final class UpstreamPool {
         return nil
     }
 
-    private func remove(_ connection: UpstreamConnection) {
+    func remove(_ connection: UpstreamConnection) {
         guard var list = self.idle[connection.backend.id],
             let index = list.firstIndex(where: { $0.connection === connection })
         else { return }

@@ -41,6 +41,11 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
     /// One request in flight on the fast path.
     private final class FastExchange {
         let exchange: Exchange
+        /// The client's head as received, when it goes to the backend unchanged apart from the proxy's own fields
+        /// (no path or header rewrites): `HTTP1Scan.rewriteRequestHead` then writes it without `HTTPHeaders`.
+        var rawHead: ByteBuffer?
+        /// The pool's key and epoch fields (replace-or-add), for `rawHead`.
+        var addedFields: [(name: String, value: String)] = []
         var responseHeadBytes: ByteBuffer?
         var framing: BodyFraming = .none
         /// The backend sent something after the response's end: its connection cannot be pooled.
@@ -56,6 +61,9 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         case proxying(FastExchange)
         case closed
     }
+
+    /// Largest body copied behind its head into one buffer (see `readResponseHeads`).
+    private static let coalescedBodyLimit = 16 * 1024
 
     private let listener: ListenerContext
     private let loop: ProxyServer.LoopState
@@ -253,7 +261,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         }
 
         self.runtime = runtime
-        self.inbound!.moveReaderIndex(forwardBy: headLength)
+        let rawHead = self.inbound!.readSlice(length: headLength)
         self.scannedHeadBytes = 0
         if self.inbound!.readableBytes == 0 { self.inbound = nil }
         self.headTimer.handle(.headReceived)
@@ -265,6 +273,13 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         backend.acquire()
         if let key = exchange.key { runtime.directory.acquireLease(key: key) }
         let fast = FastExchange(exchange: exchange)
+        if decision.path == nil && decision.setHeaders.isEmpty && decision.removeHeaders.isEmpty {
+            fast.rawHead = rawHead
+            if let ownership, let pool = runtime.pools[ownership.pool] {
+                if let name = pool.config.keyHeader { fast.addedFields.append((name, ownership.key)) }
+                if let name = pool.config.epochHeader { fast.addedFields.append((name, String(ownership.epoch))) }
+            }
+        }
         self.state = .proxying(fast)
         self.connectUpstream(fast, allowPooled: true)
         return true
@@ -273,7 +288,11 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
     // MARK: Upstream
 
     private func connectUpstream(_ fast: FastExchange, allowPooled: Bool) {
-        self.loop.pool.lease(fast.exchange.backend, allowPooled: allowPooled) { [self] result in
+        if allowPooled, let connection = self.loop.pool.leaseIdle(fast.exchange.backend) {
+            self.attach(connection, to: fast)
+            return
+        }
+        self.loop.pool.lease(fast.exchange.backend, allowPooled: false) { [self] result in
             guard case .proxying(let current) = self.state, current === fast else {
                 if case .success(let connection) = result { self.loop.pool.release(connection) }
                 return
@@ -296,10 +315,17 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         exchange.upstreamReused = connection.hasBeenUsed
         connection.hasBeenUsed = true
         connection.rawSink = self
-        let head = ForwardingHeaders.upstreamRequestHead(
-            from: exchange.head, framing: .none, upgrade: nil, clientIP: self.clientIP, scheme: self.listener.scheme)
-        var bytes = context.channel.allocator.buffer(capacity: 256)
-        bytes.writeRequestHead(head)
+        var bytes = context.channel.allocator.buffer(capacity: (fast.rawHead?.readableBytes ?? 0) + 160)
+        let written = fast.rawHead?.withUnsafeReadableBytes { raw in
+            HTTP1Scan.rewriteRequestHead(
+                raw, method: exchange.head.method, added: fast.addedFields, clientIP: self.clientIP,
+                scheme: self.listener.scheme, into: &bytes)
+        }
+        if written != true {
+            let head = ForwardingHeaders.upstreamRequestHead(
+                from: exchange.head, framing: .none, upgrade: nil, clientIP: self.clientIP, scheme: self.listener.scheme)
+            bytes.writeRequestHead(head)
+        }
         connection.writeRawAndFlush(bytes)
         self.armResponseDeadline(exchange, context: context)
         connection.holdReads(!context.channel.isWritable)
@@ -353,6 +379,18 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
                 case .length(let length): fast.framing = .length(length)
                 case .chunked: fast.framing = .chunked(ChunkedBodyScanner())
                 case .close: fast.framing = .close
+                }
+                // A small body that came with the head goes out in the same buffer: one write, not two.
+                if case .length(let length) = summary.framing, length <= Self.coalescedBodyLimit,
+                    var rest = fast.responseHeadBytes, rest.readableBytes >= length, var body = rest.readSlice(length: length)
+                {
+                    out.writeBuffer(&body)
+                    exchange.bytesOut += length
+                    fast.responseHeadBytes = nil
+                    fast.trailingGarbage = rest.readableBytes > 0
+                    context.write(Self.wrapOutboundOut(out), promise: nil)
+                    self.responseEnded(fast, context: context)
+                    return
                 }
                 context.write(Self.wrapOutboundOut(out), promise: nil)
                 self.relayRest(fast, context: context)

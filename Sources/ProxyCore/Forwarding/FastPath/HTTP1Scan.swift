@@ -60,6 +60,92 @@ enum HTTP1Scan {
         return HTTPResponseHead(version: HTTPVersion(major: 1, minor: line.minor), status: status, headers: headers)
     }
 
+    /// Writes the head sent to the backend for a complete plain request head (`bytes`, already accepted by
+    /// `parseRequestHead`, without body framing), byte for byte what `ProxyHandler.forwardedHead` with no rewrites,
+    /// then `ForwardingHeaders.upstreamRequestHead` and `writeRequestHead` would write. `added` are fields set with
+    /// replace-or-add semantics before that (the pool's key and epoch headers). Returns `false`, with `out` unchanged,
+    /// when the general path must build it: `Connection` naming other fields, `Proxy-Connection`, an existing
+    /// `X-Forwarded-For` or `Via` (they are merged, not replaced).
+    static func rewriteRequestHead(
+        _ bytes: UnsafeRawBufferPointer, method: HTTPMethod, added: [(name: String, value: String)], clientIP: String,
+        scheme: String, into out: inout ByteBuffer
+    ) -> Bool {
+        // The request line was validated by `parseRequestHead`: copy it.
+        var cursor = 0
+        while cursor + 1 < bytes.count, !(bytes[cursor] == cr && bytes[cursor + 1] == lf) { cursor += 1 }
+        cursor += 2
+        let start = out.writerIndex
+        out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[0..<cursor]))
+        var host: UnsafeRawBufferPointer?
+        while !matches(bytes, at: cursor, "\r\n") {
+            let nameStart = cursor
+            while bytes[cursor] != UInt8(ascii: ":") { cursor += 1 }
+            let name = UnsafeRawBufferPointer(rebasing: bytes[nameStart..<cursor])
+            cursor += 1
+            while bytes[cursor] == sp || bytes[cursor] == tab { cursor += 1 }
+            let valueStart = cursor
+            while bytes[cursor] != cr { cursor += 1 }
+            var valueEnd = cursor
+            while valueEnd > valueStart, bytes[valueEnd - 1] == sp || bytes[valueEnd - 1] == tab { valueEnd -= 1 }
+            let value = UnsafeRawBufferPointer(rebasing: bytes[valueStart..<valueEnd])
+            cursor += 2
+
+            switch name.count {
+            case 3 where equalsLowercased(name, "via"),
+                15 where equalsLowercased(name, "x-forwarded-for"),
+                16 where equalsLowercased(name, "proxy-connection"):
+                out.moveWriterIndex(to: start)
+                return false
+            case 10 where equalsLowercased(name, "connection"):
+                var ok = true
+                forEachElement(value) { element in
+                    if !equalsLowercased(element, "close") && !equalsLowercased(element, "keep-alive") { ok = false }
+                }
+                guard ok else {
+                    out.moveWriterIndex(to: start)
+                    return false
+                }
+                continue
+            case 2 where equalsLowercased(name, "te"), 7 where equalsLowercased(name, "trailer"),
+                7 where equalsLowercased(name, "upgrade"), 10 where equalsLowercased(name, "keep-alive"),
+                17 where equalsLowercased(name, "transfer-encoding"),
+                16 where equalsLowercased(name, "x-forwarded-host"), 17 where equalsLowercased(name, "x-forwarded-proto"):
+                continue
+            case 4 where equalsLowercased(name, "host"):
+                host = value
+            default:
+                if added.contains(where: { field in field.name.utf8.withContiguousStorageIfAvailable { asciiCaseInsensitiveEquals(name, $0) } ?? false }) {
+                    continue
+                }
+            }
+            out.writeBytes(name)
+            out.writeStaticString(": ")
+            out.writeBytes(value)
+            out.writeStaticString("\r\n")
+        }
+        for field in added {
+            out.writeString(field.name)
+            out.writeStaticString(": ")
+            out.writeString(field.value)
+            out.writeStaticString("\r\n")
+        }
+        if method.mayHaveRequestBody {
+            out.writeStaticString("content-length: 0\r\n")
+        }
+        out.writeStaticString("x-forwarded-for: ")
+        out.writeString(clientIP)
+        out.writeStaticString("\r\nx-forwarded-proto: ")
+        out.writeString(scheme)
+        out.writeStaticString("\r\n")
+        if let host {
+            out.writeStaticString("x-forwarded-host: ")
+            out.writeBytes(host)
+            out.writeStaticString("\r\n")
+        }
+        out.writeStaticString("via: 1.1 ott-proxy\r\n\r\n")
+        return true
+    }
+
     /// status-line = HTTP-version SP 3DIGIT SP [ reason-phrase ] CRLF, HTTP/1.0 or 1.1; `end` is past its CRLF.
     private static func parseStatusLine(_ bytes: UnsafeRawBufferPointer) -> (minor: Int, code: Int, reason: Range<Int>, end: Int)? {
         guard matches(bytes, at: 0, "HTTP/1."), bytes.count > 12 else { return nil }
