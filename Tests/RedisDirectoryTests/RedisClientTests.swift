@@ -221,7 +221,9 @@ struct RedisClientTests {
                     }
                     #expect(error.description.hasPrefix("redis unavailable"))
                 }
-                #expect(clock.now - start < .milliseconds(100))
+                // "Fast": well under the 2 s connect timeout a queued command would wait for. (100 ms flaked on a
+                // loaded 2-core machine: 139 ms.)
+                #expect(clock.now - start < .milliseconds(1000))
 
                 try await server.start()
                 let restarted = clock.now
