@@ -618,9 +618,10 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         let uri = head.uri
         let path: String
         let query: Substring
-        if let mark = uri.firstIndex(of: "?") {
+        // On UTF-8 bytes: `firstIndex(of: Character)` walks grapheme clusters (1.7 % of the fast path's user time).
+        if let mark = uri.utf8.firstIndex(of: UInt8(ascii: "?")) {
             path = String(uri[..<mark])
-            query = uri[uri.index(after: mark)...]
+            query = uri[uri.utf8.index(after: mark)...]
         } else {
             path = uri
             query = ""
