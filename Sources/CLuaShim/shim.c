@@ -33,7 +33,13 @@ static void *clua_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
 lua_State *clua_newstate(clua_Control *control) {
     control->soft = 1;
     lua_State *L = lua_newstate(clua_alloc, control);
-    if (L != NULL) lua_setwarnf(L, NULL, NULL);
+    if (L != NULL) {
+        lua_setwarnf(L, NULL, NULL);
+        /* Generational: a routing call's garbage (the request table, its strings) dies young, and the incremental
+           collector's periodic full cycles showed as latency: HTTP p99 through a script 4.4-4.8 ms -> 2.4-2.5 ms
+           (wrk -c64, docs/benchmarks.md "Fourth session"). */
+        lua_gc(L, LUA_GCGEN, 0, 0);
+    }
     return L;
 }
 
