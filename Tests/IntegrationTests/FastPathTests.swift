@@ -86,6 +86,40 @@ import Testing
         }
     }
 
+    /// A script with an `on_response` that reads only the head stays on the fast path, and its claims take effect.
+    @Test func onResponseClaimsFromHeadsStayOnTheFastPath() async throws {
+        let script = """
+            function route(req)
+                local creator = req.headers["x-create-on"]
+                if creator then return { backend = creator } end
+                return { key = "room:" .. req.args.room, pool = "main", place = "rendezvous" }
+            end
+
+            function on_response(req, res)
+                local uri = res.headers["x-origin-uri"]
+                local room = uri and uri:match("claim=([%w-]+)")
+                if room then return { claim = "room:" .. room } end
+                return nil
+            end
+            """
+        // A room that rendezvous hashing would put elsewhere than on `a`, where the claim puts it.
+        let room = try #require((0..<100).map { "r\($0)" }.first { NamedOrigins.rendezvous("room:\($0)", among: ["a", "b", "c"]) != "a" })
+        try await withLuaProxy(script: script, configure: { config, _ in config.admin = Self.admin }) { proxy, origins in
+            let connection = try await RawHTTPConnection.connect(port: proxy.port)
+            defer { Task { await connection.close() } }
+            let created = try await connection.request(
+                "GET", "/echo?claim=\(room)", marker: "create", headers: [("x-create-on", "a")])
+            #expect(created.status == 200)
+            #expect(origins.receivers(of: "create") == ["a"])
+            for index in 0..<3 {
+                let response = try await connection.request("GET", "/echo?room=\(room)", marker: "after-\(index)")
+                #expect(response.status == 200)
+                #expect(origins.receivers(of: "after-\(index)") == ["a"])
+            }
+            #expect(try await self.handoffs(proxy) == 0)
+        }
+    }
+
     /// The responses in what a client received, as status, ordered header fields and body. Reason phrases and chunk
     /// boundaries are left out: the full path re-chunks bodies and drops reason phrases NIO does not know, the fast
     /// path relays both as the backend sent them. A `502`'s body is left out too (it says why in each path's words).

@@ -799,20 +799,29 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     /// client's next request for that key already finds its owner.
     private func observeResponse(_ exchange: Exchange, head: HTTPResponseHead, body: ByteBuffer?) {
         guard let observed = exchange.observed else { return }
+        Self.observeResponse(
+            policy: observed.policy, request: observed.request, head: head, body: body, exchange: exchange, runtime: self.runtime)
+    }
+
+    /// Hands a response to the policy's `onResponse` and applies a claim. Shared with the fast path.
+    static func observeResponse(
+        policy: RoutingPolicy, request: RouteRequest, head: HTTPResponseHead, body: ByteBuffer?, exchange: Exchange,
+        runtime: ProxyRuntime
+    ) {
         let response = RouteResponse(status: Int(head.status.code), headers: head.headers, body: body, backend: exchange.backend.id)
         do {
-            switch try observed.policy.onResponse(observed.request, response) {
+            switch try policy.onResponse(request, response) {
             case .claim(let key):
-                let pool = self.runtime.table.pools.values.first { $0.backends.contains { $0 === exchange.backend } }
-                let ttl = pool.flatMap { self.runtime.poolConfig(named: $0.name) }?.idleTTL ?? PoolConfig(name: "").idleTTL
-                self.runtime.directory.claim(key: key, pool: pool?.name ?? "", backend: exchange.backend.id, idleTTL: ttl)
-                self.runtime.logger.debug("key claimed from a response", metadata: ["key": "\(key)", "backend": "\(exchange.backend.id)"])
+                let pool = runtime.table.pools.values.first { $0.backends.contains { $0 === exchange.backend } }
+                let ttl = pool.flatMap { runtime.poolConfig(named: $0.name) }?.idleTTL ?? PoolConfig(name: "").idleTTL
+                runtime.directory.claim(key: key, pool: pool?.name ?? "", backend: exchange.backend.id, idleTTL: ttl)
+                runtime.logger.debug("key claimed from a response", metadata: ["key": "\(key)", "backend": "\(exchange.backend.id)"])
             case nil:
                 break
             }
         } catch {
-            self.runtime.metrics.countRoutingError()
-            self.runtime.logger.error("routing policy failed in on_response", metadata: ["error": "\(error)", "uri": "\(exchange.clientURI)"])
+            runtime.metrics.countRoutingError()
+            runtime.logger.error("routing policy failed in on_response", metadata: ["error": "\(error)", "uri": "\(exchange.clientURI)"])
         }
     }
 

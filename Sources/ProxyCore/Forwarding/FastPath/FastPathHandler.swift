@@ -15,7 +15,7 @@ import NIOHTTP1
 /// Anything it does not handle hands the connection over, at a request boundary, to the full pipeline, built then and
 /// given every byte held here; from then on it is a pass-through for the connection's life. That covers a head that is not a
 /// plain HTTP/1.1 request without a body (a body, `Upgrade`, `Expect`, HTTP/1.0, obs-text, anything malformed: the
-/// full parser answers those), a policy that observes responses, a decision other than a forward that resolves at
+/// full parser answers those), a decision that wants the response body, a decision other than a forward that resolves at
 /// once (a local answer, `needBody`, a fan-out, a shared store still being asked), and a failing script. The policy
 /// then runs a second time for that request, as it does after `needBody`: routing scripts are documented to be
 /// deterministic per request (docs/routing-api.md).
@@ -46,6 +46,8 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         var rawHead: ByteBuffer?
         /// The pool's key and epoch fields (replace-or-add), for `rawHead`.
         var addedFields: [(name: String, value: String)] = []
+        /// Set when the policy has `on_response` (head only: a decision that wants the body is handed over).
+        var observed: (policy: RoutingPolicy, request: RouteRequest)?
         var responseHeadBytes: ByteBuffer?
         var framing: BodyFraming = .none
         /// The backend sent something after the response's end: its connection cannot be pooled.
@@ -245,7 +247,6 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         let generation = self.loop.generation
         let runtime = generation.runtime
         let policy = generation.policy(for: self.listener.name)
-        guard !policy.observesResponses else { return false }
         let request = ProxyHandler.routeRequest(for: head, isUpgrade: false, listener: self.listener, clientIP: self.clientIP)
         guard let decision = try? policy.route(request), case .forward(let target) = decision.action, !decision.responseBody
         else { return false }
@@ -273,6 +274,9 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         backend.acquire()
         if let key = exchange.key { runtime.directory.acquireLease(key: key) }
         let fast = FastExchange(exchange: exchange)
+        if policy.observesResponses {
+            fast.observed = (policy, request)
+        }
         if decision.path == nil && decision.setHeaders.isEmpty && decision.removeHeaders.isEmpty {
             fast.rawHead = rawHead
             if let ownership, let pool = runtime.pools[ownership.pool] {
@@ -359,10 +363,11 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
                 }
                 return
             }
-            // The common case: rewritten byte for byte, no strings or `HTTPHeaders` built.
+            // The common case: rewritten byte for byte, no strings or `HTTPHeaders` built. (A policy that sees
+            // responses needs their fields: the general path below.)
             var out = context.channel.allocator.buffer(capacity: end + 64)
             let clientKeepAlive = exchange.clientKeepAlive && !self.closeWhenIdle
-            if let summary = buffer.withUnsafeReadableBytes({
+            if fast.observed == nil, let summary = buffer.withUnsafeReadableBytes({
                 HTTP1Scan.rewriteResponseHead(
                     UnsafeRawBufferPointer(rebasing: $0[..<end]), requestMethod: exchange.head.method,
                     clientKeepAlive: clientKeepAlive, into: &out)
@@ -467,6 +472,12 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         exchange.closeAfter = closeAfter
         exchange.responseStarted = true
         fast.framing = framing
+        if let observed = fast.observed {
+            // Before the client has the response: its next request for a claimed key finds the new owner.
+            ProxyHandler.observeResponse(
+                policy: observed.policy, request: observed.request, head: head, body: nil, exchange: exchange,
+                runtime: self.runtime)
+        }
         var bytes = context.channel.allocator.buffer(capacity: 256)
         bytes.writeResponseHead(responseHead)
         context.write(Self.wrapOutboundOut(bytes), promise: nil)
