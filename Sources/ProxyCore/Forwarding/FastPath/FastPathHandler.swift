@@ -6,23 +6,25 @@ import NIOHTTP1
 ///
 /// It sits where the full HTTP pipeline (decoder, pipelining handler, encoder, `ProxyHandler`) would start; that
 /// pipeline is only built behind it when it hands the connection over. For each request head it:
-/// - parses the head strictly (`HTTP1Scan`), routes it with the same policy and resolution as `ProxyHandler`;
-/// - writes the forwarded head (same `ForwardingHeaders` treatment) on a pooled backend connection, below that
-///   connection's codec (`RawUpstreamTap`);
-/// - relays the response: the head parsed and rewritten by `ForwardingHeaders`, the body verbatim, framed by
-///   `Content-Length` or followed by `ChunkedBodyScanner`, or chunk-encoded here when the backend delimits by close.
+/// - parses the head strictly (`HTTP1Scan`) and routes it with the same policy and resolution as `ProxyHandler`;
+/// - writes the forwarded head on a pooled backend connection, below that connection's codec (`RawUpstreamTap`):
+///   from the client's bytes (`HTTP1Scan.rewriteRequestHead`), or through `ForwardingHeaders` when a decision
+///   rewrites the request or the head has fields that are merged;
+/// - relays the response: the head rewritten byte for byte (`HTTP1Scan.rewriteResponseHead`, or `ForwardingHeaders`
+///   for unusual heads and for policies with `on_response`), the body verbatim, framed by `Content-Length`, followed
+///   by `ChunkedBodyScanner`, or chunk-encoded here when the backend delimits it by closing.
 ///
 /// Anything it does not handle hands the connection over, at a request boundary, to the full pipeline, built then and
-/// given every byte held here; from then on it is a pass-through for the connection's life. That covers a head that is not a
-/// plain HTTP/1.1 request without a body (a body, `Upgrade`, `Expect`, HTTP/1.0, obs-text, anything malformed: the
-/// full parser answers those), a decision that wants the response body, a decision other than a forward that resolves at
-/// once (a local answer, `needBody`, a fan-out, a shared store still being asked), and a failing script. The policy
-/// then runs a second time for that request, as it does after `needBody`: routing scripts are documented to be
-/// deterministic per request (docs/routing-api.md).
+/// given every byte held here; from then on it is a pass-through for the connection's life. That covers a head that
+/// is not a plain HTTP/1.1 request without a body (a body, `Upgrade`, `Expect`, HTTP/1.0, obs-text, anything
+/// malformed: the full parser answers those), a decision that wants the response body, a decision other than a
+/// forward that resolves at once (a local answer, `needBody`, a fan-out, a shared store still being asked), and a
+/// failing script. The policy then runs a second time for that request, as it does after `needBody`: routing scripts
+/// are documented to be deterministic per request (docs/routing-api.md).
 ///
 /// What `ProxyHandler` does per exchange is done here too, with the same messages and metrics: connection and lease
 /// accounting, the response-head deadline, the stale keep-alive retry, `502`/`504` answers, back-pressure, the access
-/// log and request metrics, and closing after the response when the client or a shutdown asks.
+/// log and request metrics, `on_response` claims, and closing after the response when the client or a shutdown asks.
 final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawUpstreamSink {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
