@@ -77,51 +77,38 @@ enum HTTP1Scan {
         let start = out.writerIndex
         out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[0..<cursor]))
         var host: UnsafeRawBufferPointer?
-        while !matches(bytes, at: cursor, "\r\n") {
-            let nameStart = cursor
-            while bytes[cursor] != UInt8(ascii: ":") { cursor += 1 }
-            let name = UnsafeRawBufferPointer(rebasing: bytes[nameStart..<cursor])
-            cursor += 1
-            while bytes[cursor] == sp || bytes[cursor] == tab { cursor += 1 }
-            let valueStart = cursor
-            while bytes[cursor] != cr { cursor += 1 }
-            var valueEnd = cursor
-            while valueEnd > valueStart, bytes[valueEnd - 1] == sp || bytes[valueEnd - 1] == tab { valueEnd -= 1 }
-            let value = UnsafeRawBufferPointer(rebasing: bytes[valueStart..<valueEnd])
-            cursor += 2
-
+        let complete = forEachField(bytes, from: cursor) { name, value in
             switch name.count {
             case 3 where equalsLowercased(name, "via"),
                 15 where equalsLowercased(name, "x-forwarded-for"),
                 16 where equalsLowercased(name, "proxy-connection"):
-                out.moveWriterIndex(to: start)
                 return false
             case 10 where equalsLowercased(name, "connection"):
                 var ok = true
                 forEachElement(value) { element in
                     if !equalsLowercased(element, "close") && !equalsLowercased(element, "keep-alive") { ok = false }
                 }
-                guard ok else {
-                    out.moveWriterIndex(to: start)
-                    return false
-                }
-                continue
+                return ok
             case 2 where equalsLowercased(name, "te"), 7 where equalsLowercased(name, "trailer"),
                 7 where equalsLowercased(name, "upgrade"), 10 where equalsLowercased(name, "keep-alive"),
                 17 where equalsLowercased(name, "transfer-encoding"),
                 16 where equalsLowercased(name, "x-forwarded-host"), 17 where equalsLowercased(name, "x-forwarded-proto"):
-                continue
+                return true
             case 4 where equalsLowercased(name, "host"):
                 host = value
             default:
-                if added.contains(where: { field in field.name.utf8.withContiguousStorageIfAvailable { asciiCaseInsensitiveEquals(name, $0) } ?? false }) {
-                    continue
+                if added.contains(where: { field in
+                    field.name.utf8.withContiguousStorageIfAvailable { asciiCaseInsensitiveEquals(name, $0) } ?? false
+                }) {
+                    return true
                 }
             }
-            out.writeBytes(name)
-            out.writeStaticString(": ")
-            out.writeBytes(value)
-            out.writeStaticString("\r\n")
+            writeField(name, value, into: &out)
+            return true
+        }
+        guard complete else {
+            out.moveWriterIndex(to: start)
+            return false
         }
         for field in added {
             out.writeString(field.name)
@@ -200,8 +187,6 @@ enum HTTP1Scan {
         if case .custom = status {
             status = HTTPResponseStatus(statusCode: code, reasonPhrase: string(bytes, line.reason.lowerBound, line.reason.upperBound))
         }
-        var cursor = line.end
-
         let start = out.writerIndex
         out.writeStaticString("HTTP/1.1 ")
         out.writeString(String(code))
@@ -218,28 +203,11 @@ enum HTTP1Scan {
             out.moveWriterIndex(to: start)
             return nil
         }
-        while true {
-            if matches(bytes, at: cursor, "\r\n") {
-                guard cursor + 2 == bytes.count else { return fail() }
-                break
-            }
-            let nameStart = cursor
-            while cursor < bytes.count, isTokenByte(bytes[cursor]) { cursor += 1 }
-            guard cursor > nameStart, cursor < bytes.count, bytes[cursor] == UInt8(ascii: ":") else { return fail() }
-            let name = UnsafeRawBufferPointer(rebasing: bytes[nameStart..<cursor])
-            cursor += 1
-            while cursor < bytes.count, bytes[cursor] == sp || bytes[cursor] == tab { cursor += 1 }
-            let valueStart = cursor
-            while cursor < bytes.count, isFieldValueByte(bytes[cursor]) { cursor += 1 }
-            var valueEnd = cursor
-            while valueEnd > valueStart, bytes[valueEnd - 1] == sp || bytes[valueEnd - 1] == tab { valueEnd -= 1 }
-            guard matches(bytes, at: cursor, "\r\n") else { return fail() }
-            cursor += 2
-            let value = UnsafeRawBufferPointer(rebasing: bytes[valueStart..<valueEnd])
-
+        let complete = forEachField(bytes, from: line.end) { name, value in
             switch name.count {
-            case 3 where equalsLowercased(name, "via"):
-                return fail()
+            case 3 where equalsLowercased(name, "via"),
+                16 where equalsLowercased(name, "proxy-connection"):
+                return false
             case 10 where equalsLowercased(name, "connection"):
                 var ok = true
                 forEachElement(value) { element in
@@ -251,29 +219,25 @@ enum HTTP1Scan {
                         ok = false
                     }
                 }
-                guard ok else { return fail() }
-                continue
-            case 16 where equalsLowercased(name, "proxy-connection"):
-                return fail()
+                return ok
             case 17 where equalsLowercased(name, "transfer-encoding"):
-                guard !chunked, equalsLowercased(value, "chunked") else { return fail() }
+                guard !chunked, equalsLowercased(value, "chunked") else { return false }
                 chunked = true
-                continue
+                return true
             case 14 where equalsLowercased(name, "content-length"):
-                guard let parsed = parseLength(value), length == nil || length == parsed else { return fail() }
+                guard let parsed = parseLength(value), length == nil || length == parsed else { return false }
                 length = parsed
-                if code == 204 { continue }
+                if code == 204 { return true }
             case 2 where equalsLowercased(name, "te"), 7 where equalsLowercased(name, "trailer"),
                 7 where equalsLowercased(name, "upgrade"), 10 where equalsLowercased(name, "keep-alive"):
-                continue
+                return true
             default:
                 break
             }
-            out.writeBytes(name)
-            out.writeStaticString(": ")
-            out.writeBytes(value)
-            out.writeStaticString("\r\n")
+            writeField(name, value, into: &out)
+            return true
         }
+        guard complete else { return fail() }
         guard !(chunked && length != nil) else { return fail() }
 
         let framing: ResponseSummary.Framing
@@ -329,29 +293,52 @@ enum HTTP1Scan {
         lower.withUTF8Buffer { asciiCaseInsensitiveEquals(bytes, $0) }
     }
 
-    /// field-line = field-name ":" OWS field-value OWS CRLF, until the empty line that ends the head.
     private static func parseFields(_ bytes: UnsafeRawBufferPointer, from start: Int) -> HTTPHeaders? {
         var fields: [(String, String)] = []
         fields.reserveCapacity(8)
+        let complete = forEachField(bytes, from: start) { name, value in
+            fields.append((String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self)))
+            return true
+        }
+        return complete ? HTTPHeaders(fields) : nil
+    }
+
+    /// Walks the field lines from `start` to the empty line that ends the head, which must be the end of `bytes`:
+    /// field-line = field-name ":" OWS field-value OWS CRLF, with token names and visible-ASCII values (obs-text and
+    /// obsolete folding are refused). `body` gets each name and trimmed value and returns `false` to stop. Returns
+    /// `true` when every line was well formed and `body` never stopped.
+    private static func forEachField(
+        _ bytes: UnsafeRawBufferPointer, from start: Int,
+        _ body: (_ name: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) -> Bool
+    ) -> Bool {
         var cursor = start
         while true {
             if matches(bytes, at: cursor, "\r\n") {
-                return cursor + 2 == bytes.count ? HTTPHeaders(fields) : nil
+                return cursor + 2 == bytes.count
             }
             let nameStart = cursor
             while cursor < bytes.count, isTokenByte(bytes[cursor]) { cursor += 1 }
-            guard cursor > nameStart, cursor < bytes.count, bytes[cursor] == UInt8(ascii: ":") else { return nil }
-            let nameEnd = cursor
+            guard cursor > nameStart, cursor < bytes.count, bytes[cursor] == UInt8(ascii: ":") else { return false }
+            let name = UnsafeRawBufferPointer(rebasing: bytes[nameStart..<cursor])
             cursor += 1
             while cursor < bytes.count, bytes[cursor] == sp || bytes[cursor] == tab { cursor += 1 }
             let valueStart = cursor
             while cursor < bytes.count, isFieldValueByte(bytes[cursor]) { cursor += 1 }
             var valueEnd = cursor
             while valueEnd > valueStart, bytes[valueEnd - 1] == sp || bytes[valueEnd - 1] == tab { valueEnd -= 1 }
-            guard matches(bytes, at: cursor, "\r\n") else { return nil }
+            guard matches(bytes, at: cursor, "\r\n") else { return false }
             cursor += 2
-            fields.append((string(bytes, nameStart, nameEnd), string(bytes, valueStart, valueEnd)))
+            guard body(name, UnsafeRawBufferPointer(rebasing: bytes[valueStart..<valueEnd])) else { return false }
         }
+    }
+
+    /// Writes `name: value` CRLF.
+    @inline(__always)
+    private static func writeField(_ name: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer, into out: inout ByteBuffer) {
+        out.writeBytes(name)
+        out.writeStaticString(": ")
+        out.writeBytes(value)
+        out.writeStaticString("\r\n")
     }
 
     @inline(__always)
