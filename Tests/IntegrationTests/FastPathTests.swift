@@ -86,6 +86,34 @@ import Testing
         }
     }
 
+    /// The response-head deadline (one lazily re-armed timer per connection) answers 504 on either path, and the
+    /// connection serves the next request, whose own deadline is watched too.
+    @Test(arguments: [true, false])
+    func aLateResponseHeadAnswers504OnEitherPath(_ fastPath: Bool) async throws {
+        try await withOrigin { origin in
+            try await withProxy(
+                backends: [(id: "a", port: origin.port)],
+                configure: {
+                    $0.listeners[0].fastPath = fastPath
+                    $0.timeouts.upstreamResponseHeader = .milliseconds(400)
+                }
+            ) { proxy in
+                let connection = try await RawHTTPConnection.connect(port: proxy.port)
+                defer { Task { await connection.close() } }
+                for round in 0..<2 {
+                    let started = ContinuousClock.now
+                    try await connection.send("GET /slow/2000 HTTP/1.1\r\nHost: test\r\n\r\n")
+                    let response = try await connection.readResponse()
+                    #expect(response.status == 504, "round \(round)")
+                    #expect(response.bodyText.contains("did not answer in time"))
+                    #expect(ContinuousClock.now - started >= .milliseconds(380))
+                    try await connection.send("GET /echo?r=\(round) HTTP/1.1\r\nHost: test\r\n\r\n")
+                    #expect(try await connection.readResponse().header("x-origin-uri") == "/echo?r=\(round)")
+                }
+            }
+        }
+    }
+
     /// A script with an `on_response` that reads only the head stays on the fast path, and its claims take effect.
     @Test func onResponseClaimsFromHeadsStayOnTheFastPath() async throws {
         let script = """

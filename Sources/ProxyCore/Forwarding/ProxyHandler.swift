@@ -69,7 +69,7 @@ final class Exchange {
 ///
 /// Re-entrancy rule: state is updated *before* any write, because writing a response end lets the pipelining handler
 /// deliver the next buffered request synchronously.
-final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, UpstreamResponseSink {
+final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, UpstreamResponseSink, ResponseDeadlineWatcher {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundIn = HTTPServerResponsePart
     typealias OutboundOut = HTTPServerResponsePart
@@ -137,8 +137,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
-        self.deadlineTimer?.cancel()
-        self.deadlineTimer = nil
+        self.cancelDeadlineTimer()
         self.context = nil
     }
 
@@ -239,8 +238,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             fanout.executor?.cancel()
         }
         // The deadline timer holds this handler: let it go with the connection.
-        self.deadlineTimer?.cancel()
-        self.deadlineTimer = nil
+        self.cancelDeadlineTimer()
         if case .proxying(let exchange) = self.state {
             exchange.responseDeadline = nil
             if let upstream = exchange.upstream {
@@ -686,34 +684,23 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         connection.holdReads(!context.channel.isWritable)
     }
 
-    /// One timer per client connection watches the response-head deadline of whichever exchange is current; it
-    /// re-arms itself for a later deadline rather than being cancelled and rescheduled for every request.
-    private var deadlineTimer: Scheduled<Void>?
-    private var deadlineTimerAt: NIODeadline = .distantFuture
+    /// The response-head deadline timer (`ResponseDeadlineWatcher`).
+    var deadlineTimer = LazyDeadlineTimer()
+
+    var pendingResponseDeadline: NIODeadline? {
+        guard case .proxying(let exchange) = self.state, self.context != nil else { return nil }
+        return exchange.responseDeadline
+    }
+
+    func responseDeadlinePassed() {
+        guard case .proxying(let exchange) = self.state else { return }
+        self.responseHeadTimedOut(exchange)
+    }
 
     private func armResponseDeadline(_ exchange: Exchange, context: ChannelHandlerContext) {
         let deadline = NIODeadline.now() + self.runtime.config.timeouts.upstreamResponseHeader
         exchange.responseDeadline = deadline
-        if self.deadlineTimer == nil || self.deadlineTimerAt > deadline {
-            self.deadlineTimer?.cancel()
-            self.scheduleDeadlineCheck(at: deadline, context: context)
-        }
-    }
-
-    private func scheduleDeadlineCheck(at deadline: NIODeadline, context: ChannelHandlerContext) {
-        self.deadlineTimerAt = deadline
-        self.deadlineTimer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
-            self.deadlineTimer = nil
-            self.deadlineTimerAt = .distantFuture
-            guard case .proxying(let exchange) = self.state, let due = exchange.responseDeadline,
-                let context = self.context
-            else { return }
-            if NIODeadline.now() < due {
-                self.scheduleDeadlineCheck(at: due, context: context)
-            } else {
-                self.responseHeadTimedOut(exchange)
-            }
-        }
+        self.watchResponseDeadline(deadline, on: context.eventLoop)
     }
 
     private func responseHeadTimedOut(_ exchange: Exchange) {

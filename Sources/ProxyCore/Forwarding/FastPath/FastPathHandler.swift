@@ -25,7 +25,7 @@ import NIOHTTP1
 /// What `ProxyHandler` does per exchange is done here too, with the same messages and metrics: connection and lease
 /// accounting, the response-head deadline, the stale keep-alive retry, `502`/`504` answers, back-pressure, the access
 /// log and request metrics, `on_response` claims, and closing after the response when the client or a shutdown asks.
-final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawUpstreamSink {
+final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawUpstreamSink, ResponseDeadlineWatcher {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
     typealias OutboundIn = ByteBuffer
@@ -84,8 +84,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
     private var readPending = false
     /// The client ended its side, or a shutdown asked the connection to close after the current response.
     private var closeWhenIdle = false
-    private var deadlineTimer: Scheduled<Void>?
-    private var deadlineTimerAt: NIODeadline = .distantFuture
+    var deadlineTimer = LazyDeadlineTimer()
 
     /// Adds the full HTTP pipeline behind this handler (at hand-over).
     private let installFullPipeline: (ChannelPipeline.SynchronousOperations, FastPathHandler) throws -> Void
@@ -179,8 +178,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        self.deadlineTimer?.cancel()
-        self.deadlineTimer = nil
+        self.cancelDeadlineTimer()
         if case .proxying(let fast) = self.state {
             let exchange = fast.exchange
             exchange.responseDeadline = nil
@@ -666,32 +664,23 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         ProxyHandler.logAccess(runtime: self.runtime, listener: self.listener, clientIP: self.clientIP, exchange: exchange, status: status)
     }
 
-    // MARK: Response-head deadline
+    // MARK: Response-head deadline (`ResponseDeadlineWatcher`)
 
-    /// One timer per connection, re-armed lazily for a later deadline (as in `ProxyHandler`).
+    var pendingResponseDeadline: NIODeadline? {
+        guard case .proxying(let fast) = self.state, self.context != nil else { return nil }
+        return fast.exchange.responseDeadline
+    }
+
+    func responseDeadlinePassed() {
+        guard case .proxying(let fast) = self.state, !fast.exchange.responseStarted else { return }
+        self.runtime.metrics.countUpstreamError(.responseTimeout)
+        self.fail(fast, status: .gatewayTimeout, reason: "gateway timeout: backend did not answer in time")
+    }
+
     private func armResponseDeadline(_ exchange: Exchange, context: ChannelHandlerContext) {
         let deadline = NIODeadline.now() + self.runtime.config.timeouts.upstreamResponseHeader
         exchange.responseDeadline = deadline
-        if self.deadlineTimer == nil || self.deadlineTimerAt > deadline {
-            self.deadlineTimer?.cancel()
-            self.scheduleDeadlineCheck(at: deadline, context: context)
-        }
-    }
-
-    private func scheduleDeadlineCheck(at deadline: NIODeadline, context: ChannelHandlerContext) {
-        self.deadlineTimerAt = deadline
-        self.deadlineTimer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
-            self.deadlineTimer = nil
-            self.deadlineTimerAt = .distantFuture
-            guard case .proxying(let fast) = self.state, let due = fast.exchange.responseDeadline, let context = self.context
-            else { return }
-            if NIODeadline.now() < due {
-                self.scheduleDeadlineCheck(at: due, context: context)
-            } else if !fast.exchange.responseStarted {
-                self.runtime.metrics.countUpstreamError(.responseTimeout)
-                self.fail(fast, status: .gatewayTimeout, reason: "gateway timeout: backend did not answer in time")
-            }
-        }
+        self.watchResponseDeadline(deadline, on: context.eventLoop)
     }
 }
 
