@@ -72,11 +72,11 @@ final class UpstreamConnection {
     }
 }
 
-/// Receives a leased connection's raw bytes on the fast path.
+/// Receives a leased connection's raw bytes on the fast path. (The fast path writes only a request head to the
+/// backend, so the backend's writability is of no use to it.)
 protocol RawUpstreamSink: AnyObject {
     func rawUpstreamRead(_ bytes: ByteBuffer)
     func rawUpstreamReadComplete()
-    func rawUpstreamWritabilityChanged(isWritable: Bool)
     func rawUpstreamClosed()
 }
 
@@ -117,11 +117,6 @@ final class RawUpstreamTap: ChannelInboundHandler, RemovableChannelHandler {
         } else {
             context.fireChannelReadComplete()
         }
-    }
-
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        self.sink?.rawUpstreamWritabilityChanged(isWritable: context.channel.isWritable)
-        context.fireChannelWritabilityChanged()
     }
 
     func channelInactive(context: ChannelHandlerContext) {

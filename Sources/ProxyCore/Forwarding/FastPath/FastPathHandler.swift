@@ -530,8 +530,6 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         self.context?.flush()
     }
 
-    func rawUpstreamWritabilityChanged(isWritable: Bool) {}
-
     func rawUpstreamClosed() {
         guard case .proxying(let fast) = self.state, let context = self.context else { return }
         let exchange = fast.exchange
