@@ -116,16 +116,15 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
             context.fireChannelRead(data)
             return
         }
-        guard case .closed = self.state else {
-            var bytes = Self.unwrapInboundIn(data)
-            if self.inbound == nil {
-                self.inbound = bytes
-            } else {
-                self.inbound!.writeBuffer(&bytes)
-            }
-            if case .idle = self.state { self.processInbound(context: context) }
-            return
+        // Once closing, whatever else the client sends is dropped.
+        if case .closed = self.state { return }
+        var bytes = Self.unwrapInboundIn(data)
+        if self.inbound == nil {
+            self.inbound = bytes
+        } else {
+            self.inbound!.writeBuffer(&bytes)
         }
+        if case .idle = self.state { self.processInbound(context: context) }
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
