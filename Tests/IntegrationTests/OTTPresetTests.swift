@@ -393,6 +393,34 @@ import Testing
         }
     }
 
+    /// The preset has an `on_response` (for generated rooms), which reads only response heads for everything but
+    /// `generate`: pages and room requests stay on the fast path (docs/architecture.md, "Fast path"); a room
+    /// creation (a body) moves its connection to the full path, once.
+    @Test func pagesAndRoomRequestsStayOnTheFastPath() async throws {
+        try await self.withCluster { cluster in
+            func handoffs() async throws -> Double {
+                let metrics = try await Self.admin(cluster, "GET", "/metrics")
+                let line = try #require(metrics.text.split(separator: "\n").first { $0.hasPrefix("ott_proxy_fast_path_handoffs_total") })
+                return try #require(line.split(separator: " ").last.flatMap { Double($0) })
+            }
+            let connection = try await RawHTTPConnection.connect(port: cluster.port)
+            defer { Task { await connection.close() } }
+            for path in ["/", "/api/status", "/api/room/fastroom", "/room/fastroom", "/api/room/fastroom"] {
+                let reply = try await Self.send(connection, "GET", path)
+                #expect(reply.status < 500, "\(path): \(reply.status)")
+            }
+            #expect(try await handoffs() == 0)
+            let created = try await Self.send(
+                connection, "POST", "/api/room/create", json: #"{"name":"fastcreated","isTemporary":true}"#)
+            #expect(created.status == 201 || created.status == 200, "\(created.status) \(created.text)")
+            #expect(try await handoffs() == 1)
+            // The room is then served by the one backend that created it, on the same (now full-path) connection.
+            let joined = try await Self.send(connection, "GET", "/api/room/fastcreated")
+            #expect(joined.status == 200)
+            #expect(joined.servedBy == created.servedBy)
+        }
+    }
+
     @Test func theProbeAdoptsRoomsLoadedBehindItsBackAndReportsDuplicatesWithoutUnloading() async throws {
         try await self.withCluster(options: ["apikey": .string(Self.apiKey), "probe_interval": .double(0.2)]) { cluster in
             // Rooms loaded directly on backends, as before a proxy restart: created on ott-1, and on ott-3 a permanent
