@@ -77,7 +77,8 @@ enum HTTP1Scan {
         let start = out.writerIndex
         out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[0..<cursor]))
         var host: UnsafeRawBufferPointer?
-        let complete = forEachField(bytes, from: cursor) { name, value in
+        var writer = FieldWriter()
+        let complete = forEachField(bytes, from: cursor) { name, value, line in
             switch name.count {
             case 3 where equalsLowercased(name, "via"),
                 15 where equalsLowercased(name, "x-forwarded-for"),
@@ -103,13 +104,14 @@ enum HTTP1Scan {
                     return true
                 }
             }
-            writeField(name, value, into: &out)
+            writer.keep(name, value, line: line, of: bytes, into: &out)
             return true
         }
         guard complete else {
             out.moveWriterIndex(to: start)
             return false
         }
+        writer.flush(bytes, into: &out)
         for field in added {
             out.writeString(field.name)
             out.writeStaticString(": ")
@@ -203,7 +205,8 @@ enum HTTP1Scan {
             out.moveWriterIndex(to: start)
             return nil
         }
-        let complete = forEachField(bytes, from: line.end) { name, value in
+        var writer = FieldWriter()
+        let complete = forEachField(bytes, from: line.end) { name, value, fieldLine in
             switch name.count {
             case 3 where equalsLowercased(name, "via"),
                 16 where equalsLowercased(name, "proxy-connection"):
@@ -234,11 +237,12 @@ enum HTTP1Scan {
             default:
                 break
             }
-            writeField(name, value, into: &out)
+            writer.keep(name, value, line: fieldLine, of: bytes, into: &out)
             return true
         }
         guard complete else { return fail() }
         guard !(chunked && length != nil) else { return fail() }
+        writer.flush(bytes, into: &out)
 
         let framing: ResponseSummary.Framing
         if !mayHaveBody {
@@ -296,7 +300,7 @@ enum HTTP1Scan {
     private static func parseFields(_ bytes: UnsafeRawBufferPointer, from start: Int) -> HTTPHeaders? {
         var fields: [(String, String)] = []
         fields.reserveCapacity(8)
-        let complete = forEachField(bytes, from: start) { name, value in
+        let complete = forEachField(bytes, from: start) { name, value, _ in
             fields.append((String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self)))
             return true
         }
@@ -309,13 +313,14 @@ enum HTTP1Scan {
     /// `true` when every line was well formed and `body` never stopped.
     private static func forEachField(
         _ bytes: UnsafeRawBufferPointer, from start: Int,
-        _ body: (_ name: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) -> Bool
+        _ body: (_ name: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer, _ line: Range<Int>?) -> Bool
     ) -> Bool {
         var cursor = start
         while true {
             if matches(bytes, at: cursor, "\r\n") {
                 return cursor + 2 == bytes.count
             }
+            let lineStart = cursor
             let nameStart = cursor
             while cursor < bytes.count, isTokenByte(bytes[cursor]) { cursor += 1 }
             guard cursor > nameStart, cursor < bytes.count, bytes[cursor] == UInt8(ascii: ":") else { return false }
@@ -327,8 +332,41 @@ enum HTTP1Scan {
             var valueEnd = cursor
             while valueEnd > valueStart, bytes[valueEnd - 1] == sp || bytes[valueEnd - 1] == tab { valueEnd -= 1 }
             guard matches(bytes, at: cursor, "\r\n") else { return false }
+            // Already `name: value` CRLF (one space, nothing to trim): the line can be copied as it is.
+            let normalized = valueStart == name.count + nameStart + 2 && bytes[nameStart + name.count + 1] == sp
+                && valueEnd == cursor
             cursor += 2
-            guard body(name, UnsafeRawBufferPointer(rebasing: bytes[valueStart..<valueEnd])) else { return false }
+            let value = UnsafeRawBufferPointer(rebasing: bytes[valueStart..<valueEnd])
+            guard body(name, value, normalized ? lineStart..<cursor : nil) else { return false }
+        }
+    }
+
+    /// Writes kept field lines in order, copying runs of consecutive lines that are already in the form
+    /// `name: value` CRLF in one piece (instead of four writes per field).
+    private struct FieldWriter {
+        private var run: Range<Int>?
+
+        mutating func keep(
+            _ name: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer, line: Range<Int>?,
+            of bytes: UnsafeRawBufferPointer, into out: inout ByteBuffer
+        ) {
+            if let line, let current = self.run, current.upperBound == line.lowerBound {
+                self.run = current.lowerBound..<line.upperBound
+                return
+            }
+            self.flush(bytes, into: &out)
+            if let line {
+                self.run = line
+            } else {
+                writeField(name, value, into: &out)
+            }
+        }
+
+        mutating func flush(_ bytes: UnsafeRawBufferPointer, into out: inout ByteBuffer) {
+            if let run = self.run {
+                out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[run]))
+                self.run = nil
+            }
         }
     }
 
