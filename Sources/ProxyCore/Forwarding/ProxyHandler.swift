@@ -541,13 +541,19 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         _ head: HTTPRequestHead, decision: RouteDecision, ownership: Ownership?, runtime: ProxyRuntime
     ) -> HTTPRequestHead {
         var forwardedHead = Self.rewrite(head, with: decision)
-        if let ownership, let pool = runtime.pools[ownership.pool] {
-            if let name = pool.config.keyHeader { forwardedHead.headers.replaceOrAdd(name: name, value: ownership.key) }
-            if let name = pool.config.epochHeader {
-                forwardedHead.headers.replaceOrAdd(name: name, value: String(ownership.epoch))
-            }
+        for field in Self.ownershipFields(ownership, runtime: runtime) {
+            forwardedHead.headers.replaceOrAdd(name: field.name, value: field.value)
         }
         return forwardedHead
+    }
+
+    /// The pool's key and epoch fields for an owned key (`key_header`, `epoch_header`), set with replace-or-add.
+    static func ownershipFields(_ ownership: Ownership?, runtime: ProxyRuntime) -> [(name: String, value: String)] {
+        guard let ownership, let pool = runtime.pools[ownership.pool] else { return [] }
+        var fields: [(name: String, value: String)] = []
+        if let name = pool.config.keyHeader { fields.append((name, ownership.key)) }
+        if let name = pool.config.epochHeader { fields.append((name, String(ownership.epoch))) }
+        return fields
     }
 
     /// Applies a decision's path and header rewrites. Framing fields are the proxy's to decide and are left alone.

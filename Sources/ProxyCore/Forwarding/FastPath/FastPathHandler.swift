@@ -278,10 +278,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         }
         if decision.path == nil && decision.setHeaders.isEmpty && decision.removeHeaders.isEmpty {
             fast.rawHead = rawHead
-            if let ownership, let pool = runtime.pools[ownership.pool] {
-                if let name = pool.config.keyHeader { fast.addedFields.append((name, ownership.key)) }
-                if let name = pool.config.epochHeader { fast.addedFields.append((name, String(ownership.epoch))) }
-            }
+            fast.addedFields = ProxyHandler.ownershipFields(ownership, runtime: runtime)
         }
         self.state = .proxying(fast)
         self.connectUpstream(fast, allowPooled: true)
