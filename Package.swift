@@ -41,8 +41,14 @@ let package = Package(
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+                "CProxySys",
             ],
             swiftSettings: hotPathSettings
+        ),
+        // Linux calls Swift's Glibc module leaves out (CPU affinity for `threads.cpu_affinity`).
+        .target(
+            name: "CProxySys",
+            path: "Sources/CProxySys"
         ),
         // Lua 5.4 from the system (`liblua5.4-dev`), and the C shims Swift needs around it.
         .systemLibrary(

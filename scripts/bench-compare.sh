@@ -14,12 +14,16 @@
 # `nio-relay` (Benchmarks/) is a reference row, not a contender: a bare SwiftNIO byte relay with one origin connection
 # per client connection and no parsing or routing, i.e. the floor any SwiftNIO proxy pays. ott-proxy's own cost is its
 # difference to that row.
+# CPU affinity (AFFINITY=auto, the default): the three proxies bind their 2 threads/workers one per CPU, each with its
+# own setting (HAProxy `cpu-map`, nginx `worker_cpu_affinity auto`, ott-proxy `threads.cpu_affinity: auto`), so all
+# three get the same treatment; AFFINITY=none leaves every process to the kernel. Origins and nio-relay are not bound.
 # Metrics 2-4 are repeated ROUNDS times (round-robin over the targets, each round starting one target later) and the
 # median is reported.
 # Writes the "Side by side" section of docs/benchmarks.md (other sections kept) and docs/bench/*.png.
 # Everything it starts is stopped on exit. Bounded: about 6 minutes with the defaults once built.
 #
-#   usage: scripts/bench-compare.sh            (env: DURATION=6 ROUNDS=3 IDLE_N=9000 WS_CONNS=1000 HTTP_CONNS=64)
+#   usage: scripts/bench-compare.sh            (env: DURATION=6 ROUNDS=3 IDLE_N=9000 WS_CONNS=1000 HTTP_CONNS=64
+#                                                    AFFINITY=auto|none)
 #          NO_DOCS=1 scripts/bench-compare.sh  (print the results, leave docs/ alone)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -29,6 +33,8 @@ ROUNDS="${ROUNDS:-3}"          # interleaved repetitions of the throughput metri
 IDLE_N="${IDLE_N:-9000}"       # idle WebSockets per proxy (2 fds each in the proxy: must fit the fd limit)
 WS_CONNS="${WS_CONNS:-1000}"
 HTTP_CONNS="${HTTP_CONNS:-64}"
+AFFINITY="${AFFINITY:-auto}"
+case "$AFFINITY" in auto | none) ;; *) echo "error: AFFINITY must be auto or none" >&2; exit 2 ;; esac
 WS_SIZE=64
 
 HTTP_ORIGIN_PORTS=(18081 18082)
@@ -88,6 +94,16 @@ START_TIME=$(date +%s)
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # -------------------------------------------------------------------------------------------------- configurations
+# The first two CPUs this script may run on, for HAProxy's cpu-map (nginx and ott-proxy find theirs themselves).
+CPU_PAIR="$(python3 -c 'import os; c = sorted(os.sched_getaffinity(0)); print(f"{c[0]}-{c[0]}" if len(c) < 2 else f"{c[0]} {c[1]}")')"
+HAPROXY_CPU_MAP="" NGINX_CPU_AFFINITY="" OTT_THREADS="threads: { count: 2 }"
+if [ "$AFFINITY" = auto ]; then
+    read -r CPU_A CPU_B <<<"$CPU_PAIR"
+    HAPROXY_CPU_MAP="cpu-map 1/1 $CPU_A
+    cpu-map 1/2 ${CPU_B:-$CPU_A}"
+    NGINX_CPU_AFFINITY="worker_cpu_affinity auto;"
+    OTT_THREADS="threads: { count: 2, cpu_affinity: auto }"
+fi
 mkdir -p "$WORK/www" "$WORK/origin/logs" "$WORK/nginx/logs" "$WORK/haproxy" "$WORK/ott"
 head -c 1024 /dev/zero | tr '\0' 'x' >"$WORK/www/1k"
 
@@ -117,6 +133,7 @@ cat >"$WORK/haproxy/haproxy.cfg" <<CONF
 # WebSocket upgrades pass through in mode http (timeout tunnel applies once upgraded).
 global
     nbthread 2
+    $HAPROXY_CPU_MAP
     maxconn $(((FD_LIMIT - 500) / 2))
 defaults
     mode http
@@ -150,6 +167,7 @@ cat >"$WORK/nginx/nginx.conf" <<CONF
 # nginx as the proxy: key extracted from /rooms/{key}/... by a map, \`hash \$key consistent\` over two entries,
 # upstream keep-alive for HTTP, Upgrade/Connection relayed for WebSocket.
 worker_processes 2;
+$NGINX_CPU_AFFINITY
 daemon off;
 error_log $WORK/nginx/logs/error.log warn;
 pid $WORK/nginx/nginx.pid;
@@ -232,6 +250,7 @@ limits:
 logging:
   level: warning
   access_log: false
+$OTT_THREADS
 CONF
 
 # ------------------------------------------------------------------------------------------------------- start all
@@ -408,6 +427,7 @@ END_TIME=$(date +%s)
     echo "wrk=$(wrk -v 2>&1 | head -1)"
     echo "swift=$(swift --version 2>&1 | head -1)"
     echo "fd_limit=$FD_LIMIT"
+    echo "affinity=$AFFINITY"
     echo "load_before=$LOAD_BEFORE"
     echo "load_after=$(cut -d' ' -f1-3 /proc/loadavg)"
     echo "elapsed_s=$((END_TIME - START_TIME))"

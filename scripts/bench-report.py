@@ -118,6 +118,14 @@ def section(data, facts, commands, configs_dir, charts_rel):
              "the order origin, HAProxy, nginx, ott-proxy, NIO relay rotates by one each round, so no target is always "
              "measured in the same position); the charts' whiskers show the min–max over the rounds.")
     L.append("")
+    if facts.get("affinity") == "auto":
+        L.append("**CPU affinity.** Each proxy's 2 threads or workers are bound one per CPU, by its own setting: "
+                 "HAProxy `cpu-map`, nginx `worker_cpu_affinity auto`, ott-proxy `threads.cpu_affinity: auto` "
+                 "(`AFFINITY=auto`, the default; `AFFINITY=none` leaves them to the kernel). Origins, load generators "
+                 "and the NIO relay are not bound.")
+    else:
+        L.append("**CPU affinity.** None: the kernel places every thread (`AFFINITY=none`).")
+    L.append("")
     L.append(f"**Noise.** The machine is shared with other developers' builds: load average "
              f"{facts.get('load_before', '?')} before the run, {facts.get('load_after', '?')} after it (1/5/15 min), "
              "on 2 cores. Absolute numbers move by tens of percent between runs; the ratios from the same round "

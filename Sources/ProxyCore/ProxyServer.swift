@@ -73,6 +73,10 @@ public final class ProxyServer: Service, Sendable {
     private let configSource: (@Sendable () throws -> ProxyConfig)?
     private let group: EventLoopGroup
     private let ownsGroup: Bool
+    /// The CPU each event loop was bound to by `threads.cpu_affinity: auto` (nil: not bound), in loop order; empty
+    /// until `start()`, and when affinity is off or the loops are not the server's own.
+    public var loopCPUs: [Int?] { self.pinnedCPUs.withLock { $0 } }
+    private let pinnedCPUs = Mutex<[Int?]>([])
     private let policyFactory: RoutingPolicyFactory
     private let connections: ConnectionRegistry
     /// Open admin connections: closed with the admin listener (keep-alive ones would otherwise outlive the server
@@ -85,7 +89,8 @@ public final class ProxyServer: Service, Sendable {
     let backendServices: BackendServices
 
     /// - Parameters:
-    ///   - group: the event loops to serve on; by default one thread per core, owned and shut down by the server.
+    ///   - group: the event loops to serve on; by default `threads.count` threads (one per core), bound to CPUs when
+    ///     `threads.cpu_affinity` is `auto`, owned and shut down by the server. A given group is used as it is.
     ///   - policyFactory: the routing policy per listener; by default every request goes to the listener's pool.
     ///   - configSource: re-reads the configuration for `reload()` (SIGHUP, admin `POST /reload`).
     ///   - directory: where key ownership lives; by default in this process (`InMemoryOwnershipDirectory`).
@@ -111,7 +116,7 @@ public final class ProxyServer: Service, Sendable {
         self.current = RuntimeBox(runtime)
         self.configSource = configSource
         self.ownsGroup = group == nil
-        self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+        self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: config.threads.resolvedCount)
         self.policyFactory = policyFactory ?? { listener, _, _ in StaticPoolPolicy(pool: listener.pool) }
         self.connections = ConnectionRegistry(limit: config.limits.maxConnections)
         // An owner change closes the key's tunnels to the previous owner, so clients reconnect to the new one.
@@ -201,6 +206,9 @@ public final class ProxyServer: Service, Sendable {
         }
         let runtime = self.runtime
         let config = runtime.config
+        if self.ownsGroup, config.threads.cpuAffinity == .auto {
+            await self.pinLoops()
+        }
         let settings = UpstreamPool.Settings(
             connectTimeout: config.timeouts.connect,
             idleTimeout: config.timeouts.upstreamIdle,
@@ -332,6 +340,9 @@ public final class ProxyServer: Service, Sendable {
         guard config.listeners.map(unchanged) == old.config.listeners.map(unchanged), config.admin == old.config.admin else {
             return self.reloadFailed("listeners and the admin listener cannot change on reload: restart the proxy")
         }
+        guard config.threads == old.config.threads else {
+            return self.reloadFailed("threads cannot change on reload: restart the proxy")
+        }
         let table: RoutingTable
         do {
             table = try self.backendServices.table(for: config)
@@ -378,6 +389,20 @@ public final class ProxyServer: Service, Sendable {
     }
 
     /// Builds every listener's policy on every loop (each on its own loop, where it will live).
+    private func pinLoops() async {
+        let loops = Array(self.group.makeIterator())
+        let cpus = await CPUPinning.pin(loops)
+        self.pinnedCPUs.withLock { $0 = cpus }
+        let described = cpus.map { $0.map(String.init) ?? "unbound" }.joined(separator: ",")
+        if cpus.contains(where: { $0 == nil }) {
+            self.runtime.logger.warning(
+                "could not bind every event loop to a CPU (threads.cpu_affinity: auto)",
+                metadata: ["cpus": "\(described)"])
+        } else {
+            self.runtime.logger.info("event loops bound to CPUs", metadata: ["cpus": "\(described)"])
+        }
+    }
+
     private func makePolicies(for runtime: ProxyRuntime) async throws -> [(EventLoop, NIOLoopBound<[String: RoutingPolicy]>)] {
         let factory = self.policyFactory
         let environment = LiveRoutingEnvironment(table: runtime.table, directory: runtime.directory, drains: runtime.drains)

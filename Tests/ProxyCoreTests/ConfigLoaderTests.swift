@@ -61,6 +61,9 @@ struct ConfigLoaderTests {
               level: debug
               format: json
               access_log: false
+            threads:
+              count: 3
+              cpu_affinity: auto
             """
         let config = try ConfigLoader.parse(yaml: yaml, file: "full.yaml")
 
@@ -117,7 +120,8 @@ struct ConfigLoaderTests {
                 tokenEnv: "OTT_PROXY_ADMIN_TOKEN",
                 metricsOpen: false
             ),
-            logging: LoggingConfig(level: .debug, format: .json, accessLog: false)
+            logging: LoggingConfig(level: .debug, format: .json, accessLog: false),
+            threads: ThreadsConfig(count: 3, cpuAffinity: .auto)
         )
         #expect(config == expected)
     }
@@ -140,6 +144,20 @@ struct ConfigLoaderTests {
         #expect(config.limits.maxHeaderBytes == 32 * 1024)
         #expect(config.admin == nil)
         #expect(config.logging == LoggingConfig(level: .info, format: .logfmt, accessLog: true))
+        #expect(config.threads == ThreadsConfig(count: nil, cpuAffinity: .none))
+        #expect(config.threads.resolvedCount == System.coreCount)
+    }
+
+    @Test("threads: a count out of range and an unknown affinity are reported at their values")
+    func threadsErrors() {
+        #expect(
+            errors(in: minimal + "threads:\n  count: 0\n  cpu_affinity: pinned\n") == [
+                error(line: 10, column: 10, path: "threads.count", "must be between 1 and 1024, got 0"),
+                error(
+                    line: 11, column: 17, path: "threads.cpu_affinity",
+                    "expected one of none, auto, got 'pinned'"),
+            ]
+        )
     }
 
     @Test("an admin section without keys enables the admin listener with its defaults")

@@ -22,7 +22,7 @@ final class ConfigDecoder {
         let r = self.reader
         guard
             let top = r.section(
-                root, path: "", keys: ["listeners", "pools", "timeouts", "limits", "admin", "logging", "ownership"])
+                root, path: "", keys: ["listeners", "pools", "timeouts", "limits", "admin", "logging", "ownership", "threads"])
         else {
             return ProxyConfig()
         }
@@ -34,6 +34,7 @@ final class ConfigDecoder {
         config.admin = r.optional(top, "admin", self.admin)
         config.logging = r.optional(top, "logging", self.logging) ?? LoggingConfig()
         config.ownership = r.optional(top, "ownership", self.ownership) ?? OwnershipConfig()
+        config.threads = r.optional(top, "threads", self.threads) ?? ThreadsConfig()
         self.validate(config)
         return config
     }
@@ -489,6 +490,17 @@ final class ConfigDecoder {
                 ?? defaults.maxBufferedBody,
             maxIdleUpstreamPerBackend: r.optional(s, "max_idle_upstream_per_backend") { r.int($0, path: $1, min: 0) }
                 ?? defaults.maxIdleUpstreamPerBackend
+        )
+    }
+
+    private func threads(_ node: Node, path: String) -> ThreadsConfig? {
+        let r = self.reader
+        guard let s = r.section(node, path: path, keys: ["count", "cpu_affinity"]) else { return nil }
+        let range = ThreadsConfig.countRange
+        return ThreadsConfig(
+            count: r.optional(s, "count") { r.int($0, path: $1, min: range.lowerBound, max: range.upperBound) },
+            cpuAffinity: r.optional(s, "cpu_affinity") { r.choice($0, path: $1, of: ThreadsConfig.CPUAffinity.self) }
+                ?? .none
         )
     }
 

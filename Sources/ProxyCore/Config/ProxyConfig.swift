@@ -13,6 +13,7 @@ public struct ProxyConfig: Sendable, Equatable {
     public var admin: AdminConfig?
     public var logging: LoggingConfig
     public var ownership: OwnershipConfig
+    public var threads: ThreadsConfig
 
     public init(
         listeners: [ListenerConfig] = [],
@@ -21,7 +22,8 @@ public struct ProxyConfig: Sendable, Equatable {
         limits: LimitsConfig = .init(),
         admin: AdminConfig? = nil,
         logging: LoggingConfig = .init(),
-        ownership: OwnershipConfig = .init()
+        ownership: OwnershipConfig = .init(),
+        threads: ThreadsConfig = .init()
     ) {
         self.listeners = listeners
         self.pools = pools
@@ -30,6 +32,7 @@ public struct ProxyConfig: Sendable, Equatable {
         self.admin = admin
         self.logging = logging
         self.ownership = ownership
+        self.threads = threads
     }
 
     public func pool(named name: String) -> PoolConfig? {
@@ -336,6 +339,33 @@ public struct LimitsConfig: Sendable, Equatable {
         self.maxBufferedBody = maxBufferedBody
         self.maxIdleUpstreamPerBackend = maxIdleUpstreamPerBackend
     }
+}
+
+/// The event loop threads (docs/configuration.md, `threads`). Fixed for the life of the process: a reload that
+/// changes them is refused.
+public struct ThreadsConfig: Sendable, Equatable {
+    /// How event loop threads are placed on CPUs.
+    public enum CPUAffinity: String, Sendable, Equatable, CaseIterable {
+        /// The kernel places and moves threads (the default, like nginx and HAProxy 2.6).
+        case none
+        /// Loop `i` is bound to the `i`-th CPU this process may run on (round robin when there are more loops).
+        case auto
+    }
+
+    /// Event loop threads; nil means one per CPU available to the process (`System.coreCount`, which honours
+    /// cgroup quotas and cpusets).
+    public var count: Int?
+    public var cpuAffinity: CPUAffinity
+
+    public static let countRange = 1...1024
+
+    public init(count: Int? = nil, cpuAffinity: CPUAffinity = .none) {
+        self.count = count
+        self.cpuAffinity = cpuAffinity
+    }
+
+    /// The number of loops to start.
+    public var resolvedCount: Int { self.count ?? System.coreCount }
 }
 
 public struct AdminConfig: Sendable, Equatable {

@@ -1,0 +1,89 @@
+import DemoBackends
+import Foundation
+import Logging
+import NIOPosix
+import ProxyCore
+import Testing
+
+/// `threads`: a server that owns its event loops starts `count` of them and, with `cpu_affinity: auto`, binds each
+/// to its own CPU (checked in the kernel's view of every thread, /proc/self/task), still serves, and refuses a
+/// reload that changes `threads`.
+@Suite(.serialized) struct ThreadsTests {
+    /// CPU lists of this process's NIO event loop threads that are bound to exactly one CPU, by thread id.
+    static func singleCPULoopThreads() -> [Int: Int] {
+        var bound: [Int: Int] = [:]
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
+        for task in tasks {
+            guard let name = try? String(contentsOfFile: "/proc/self/task/\(task)/comm", encoding: .utf8),
+                name.hasPrefix("NIO-ELT"),
+                let status = try? String(contentsOfFile: "/proc/self/task/\(task)/status", encoding: .utf8),
+                let line = status.split(separator: "\n").first(where: { $0.hasPrefix("Cpus_allowed_list:") })
+            else { continue }
+            let list = line.dropFirst("Cpus_allowed_list:".count).trimmingCharacters(in: .whitespaces)
+            if let cpu = Int(list), let tid = Int(task) { bound[tid] = cpu }
+        }
+        return bound
+    }
+
+    @Test("cpu_affinity auto binds each of the server's own loops to its own CPU")
+    func pinsOwnLoops() async throws {
+        let allowed = try #require(CPUPinning.allowedCPUs())
+        let room = try await RoomServer.start(id: "a", group: MultiThreadedEventLoopGroup.singleton)
+        defer { Task { try? await room.stop() } }
+        let before = Self.singleCPULoopThreads()
+        var config = ProxyConfig(
+            listeners: [ListenerConfig(name: "test", address: "127.0.0.1", port: 0, pool: "main")],
+            pools: [PoolConfig(name: "main", backends: [BackendConfig(id: "a", host: "127.0.0.1", port: room.port)])],
+            logging: LoggingConfig(level: .warning, format: .logfmt, accessLog: false),
+            threads: ThreadsConfig(count: 2, cpuAffinity: .auto)
+        )
+        config.timeouts.shutdownGrace = .seconds(1)
+        var logger = Logger(label: "test-proxy")
+        logger.logLevel = .warning
+        let server = try ProxyServer(config: config, logger: logger, accessLogger: logger)
+        try await server.start()
+        do {
+            let expected = CPUPinning.plan(loops: 2, allowed: allowed)
+            #expect(server.loopCPUs == expected.map { Optional($0) })
+            let pinned = Self.singleCPULoopThreads().filter { before[$0.key] == nil }
+            #expect(pinned.values.sorted() == expected.sorted(), "\(pinned)")
+
+            let connection = try await RawHTTPConnection.connect(port: server.listenerPorts["test"]!)
+            try await connection.send("GET /rooms/lobby HTTP/1.1\r\nHost: example\r\n\r\n")
+            #expect(try await connection.readResponse().status == 200)
+            await connection.close()
+
+            var changed = config
+            changed.threads.cpuAffinity = .none
+            guard case .failure(let error) = await server.reload(changed) else {
+                Issue.record("a reload that changes threads was accepted")
+                await server.shutdown()
+                return
+            }
+            #expect(error.description.contains("threads cannot change on reload"), "\(error)")
+        } catch {
+            await server.shutdown()
+            throw error
+        }
+        await server.shutdown()
+    }
+
+    @Test("without cpu_affinity the loops are left to the kernel")
+    func leavesLoopsUnbound() async throws {
+        let before = Self.singleCPULoopThreads()
+        let config = ProxyConfig(
+            listeners: [ListenerConfig(name: "test", address: "127.0.0.1", port: 0, pool: "main")],
+            pools: [PoolConfig(name: "main")],
+            logging: LoggingConfig(level: .warning, format: .logfmt, accessLog: false),
+            threads: ThreadsConfig(count: 2)
+        )
+        let server = try ProxyServer(config: config)
+        try await server.start()
+        #expect(server.loopCPUs.isEmpty)
+        if (CPUPinning.allowedCPUs()?.count ?? 0) > 1 {
+            // With more than one CPU allowed, an unbound thread's list has more than one entry.
+            #expect(Self.singleCPULoopThreads().keys.allSatisfy { before[$0] != nil })
+        }
+        await server.shutdown()
+    }
+}
