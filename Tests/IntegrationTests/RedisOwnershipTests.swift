@@ -302,6 +302,11 @@ struct RedisOwnershipTests {
             return
         }
         #expect(try await future.get()?.epoch == 1)
+        // The cached owner is what the request path's quick check answers; it never asks Redis.
+        #expect(directory.validOwner(key: "room:x", pool: "main", stillValid: { _ in true })?.backend == "r1")
+        #expect(directory.validOwner(key: "room:x", pool: "other", stillValid: { _ in true }) == nil)
+        #expect(directory.validOwner(key: "room:x", pool: "main", stillValid: { $0 != "r1" }) == nil)
+        #expect(directory.validOwner(key: "room:y", pool: "main", stillValid: { _ in true }) == nil)
         // Another proxy replaced the owner meanwhile (epoch 2); this proxy still caches epoch 1.
         _ = try await inspector.execute(["SET", "cad:{room:x}:owner", "2|r2|main", "PX", "30000"])
         directory.release(key: "room:x")

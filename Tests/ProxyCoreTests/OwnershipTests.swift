@@ -402,6 +402,20 @@ struct InMemoryOwnershipDirectoryTests {
         #expect(placer.calls == 2)
     }
 
+    @Test func validOwnerAnswersWhatResolveWouldKeepAndNothingElse() throws {
+        let time = ManualClock()
+        let directory = InMemoryOwnershipDirectory(clock: time.clock)
+        #expect(directory.validOwner(key: "k", pool: "p", stillValid: { _ in true }) == nil, "unknown key")
+        let placer = Placer("a", "b")
+        let owner = try #require(Self.owned(directory.resolve(Self.query("k", ttl: .seconds(10), placer: placer), on: nil)))
+        #expect(directory.validOwner(key: "k", pool: owner.pool, stillValid: { _ in true }) == owner)
+        #expect(directory.validOwner(key: "k", pool: "other", stillValid: { _ in true }) == nil, "another pool")
+        #expect(directory.validOwner(key: "k", pool: owner.pool, stillValid: { $0 != owner.backend }) == nil, "owner down")
+        time.advance(10)
+        #expect(directory.validOwner(key: "k", pool: owner.pool, stillValid: { _ in true }) == nil, "lease expired")
+        #expect(placer.calls == 1, "validOwner never places")
+    }
+
     @Test func sweepUsesTheInjectedClock() throws {
         let time = ManualClock()
         let directory = InMemoryOwnershipDirectory(clock: time.clock)

@@ -88,6 +88,25 @@ let benchmarks: @Sendable () -> Void = {
         }
     }
 
+    // The whole keyed resolve a request of a known room makes (`ProxyRuntime.resolve`): pool lookups, the owner
+    // check, and the backend. mallocCountTotal shows whether a placement query is being built for it.
+    Benchmark("ProxyRuntime.resolve keyed (cached key)") { benchmark in
+        let config = ProxyConfig(pools: [
+            PoolConfig(name: "rooms", backends: ["a", "b", "c"].enumerated().map {
+                BackendConfig(id: $0.element, host: "127.0.0.1", port: 9001 + $0.offset)
+            })
+        ])
+        let runtime = ProxyRuntime(
+            config: config, table: try RoutingTable(config: config), logger: Logger(label: "bench"),
+            accessLogger: Logger(label: "bench"), metrics: ProxyMetrics(listeners: []))
+        let target = RouteTarget.keyed(key: "room:lobby", pool: "rooms", placement: "rendezvous")
+        _ = runtime.resolve(target, on: nil)
+        benchmark.startMeasurement()
+        for _ in benchmark.scaledIterations {
+            blackHole(runtime.resolve(target, on: nil))
+        }
+    }
+
     // One placement per strategy over 100 backends (what a key's first request costs on top of the resolve).
     let candidates = (0..<100).map {
         PlacementCandidate(id: "backend-\($0)", weight: 1 + $0 % 3, keys: $0 * 7 % 50, connections: $0 * 3 % 20)

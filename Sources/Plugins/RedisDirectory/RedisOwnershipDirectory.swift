@@ -224,6 +224,15 @@ public final class RedisOwnershipDirectory: OwnershipDirectory {
         return self.state.withLock { $0.current(key, now: now)?.ownership }
     }
 
+    public func validOwner(key: String, pool: String, stillValid: (String) -> Bool) -> Ownership? {
+        let now = self.clock()
+        return self.state.withLock { state in
+            state.current(key, now: now).flatMap { entry in
+                entry.ownership.pool == pool && stillValid(entry.ownership.backend) ? entry.ownership : nil
+            }
+        }
+    }
+
     public func resolve(_ query: OwnershipQuery, on eventLoop: EventLoop?) -> OwnershipResolution {
         let now = self.clock()
         let ttl = Double(query.idleTTL.nanoseconds) / 1e9

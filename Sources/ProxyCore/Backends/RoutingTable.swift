@@ -64,11 +64,17 @@ extension ProxyRuntime {
                 guard let named = PlacementStrategyKind(rawValue: placement) else { return .unknownPlacement(placement) }
                 strategy = named
             }
+            let owned = { (ownership: Ownership) -> TargetResolution in
+                self.table.backends[ownership.backend].map { .owned($0, ownership) } ?? .noBackend
+            }
+            // The common case first: a valid owner, found without building the placement closures.
+            if let ownership = self.directory.validOwner(key: key, pool: name, stillValid: { Self.mayKeepKeys(pool.backends, $0) }) {
+                return owned(ownership)
+            }
             let query = self.ownershipQuery(key: key, pool: pool, settings: settings, strategy: strategy)
             switch self.directory.resolve(query, on: eventLoop) {
             case .owned(let ownership):
-                guard let backend = self.table.backends[ownership.backend] else { return .noBackend }
-                return .owned(backend, ownership)
+                return owned(ownership)
             case .pending(let future):
                 return .pending(future)
             case .unavailable:

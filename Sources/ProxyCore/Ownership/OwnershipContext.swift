@@ -68,6 +68,7 @@ extension ProxyRuntime {
     /// default) among the pool's backends that accept new keys.
     func ownershipQuery(key: String, pool: Pool, settings: PoolSettings, strategy: PlacementStrategyKind) -> OwnershipQuery {
         let backends = pool.backends
+        let stillValid = { @Sendable (id: String) in Self.mayKeepKeys(backends, id) }
         let poolObject = pool
         let drains = self.drains
         let region = self.config.ownership.region
@@ -76,10 +77,7 @@ extension ProxyRuntime {
             key: key,
             pool: pool.name,
             idleTTL: settings.config.idleTTL,
-            stillValid: { id in
-                // A draining backend keeps its existing keys (they end naturally); a down or removed one does not.
-                backends.contains { $0.id == id && $0.canServeExistingKeys }
-            },
+            stillValid: stillValid,
             place: { avoiding, keysOn in
                 let candidates = Self.placementCandidates(backends, avoiding: avoiding, keysOn: keysOn, drains: drains)
                 let request = PlacementRequest(
@@ -104,6 +102,12 @@ extension ProxyRuntime {
                                        candidates: candidates)
             }
         )
+    }
+
+    /// Whether an owner may keep its keys: a draining backend keeps its existing keys (they end naturally); a down
+    /// or removed one does not.
+    static func mayKeepKeys(_ backends: [Backend], _ id: String) -> Bool {
+        backends.contains { $0.id == id && $0.canServeExistingKeys }
     }
 
     private static func placementCandidates(

@@ -48,6 +48,9 @@ public enum OwnershipResolution: Sendable {
 public protocol OwnershipDirectory: AnyObject, Sendable {
     /// This proxy's current view of the key's owner (no I/O).
     func owner(of key: String) -> Ownership?
+    /// The current owner when it may keep the key (same pool, not expired, `stillValid` accepts it): what `resolve`
+    /// answers at once, found without building a query (the request path's common case). Nil when `resolve` must run.
+    func validOwner(key: String, pool: String, stillValid: (String) -> Bool) -> Ownership?
     /// The owner to use, placing and claiming the key once when nobody validly owns it (single-flight).
     func resolve(_ query: OwnershipQuery, on eventLoop: EventLoop?) -> OwnershipResolution
     /// Makes `backend` own the key (a key learned from a response).
@@ -88,6 +91,13 @@ public final class InMemoryOwnershipDirectory: OwnershipDirectory {
         return self.table.withLock { $0.owner(of: key, now: now) }
     }
 
+    public func validOwner(key: String, pool: String, stillValid: (String) -> Bool) -> Ownership? {
+        let now = self.clock()
+        return self.table.withLock { table in
+            table.owner(of: key, now: now).flatMap { $0.pool == pool && stillValid($0.backend) ? $0 : nil }
+        }
+    }
+
     public func resolve(_ query: OwnershipQuery, on eventLoop: EventLoop?) -> OwnershipResolution {
         let now = self.clock()
         let ttl = Double(query.idleTTL.nanoseconds) / 1e9
@@ -121,8 +131,8 @@ public final class InMemoryOwnershipDirectory: OwnershipDirectory {
     }
 
     public func releaseLease(key: String) {
-        let now = self.clock()
-        self.table.withLock { $0.releaseLease(key: key, now: now) }
+        let clock = self.clock
+        self.table.withLock { $0.releaseLease(key: key, now: clock()) }
     }
 
     public func keyCount(on backend: String) -> Int {

@@ -144,13 +144,14 @@ public struct OwnershipTable: Sendable {
     }
 
     /// A request or tunnel for the key ended; the idle TTL starts when the last one does.
-    public mutating func releaseLease(key: String, now: Double) {
+    /// `now` is read only when the last lease ends (the clock is not free on the request path).
+    public mutating func releaseLease(key: String, now: @autoclosure () -> Double) {
         guard let count = self.live[key], count > 0 else { return }
         if count > 1 {
             self.live[key] = count - 1
         } else {
             self.live[key] = nil
-            self.entries[key]?.idleSince = now
+            self.entries[key]?.idleSince = now()
         }
     }
 
