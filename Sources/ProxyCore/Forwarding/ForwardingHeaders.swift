@@ -232,9 +232,9 @@ public enum RequestValidator {
     }
 
     public static func validateHost(of head: HTTPRequestHead) throws(RequestRejection) {
-        let hosts = head.headers.elements("host")
-        if hosts.count > 1 { throw .multipleHosts }
-        if hosts.isEmpty && head.version.minor >= 1 && head.version.major == 1 { throw .missingHost }
+        let hosts = head.headers.elementCount("host")
+        if hosts > 1 { throw .multipleHosts }
+        if hosts == 0 && head.version.minor >= 1 && head.version.major == 1 { throw .missingHost }
     }
 
     static func parseContentLength(_ raw: Substring) -> Int? {
@@ -304,6 +304,20 @@ extension HTTPHeaders {
     /// proxy's time (`RequestValidator.validateHost` alone showed 2.5 % of user time in a profile).
     func elements(_ name: StaticString) -> [Substring] {
         var result: [Substring] = []
+        self.forEachElement(name) { result.append($0) }
+        return result
+    }
+
+    /// How many elements `elements(name)` has, without building the array (`validateHost` runs on every request).
+    func elementCount(_ name: StaticString) -> Int {
+        var count = 0
+        self.forEachElement(name) { _ in count += 1 }
+        return count
+    }
+
+    /// Calls `body` with each element `elements(name)` returns, in order.
+    @inline(__always)
+    func forEachElement(_ name: StaticString, _ body: (Substring) -> Void) {
         for (field, value) in self where asciiEqualsLowercased(field, name) {
             // Most values are one element with nothing to trim (`keep-alive`, a host name): take them whole.
             let whole = value.utf8.withContiguousStorageIfAvailable { bytes -> Bool in
@@ -311,7 +325,7 @@ extension HTTPHeaders {
                 return !isASCIIWhitespace(first) && !isASCIIWhitespace(last) && !bytes.contains(UInt8(ascii: ","))
             }
             if whole == true {
-                if !value.isEmpty { result.append(value[...]) }
+                if !value.isEmpty { body(value[...]) }
                 continue
             }
             let utf8 = value.utf8
@@ -326,13 +340,12 @@ extension HTTPHeaders {
                     var high = end
                     while low < high && isASCIIWhitespace(utf8[low]) { low = utf8.index(after: low) }
                     while high > low && isASCIIWhitespace(utf8[utf8.index(before: high)]) { high = utf8.index(before: high) }
-                    result.append(Substring(utf8[low..<high]))
+                    body(Substring(utf8[low..<high]))
                 }
                 guard end < utf8.endIndex else { break }
                 start = utf8.index(after: end)
             }
         }
-        return result
     }
 }
 

@@ -42,10 +42,17 @@ final class UpstreamPool {
         let since: NIODeadline
     }
 
+    /// One backend's idle connections, most recently used last. A class so the per-request pop and push mutate it
+    /// in place after a plain dictionary read: mutating an array inside a `Dictionary` goes through the subscript's
+    /// `_modify` coroutine, which allocated its frame on the heap on every request (heaptrack, docs/benchmarks.md).
+    private final class IdleList {
+        var entries: [IdleEntry] = []
+    }
+
     let eventLoop: EventLoop
     /// Replaced on reload; applies to connections opened and released from then on.
     var settings: Settings
-    private var idle: [String: [IdleEntry]] = [:]
+    private var idle: [String: IdleList] = [:]
     private(set) var connectsOpened = 0
     private var closed = false
 
@@ -74,15 +81,22 @@ final class UpstreamPool {
         connection.sink = nil
         connection.rawSink = nil
         connection.holdReads(false)
+        let id = connection.backend.id
         guard !self.closed, connection.channel.isActive,
-            self.idle[connection.backend.id, default: []].count < self.settings.maxIdlePerBackend
+            (self.idle[id]?.entries.count ?? 0) < self.settings.maxIdlePerBackend
         else {
             connection.channel.close(promise: nil)
             return
         }
-        let id = connection.backend.id
         connection.idleIn = self
-        self.idle[id, default: []].append(IdleEntry(connection: connection, since: .now()))
+        let list: IdleList
+        if let existing = self.idle[id] {
+            list = existing
+        } else {
+            list = IdleList()
+            self.idle[id] = list
+        }
+        list.entries.append(IdleEntry(connection: connection, since: .now()))
         self.scheduleSweepIfNeeded()
     }
 
@@ -91,7 +105,7 @@ final class UpstreamPool {
         self.closed = true
         self.sweep?.cancel()
         self.sweep = nil
-        let all = self.idle.values.flatMap { $0 }
+        let all = self.idle.values.flatMap { $0.entries }
         self.idle.removeAll()
         for entry in all {
             entry.connection.idleIn = nil
@@ -99,7 +113,7 @@ final class UpstreamPool {
         }
     }
 
-    var idleCount: Int { self.idle.values.reduce(0) { $0 + $1.count } }
+    var idleCount: Int { self.idle.values.reduce(0) { $0 + $1.entries.count } }
 
     private var sweep: Scheduled<Void>?
 
@@ -112,10 +126,12 @@ final class UpstreamPool {
             guard let self else { return }
             self.sweep = nil
             let cutoff = NIODeadline.now() - self.settings.idleTimeout
-            for (id, entries) in self.idle {
+            for (id, list) in self.idle {
+                let entries = list.entries
                 let (stale, fresh) = (entries.filter { $0.since <= cutoff }, entries.filter { $0.since > cutoff })
                 guard !stale.isEmpty else { continue }
-                self.idle[id] = fresh.isEmpty ? nil : fresh
+                list.entries = fresh
+                if fresh.isEmpty { self.idle[id] = nil }
                 for entry in stale {
                     entry.connection.idleIn = nil
                     entry.connection.channel.close(promise: nil)
@@ -133,7 +149,8 @@ final class UpstreamPool {
     }
 
     private func popIdle(_ id: String) -> UpstreamConnection? {
-        while let entry = self.idle[id]?.popLast() {
+        guard let list = self.idle[id] else { return nil }
+        while let entry = list.entries.popLast() {
             entry.connection.idleIn = nil
             if entry.connection.channel.isActive {
                 return entry.connection
@@ -143,11 +160,10 @@ final class UpstreamPool {
     }
 
     func remove(_ connection: UpstreamConnection) {
-        guard var list = self.idle[connection.backend.id],
-            let index = list.firstIndex(where: { $0.connection === connection })
+        guard let list = self.idle[connection.backend.id],
+            let index = list.entries.firstIndex(where: { $0.connection === connection })
         else { return }
-        list.remove(at: index)
-        self.idle[connection.backend.id] = list
+        list.entries.remove(at: index)
     }
 
     private func connect(

@@ -361,7 +361,9 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
             }
             // The common case: rewritten byte for byte, no strings or `HTTPHeaders` built. (A policy that sees
             // responses needs their fields: the general path below.)
-            var out = context.channel.allocator.buffer(capacity: end + 64)
+            // Room for a small body that came with the head too, so coalescing it below does not reallocate.
+            let following = min(buffer.readableBytes - end, Self.coalescedBodyLimit)
+            var out = context.channel.allocator.buffer(capacity: end + 64 + following)
             let clientKeepAlive = exchange.clientKeepAlive && !self.closeWhenIdle
             if fast.observed == nil, let summary = buffer.withUnsafeReadableBytes({
                 HTTP1Scan.rewriteResponseHead(
