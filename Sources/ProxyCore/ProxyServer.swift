@@ -28,6 +28,13 @@ public final class ProxyServer: Service, Sendable {
         var generation: LoopGeneration
         /// Closes this loop's idle tunnels.
         let tunnelIdle: TunnelIdleSweeper<TunnelHandler>
+        /// Where the fast path builds forwarded request heads and client response heads, shared by every connection
+        /// of this loop. A head is handed to a channel write as a copy; once that write is done (usually within the
+        /// same flush) the loop's buffer is the only reference again, and `clear(minimumCapacity:)` keeps its
+        /// storage: no allocation per head. A write still queued behind a slow socket keeps its bytes: `clear` then
+        /// gives the loop fresh storage (ByteBuffer's copy-on-write), so no head is ever overwritten.
+        var requestHeads = ByteBufferAllocator().buffer(capacity: 1024)
+        var responseHeads = ByteBufferAllocator().buffer(capacity: 2048)
 
         init(pool: UpstreamPool, generation: LoopGeneration) {
             self.pool = pool

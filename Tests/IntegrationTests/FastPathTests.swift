@@ -50,6 +50,52 @@ import Testing
         }
     }
 
+    /// The fast path builds every head in one buffer per event loop (`LoopState.requestHeads`/`responseHeads`).
+    /// A client that stops reading leaves its response heads queued in the proxy while the same loop serves another
+    /// client: the queued heads must reach the slow client intact and in order.
+    @Test func headsQueuedBehindASlowClientAreNotOverwrittenByOtherConnections() async throws {
+        let oneLoop = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        try await withOrigin { origin in
+            let proxy = try await ProxyHarness.start(backends: [(id: "a", port: origin.port)], group: oneLoop)
+            do {
+                // 8 KB heads: 600 of them are more than the kernel buffers between proxy and client can hold.
+                let pad = String(repeating: "p", count: 8_000)
+                let count = 600
+                let slow = try await RawHTTPConnection.connect(port: proxy.port)
+                try await slow.channel.setOption(ChannelOptions.autoRead, value: false).get()
+                var burst = ""
+                for index in 0..<count { burst += "GET /echo?slow=\(index)&\(pad) HTTP/1.1\r\nHost: test\r\n\r\n" }
+                slow.channel.writeAndFlush(ByteBuffer(string: burst), promise: nil)
+                try await Task.sleep(for: .milliseconds(300))
+
+                let other = try await RawHTTPConnection.connect(port: proxy.port)
+                for index in 0..<100 {
+                    try await other.send("GET /echo?other=\(index)&\(pad) HTTP/1.1\r\nHost: test\r\n\r\n")
+                    let response = try await other.readResponse()
+                    #expect(response.header("x-origin-uri") == "/echo?other=\(index)&\(pad)")
+                }
+                await other.close()
+
+                try await slow.channel.setOption(ChannelOptions.autoRead, value: true).get()
+                slow.channel.read()
+                for index in 0..<count {
+                    let response = try await slow.readResponse()
+                    guard response.status == 200, response.header("x-origin-uri") == "/echo?slow=\(index)&\(pad)" else {
+                        Issue.record("response \(index) to the slow client: \(response.status) \(response.header("x-origin-uri")?.prefix(40) ?? "-")")
+                        break
+                    }
+                }
+                await slow.close()
+            } catch {
+                await proxy.stop()
+                try? await oneLoop.shutdownGracefully()
+                throw error
+            }
+            await proxy.stop()
+        }
+        try await oneLoop.shutdownGracefully()
+    }
+
     @Test func pipelinedRequestsAreAnsweredInOrder() async throws {
         try await withOrigin { origin in
             try await withProxy(backends: [(id: "a", port: origin.port)], admin: Self.admin) { proxy in

@@ -315,18 +315,19 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         exchange.upstreamReused = connection.hasBeenUsed
         connection.hasBeenUsed = true
         connection.rawSink = self
-        var bytes = context.channel.allocator.buffer(capacity: (fast.rawHead?.readableBytes ?? 0) + 160)
+        let loop = self.loop
+        loop.requestHeads.clear(minimumCapacity: (fast.rawHead?.readableBytes ?? 0) + 160)
         let written = fast.rawHead?.withUnsafeReadableBytes { raw in
             HTTP1Scan.rewriteRequestHead(
                 raw, method: exchange.head.method, added: fast.addedFields, clientIP: self.clientIP,
-                scheme: self.listener.scheme, into: &bytes)
+                scheme: self.listener.scheme, into: &loop.requestHeads)
         }
         if written != true {
             let head = ForwardingHeaders.upstreamRequestHead(
                 from: exchange.head, framing: .none, upgrade: nil, clientIP: self.clientIP, scheme: self.listener.scheme)
-            bytes.writeRequestHead(head)
+            loop.requestHeads.writeRequestHead(head)
         }
-        connection.writeRawAndFlush(bytes)
+        connection.writeRawAndFlush(loop.requestHeads)
         self.armResponseDeadline(exchange, context: context)
         connection.holdReads(!context.channel.isWritable)
     }
@@ -363,12 +364,13 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
             // responses needs their fields: the general path below.)
             // Room for a small body that came with the head too, so coalescing it below does not reallocate.
             let following = min(buffer.readableBytes - end, Self.coalescedBodyLimit)
-            var out = context.channel.allocator.buffer(capacity: end + 64 + following)
+            let loop = self.loop
+            loop.responseHeads.clear(minimumCapacity: end + 64 + following)
             let clientKeepAlive = exchange.clientKeepAlive && !self.closeWhenIdle
             if fast.observed == nil, let summary = buffer.withUnsafeReadableBytes({
                 HTTP1Scan.rewriteResponseHead(
                     UnsafeRawBufferPointer(rebasing: $0[..<end]), requestMethod: exchange.head.method,
-                    clientKeepAlive: clientKeepAlive, into: &out)
+                    clientKeepAlive: clientKeepAlive, into: &loop.responseHeads)
             }) {
                 fast.responseHeadBytes!.moveReaderIndex(forwardBy: end)
                 exchange.responseDeadline = nil
@@ -387,15 +389,15 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
                 if case .length(let length) = summary.framing, length <= Self.coalescedBodyLimit,
                     var rest = fast.responseHeadBytes, rest.readableBytes >= length, var body = rest.readSlice(length: length)
                 {
-                    out.writeBuffer(&body)
+                    loop.responseHeads.writeBuffer(&body)
                     exchange.bytesOut += length
                     fast.responseHeadBytes = nil
                     fast.trailingGarbage = rest.readableBytes > 0
-                    context.write(Self.wrapOutboundOut(out), promise: nil)
+                    context.write(Self.wrapOutboundOut(loop.responseHeads), promise: nil)
                     self.responseEnded(fast, context: context)
                     return
                 }
-                context.write(Self.wrapOutboundOut(out), promise: nil)
+                context.write(Self.wrapOutboundOut(loop.responseHeads), promise: nil)
                 self.relayRest(fast, context: context)
                 return
             }
