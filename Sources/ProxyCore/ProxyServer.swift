@@ -395,7 +395,7 @@ public final class ProxyServer: Service, Sendable {
         return .failure(ReloadError(description: why))
     }
 
-    /// Builds every listener's policy on every loop (each on its own loop, where it will live).
+    /// Binds the server's own loops to CPUs (`threads.cpu_affinity: auto`) and logs where each one went.
     private func pinLoops() async {
         let loops = Array(self.group.makeIterator())
         let cpus = await CPUPinning.pin(loops)
@@ -410,6 +410,7 @@ public final class ProxyServer: Service, Sendable {
         }
     }
 
+    /// Builds every listener's policy on every loop (each on its own loop, where it will live).
     private func makePolicies(for runtime: ProxyRuntime) async throws -> [(EventLoop, NIOLoopBound<[String: RoutingPolicy]>)] {
         let factory = self.policyFactory
         let environment = LiveRoutingEnvironment(table: runtime.table, directory: runtime.directory, drains: runtime.drains)
