@@ -22,8 +22,10 @@ final class UpstreamConnection {
     /// backend closing an idle connection at the same moment we reused it, which is safe to retry.
     var hasBeenUsed = false
     /// Set while the connection sits idle in the pool, so the pool can forget it if the backend closes it. (The pool
-    /// itself rather than a closure: that was one allocation per request.)
-    weak var idleIn: UpstreamPool?
+    /// itself rather than a closure: that was one allocation per request.) Strong, and cleared by every path that
+    /// takes the connection out of the pool: a weak reference gives its target a side table, and every later
+    /// retain and release of that object takes the runtime's slow path (see `RawUpstreamTap.sink`).
+    var idleIn: UpstreamPool?
 
     init(
         channel: Channel,
@@ -88,7 +90,13 @@ final class RawUpstreamTap: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundOut = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    weak var sink: RawUpstreamSink?
+    /// The fast-path handler that leased the connection. Strong on purpose, like `UpstreamHandler`'s references: a
+    /// weak reference gives its target a side table, after which every retain and release of that object (NIO
+    /// retains a handler on each event it delivers) goes through the runtime's slow path: `incrementSlow` and
+    /// `doDecrementSlow` were 4 % of the proxy's user time (docs/benchmarks.md). The cycle this makes (handler →
+    /// exchange → connection → tap → handler) is broken when the connection goes back to the pool, when its channel
+    /// goes inactive, and when the tap is removed.
+    var sink: RawUpstreamSink?
     private var context: ChannelHandlerContext?
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -97,6 +105,7 @@ final class RawUpstreamTap: ChannelInboundHandler, RemovableChannelHandler {
 
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
+        self.sink = nil
     }
 
     func writeAndFlush(_ bytes: ByteBuffer) {
@@ -135,8 +144,11 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias OutboundIn = HTTPClientRequestPart
     typealias OutboundOut = HTTPClientRequestPart
 
-    weak var sink: UpstreamResponseSink?
-    weak var connection: UpstreamConnection?
+    /// Strong references, cleared when the connection goes back to the pool (`sink`), when the channel goes inactive,
+    /// and when this handler is removed: weak ones would slow down every retain and release of their targets (see
+    /// `RawUpstreamTap.sink`).
+    var sink: UpstreamResponseSink?
+    var connection: UpstreamConnection?
     private var context: ChannelHandlerContext?
     private var readsHeld = false
     private var readPending = false
@@ -147,6 +159,8 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
+        self.sink = nil
+        self.connection = nil
         if self.readPending {
             self.readPending = false
             context.read()
@@ -202,6 +216,7 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler {
             connection.idleIn = nil
             pool.remove(connection)
         }
+        self.connection = nil
         context.fireChannelInactive()
     }
 }

@@ -122,8 +122,10 @@ final class UpstreamPool {
     private func scheduleSweepIfNeeded() {
         guard self.sweep == nil, !self.closed else { return }
         let interval = TimeAmount.nanoseconds(max(self.settings.idleTimeout.nanoseconds / 4, 1_000_000))
-        self.sweep = self.eventLoop.assumeIsolated().scheduleTask(in: interval) { [weak self] in
-            guard let self else { return }
+        // A strong capture: `[weak self]` would give the pool a side table, and every retain and release of it on
+        // the request path would take the runtime's slow path. The task holds the pool until it runs or `closeAll`
+        // cancels it (or the loop shuts down and drops it).
+        self.sweep = self.eventLoop.assumeIsolated().scheduleTask(in: interval) { [self] in
             self.sweep = nil
             let cutoff = NIODeadline.now() - self.settings.idleTimeout
             for (id, list) in self.idle {
