@@ -26,8 +26,94 @@ int cproxy_bind_current_thread(int32_t cpu) {
     CPU_SET(cpu, &set);
     return sched_setaffinity(0, sizeof(set), &set);
 }
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+int cproxy_epoll_create(void) { return epoll_create1(EPOLL_CLOEXEC); }
+
+int cproxy_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data) {
+    struct epoll_event event;
+    memset(&event, 0, sizeof(event));
+    event.events = events;
+    event.data.u64 = data;
+    return epoll_ctl(epfd, op, fd, &event);
+}
+
+int cproxy_epoll_wait(int epfd, uint32_t *events, uint64_t *data, int capacity, int timeout_ms) {
+    struct epoll_event ready[256];
+    if (capacity > 256) capacity = 256;
+    int count = epoll_wait(epfd, ready, capacity, timeout_ms);
+    for (int i = 0; i < count; i++) {
+        events[i] = ready[i].events;
+        data[i] = ready[i].data.u64;
+    }
+    return count;
+}
+
+int cproxy_eventfd(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
+
+void cproxy_eventfd_signal(int fd) {
+    uint64_t one = 1;
+    ssize_t ignored = write(fd, &one, sizeof(one));
+    (void)ignored;
+}
+
+void cproxy_eventfd_drain(int fd) {
+    uint64_t value;
+    ssize_t ignored = read(fd, &value, sizeof(value));
+    (void)ignored;
+}
+
+static int same_address(const struct sockaddr_storage *a, const void *b, uint32_t b_len) {
+    const struct sockaddr *other = (const struct sockaddr *)b;
+    if (b_len < sizeof(sa_family_t) || a->ss_family != other->sa_family) return 0;
+    if (a->ss_family == AF_INET && b_len >= sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *x = (const struct sockaddr_in *)a, *y = (const struct sockaddr_in *)b;
+        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+    }
+    if (a->ss_family == AF_INET6 && b_len >= sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *x = (const struct sockaddr_in6 *)a, *y = (const struct sockaddr_in6 *)b;
+        return x->sin6_port == y->sin6_port && memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr)) == 0;
+    }
+    return 0;
+}
+
+int cproxy_socket_is(int fd, const void *local, uint32_t local_len, const void *remote, uint32_t remote_len) {
+    int type = 0;
+    socklen_t type_len = sizeof(type);
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &type_len) != 0 || type != SOCK_STREAM) return 0;
+    struct sockaddr_storage address;
+    socklen_t length = sizeof(address);
+    if (getsockname(fd, (struct sockaddr *)&address, &length) != 0 || !same_address(&address, local, local_len)) return 0;
+    length = sizeof(address);
+    if (getpeername(fd, (struct sockaddr *)&address, &length) != 0 || !same_address(&address, remote, remote_len)) return 0;
+    return 1;
+}
+
+int cproxy_dup(int fd) { return fcntl(fd, F_DUPFD_CLOEXEC, 0); }
+
+int cproxy_close(int fd) { return close(fd); }
+
+long cproxy_send(int fd, const void *bytes, unsigned long count) { return send(fd, bytes, count, MSG_NOSIGNAL); }
 #else
 #include <errno.h>
+int cproxy_epoll_create(void) { errno = ENOSYS; return -1; }
+int cproxy_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data) { errno = ENOSYS; return -1; }
+int cproxy_epoll_wait(int epfd, uint32_t *events, uint64_t *data, int capacity, int timeout_ms) { errno = ENOSYS; return -1; }
+int cproxy_eventfd(void) { errno = ENOSYS; return -1; }
+void cproxy_eventfd_signal(int fd) { (void)fd; }
+void cproxy_eventfd_drain(int fd) { (void)fd; }
+int cproxy_socket_is(int fd, const void *local, uint32_t local_len, const void *remote, uint32_t remote_len) { return 0; }
+int cproxy_dup(int fd) { errno = ENOSYS; return -1; }
+int cproxy_close(int fd) { errno = ENOSYS; return -1; }
+long cproxy_send(int fd, const void *bytes, unsigned long count) { errno = ENOSYS; return -1; }
 int cproxy_allowed_cpus(int32_t *cpus, int32_t capacity) { (void)cpus; (void)capacity; return -1; }
 int cproxy_bind_current_thread(int32_t cpu) { (void)cpu; errno = ENOSYS; return -1; }
 #endif

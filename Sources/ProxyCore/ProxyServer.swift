@@ -35,12 +35,21 @@ public final class ProxyServer: Service, Sendable {
         /// gives the loop fresh storage (ByteBuffer's copy-on-write), so no head is ever overwritten.
         var requestHeads = ByteBufferAllocator().buffer(capacity: 1024)
         var responseHeads = ByteBufferAllocator().buffer(capacity: 2048)
+        /// Where this loop's established tunnels move (`threads.tunnel_relay`); nil keeps them on NIO channels.
+        let relay: RelayLink?
 
-        init(pool: UpstreamPool, generation: LoopGeneration) {
+        init(pool: UpstreamPool, generation: LoopGeneration, relay: RelayLink? = nil) {
             self.pool = pool
             self.generation = generation
             self.tunnelIdle = TunnelIdleSweeper(eventLoop: pool.eventLoop)
+            self.relay = relay
         }
+    }
+
+    /// A loop's relay shard, and the registry a relayed tunnel keeps its connection's place in.
+    struct RelayLink {
+        let shard: RelayShard
+        let connections: ConnectionRegistry
     }
 
     /// One configuration generation as one event loop sees it.
@@ -64,6 +73,7 @@ public final class ProxyServer: Service, Sendable {
         var loopStates: [ObjectIdentifier: NIOLoopBound<LoopState>]
         var sweeper: RepeatedTask?
         var prober: RepeatedTask?
+        var relay: TunnelRelay?
     }
 
     private let current: RuntimeBox
@@ -204,6 +214,10 @@ public final class ProxyServer: Service, Sendable {
     public var listenerPorts: [String: Int] { self.boundPorts.withLock { $0 } }
     public var adminPort: Int? { self.boundAdminPort.withLock { $0 } }
     public var openConnections: Int { self.connections.count }
+    /// Tunnels the relay threads carry now (`threads.tunnel_relay`).
+    public var relayedTunnels: Int { self.started.withLock { $0?.relay?.count ?? 0 } }
+    /// Tunnels handed to the relay threads since the start.
+    public var relayedTunnelsTotal: Int { self.started.withLock { $0?.relay?.adoptedTotal ?? 0 } }
 
     /// Binds every listener and the admin listener. Fails (and binds nothing) if any address is unusable.
     public func start() async throws {
@@ -221,13 +235,19 @@ public final class ProxyServer: Service, Sendable {
             idleTimeout: config.timeouts.upstreamIdle,
             maxIdlePerBackend: config.limits.maxIdleUpstreamPerBackend
         )
+        let loopPolicies = try await self.makePolicies(for: runtime)
+        // One relay thread per event loop, bound to the loop's CPU when the loops are bound.
+        let relay = config.threads.tunnelRelay ? try TunnelRelay(count: loopPolicies.count, cpus: self.loopCPUs) : nil
+        let connections = self.connections
         var loopStates: [ObjectIdentifier: NIOLoopBound<LoopState>] = [:]
-        for (loop, policies) in try await self.makePolicies(for: runtime) {
+        for (index, (loop, policies)) in loopPolicies.enumerated() {
+            let link = relay.map { RelayLink(shard: $0.shards[index % $0.shards.count], connections: connections) }
             loopStates[ObjectIdentifier(loop)] = try await loop.submit {
                 NIOLoopBound(
                     LoopState(
                         pool: UpstreamPool(eventLoop: loop, settings: settings),
-                        generation: LoopGeneration(runtime: runtime, policies: policies.value)
+                        generation: LoopGeneration(runtime: runtime, policies: policies.value),
+                        relay: link
                     ),
                     eventLoop: loop
                 )
@@ -274,13 +294,14 @@ public final class ProxyServer: Service, Sendable {
             self.started.withLock {
                 $0 = Started(
                     listenerChannels: channels, adminChannel: adminChannel, loopStates: loopStates, sweeper: sweeper,
-                    prober: prober)
+                    prober: prober, relay: relay)
             }
             self.backendServices.start(runtime, group: self.group) { [weak self] pool, backends in
                 await self?.applyDiscovered(pool: pool, backends: backends).isSuccess ?? false
             }
         } catch {
             for channel in channels { try? await channel.close() }
+            await relay?.stop()
             throw error
         }
     }
@@ -456,12 +477,17 @@ public final class ProxyServer: Service, Sendable {
             try? await Task.sleep(for: .milliseconds(20))
         }
         let remaining = self.connections.all()
-        if !remaining.isEmpty {
-            self.runtime.logger.info("closing connections left after the grace period", metadata: ["count": "\(remaining.count)"])
+        let relayed = started.relay?.count ?? 0
+        if !remaining.isEmpty || relayed > 0 {
+            self.runtime.logger.info(
+                "closing connections left after the grace period",
+                metadata: ["count": "\(remaining.count + relayed)", "relayed_tunnels": "\(relayed)"])
         }
         for channel in remaining {
             try? await channel.close()
         }
+        // Relayed tunnels end with the grace period too; each reports its end (access log, lease) on its loop.
+        await started.relay?.stop()
         for (_, state) in started.loopStates {
             try? await state.eventLoop.submit { state.value.pool.closeAll() }.get()
         }
@@ -508,8 +534,10 @@ public final class ProxyServer: Service, Sendable {
                     }
                     runtime.metrics.connectionOpened(listener: context.name)
                     channel.closeFuture.whenComplete { _ in
-                        connections.remove(channel)
-                        runtime.metrics.connectionClosed(listener: context.name)
+                        // A connection handed to the relay is counted closed when its tunnel ends, by the relay.
+                        if connections.remove(channel) {
+                            runtime.metrics.connectionClosed(listener: context.name)
+                        }
                     }
                     guard let loopState = loopStates[ObjectIdentifier(channel.eventLoop)]?.value else {
                         preconditionFailure("no loop state for the channel's event loop")
@@ -564,8 +592,14 @@ public final class ProxyServer: Service, Sendable {
 }
 
 /// Every open client connection, so shutdown can quiesce and then close them, and `max_connections` can be enforced.
+/// A tunnel handed to the relay (`TunnelRelay`) keeps its connection's place in the count until it ends.
 final class ConnectionRegistry: Sendable {
-    private let channels = Mutex<[ObjectIdentifier: Channel]>([:])
+    private struct State {
+        var channels: [ObjectIdentifier: Channel] = [:]
+        var relayed = 0
+    }
+
+    private let state = Mutex(State())
     private let limit: Int
 
     init(limit: Int) {
@@ -574,20 +608,37 @@ final class ConnectionRegistry: Sendable {
 
     /// Registers a channel; false when the limit is reached (the caller closes it).
     func add(_ channel: Channel) -> Bool {
-        self.channels.withLock { channels in
-            guard channels.count < self.limit else { return false }
-            channels[ObjectIdentifier(channel)] = channel
+        self.state.withLock { state in
+            guard state.channels.count + state.relayed < self.limit else { return false }
+            state.channels[ObjectIdentifier(channel)] = channel
             return true
         }
     }
 
-    func remove(_ channel: Channel) {
-        _ = self.channels.withLock { $0.removeValue(forKey: ObjectIdentifier(channel)) }
+    /// Forgets a closed channel; false when it was not registered (refused, or handed to the relay).
+    @discardableResult
+    func remove(_ channel: Channel) -> Bool {
+        self.state.withLock { $0.channels.removeValue(forKey: ObjectIdentifier(channel)) != nil }
     }
 
-    var count: Int { self.channels.withLock { $0.count } }
+    /// The channel's connection goes on in the relay: it still counts, until `relayedClosed()`.
+    func handOff(_ channel: Channel) -> Bool {
+        self.state.withLock { state in
+            guard state.channels.removeValue(forKey: ObjectIdentifier(channel)) != nil else { return false }
+            state.relayed += 1
+            return true
+        }
+    }
 
-    func all() -> [Channel] { self.channels.withLock { Array($0.values) } }
+    func relayedClosed() {
+        self.state.withLock { $0.relayed -= 1 }
+    }
+
+    /// Open client connections, relayed tunnels included.
+    var count: Int { self.state.withLock { $0.channels.count + $0.relayed } }
+
+    /// The client connections still on NIO channels.
+    func all() -> [Channel] { self.state.withLock { Array($0.channels.values) } }
 }
 
 /// Backends being migrated, shared with the migration tasks.

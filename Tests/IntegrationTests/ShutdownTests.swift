@@ -31,14 +31,22 @@ import Testing
         }
     }
 
-    @Test func openWebSocketIsClosedWhenTheGracePeriodEnds() async throws {
+    @Test(arguments: [true, false])
+    func openWebSocketIsClosedWhenTheGracePeriodEnds(relay: Bool) async throws {
         let room = try await RoomServer.start(id: "a", group: MultiThreadedEventLoopGroup.singleton)
         defer { Task { try? await room.stop() } }
-        try await withProxy(backends: [(id: "a", port: room.port)], configure: { $0.timeouts.shutdownGrace = .milliseconds(1500) }) {
-            proxy in
+        try await withProxy(
+            backends: [(id: "a", port: room.port)],
+            configure: {
+                $0.timeouts.shutdownGrace = .milliseconds(1500)
+                $0.threads.tunnelRelay = relay
+            }
+        ) { proxy in
             let client = try await WebSocketClient.connect(
                 host: "127.0.0.1", port: proxy.port, path: "/rooms/grace/ws", group: MultiThreadedEventLoopGroup.singleton)
             _ = try await WSSupport.withTimeout(.seconds(5)) { try await client.receive() }  // joined
+            let carried = await WSSupport.waitUntil(timeout: .seconds(3)) { proxy.server.relayedTunnels == (relay ? 1 : 0) }
+            #expect(carried, "relayed tunnels: \(proxy.server.relayedTunnels) (relay: \(relay))")
 
             let started = ContinuousClock.now
             let shutdown = Task { await proxy.server.shutdown() }

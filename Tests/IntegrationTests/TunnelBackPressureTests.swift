@@ -3,16 +3,20 @@ import Testing
 
 /// A tunnel whose client stops reading must stop reading from the backend, so the proxy holds about a socket's
 /// worth of data for it rather than everything the backend can send.
-@Suite struct TunnelBackPressureTests {
-    @Test func slowReaderBoundsWhatTheProxyBuffers() async throws {
+/// Serialized: each case measures the process's RSS, which a case running beside it would grow too.
+@Suite(.serialized) struct TunnelBackPressureTests {
+    @Test(arguments: [true, false])
+    func slowReaderBoundsWhatTheProxyBuffers(relay: Bool) async throws {
         let limit = 512 * 1024 * 1024
         let backend = try await FloodBackend.start(limit: limit)
         defer { Task { await backend.stop() } }
-        try await withProxy(backends: [(id: "flood", port: backend.port)]) { proxy in
+        try await withProxy(backends: [(id: "flood", port: backend.port)], configure: { $0.threads.tunnelRelay = relay }) { proxy in
             let before = try #require(WSSupport.residentBytes())
             let (client, statusLine) = try await StalledUpgradeClient.connect(port: proxy.port, path: "/flood")
             #expect(statusLine.hasPrefix("HTTP/1.1 101"))
             #expect(backend.upgradedConnections == 1)
+            let carried = await WSSupport.waitUntil(timeout: .seconds(3)) { proxy.server.relayedTunnels == (relay ? 1 : 0) }
+            #expect(carried, "relayed tunnels: \(proxy.server.relayedTunnels) (relay: \(relay))")
 
             // Let the backend push for a while; with back-pressure it stalls after a few socket buffers.
             try await Task.sleep(for: .seconds(2))

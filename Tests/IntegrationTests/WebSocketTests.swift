@@ -19,21 +19,33 @@ import Testing
         try await WSSupport.withTimeout(timeout, "WebSocket message") { try await client.receive() }
     }
 
+    /// Waits until the proxy's relay threads carry `count` tunnels with the relay on, and checks that they carry none
+    /// with it off: the tests below run in both modes, and must know which one they exercised.
+    private func expectRelayed(
+        _ proxy: ProxyHarness, _ relay: Bool, count: Int = 1, sourceLocation: SourceLocation = #_sourceLocation
+    ) async {
+        let expected = relay ? count : 0
+        let reached = await WSSupport.waitUntil(timeout: .seconds(3)) { proxy.server.relayedTunnels == expected }
+        #expect(reached, "relayed tunnels: \(proxy.server.relayedTunnels), expected \(expected)", sourceLocation: sourceLocation)
+    }
+
     private func text(_ message: WebSocketClient.Message?) -> String? {
         if case .text(let text) = message { return text }
         return nil
     }
 
-    @Test func textIsBroadcastBetweenTwoClientsOfOneRoom() async throws {
+    @Test(arguments: [true, false])
+    func textIsBroadcastBetweenTwoClientsOfOneRoom(relay: Bool) async throws {
         let room = try await RoomServer.start(id: "a", group: Self.group)
         defer { Task { try? await room.stop() } }
-        try await withProxy(backends: [(id: "a", port: room.port)]) { proxy in
+        try await withProxy(backends: [(id: "a", port: room.port)], configure: { $0.threads.tunnelRelay = relay }) { proxy in
             let alice = try await self.connect(proxy, room: "party")
             let aliceJoined = try #require(self.text(try await self.next(alice)))
             #expect(aliceJoined.contains("\"members\":1"))
             let bob = try await self.connect(proxy, room: "party")
             let bobJoined = try #require(self.text(try await self.next(bob)))
             #expect(bobJoined.contains("\"members\":2"))
+            await self.expectRelayed(proxy, relay, count: 2)
 
             try await alice.sendText("hello from alice")
             for client in [alice, bob] {
@@ -49,14 +61,24 @@ import Testing
         }
     }
 
-    @Test func oneMebibyteBinaryMessageIsEchoedIntact() async throws {
+    /// Pseudo-random bytes, made once for both cases (a debug build takes a while over a million of them).
+    private static let mebibyte: [UInt8] = {
+        var state: UInt64 = 0x2545_F491_4F6C_DD1D
+        return (0..<(1 << 20)).map { _ in
+            state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            return UInt8(truncatingIfNeeded: state >> 33)
+        }
+    }()
+
+    @Test(arguments: [true, false])
+    func oneMebibyteBinaryMessageIsEchoedIntact(relay: Bool) async throws {
         let room = try await RoomServer.start(id: "a", group: Self.group)
         defer { Task { try? await room.stop() } }
-        try await withProxy(backends: [(id: "a", port: room.port)]) { proxy in
+        try await withProxy(backends: [(id: "a", port: room.port)], configure: { $0.threads.tunnelRelay = relay }) { proxy in
             let client = try await self.connect(proxy, room: "bin")
             _ = try await self.next(client)  // joined
-            var generator = SystemRandomNumberGenerator()
-            let payload = (0..<(1 << 20)).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            await self.expectRelayed(proxy, relay)
+            let payload = Self.mebibyte
             try await client.sendBinary(payload)
             let echoed = try await self.next(client, timeout: .seconds(10))
             guard case .binary(let bytes) = echoed else {
@@ -69,25 +91,28 @@ import Testing
         }
     }
 
-    @Test func pingIsAnsweredWithPong() async throws {
+    @Test(arguments: [true, false])
+    func pingIsAnsweredWithPong(relay: Bool) async throws {
         let room = try await RoomServer.start(id: "a", group: Self.group)
         defer { Task { try? await room.stop() } }
-        try await withProxy(backends: [(id: "a", port: room.port)]) { proxy in
+        try await withProxy(backends: [(id: "a", port: room.port)], configure: { $0.threads.tunnelRelay = relay }) { proxy in
             let client = try await self.connect(proxy, room: "ping")
             _ = try await self.next(client)  // joined
+            await self.expectRelayed(proxy, relay)
             try await client.sendPing([1, 2, 3, 4])
             #expect(try await self.next(client) == .pong([1, 2, 3, 4]))
             await client.close()
         }
     }
 
-    @Test(arguments: [UInt16(1001), 4003])
-    func serverInitiatedCloseCodeIsRelayedUnchanged(code: UInt16) async throws {
+    @Test(arguments: [UInt16(1001), 4003], [true, false])
+    func serverInitiatedCloseCodeIsRelayedUnchanged(code: UInt16, relay: Bool) async throws {
         let room = try await RoomServer.start(id: "a", group: Self.group)
         defer { Task { try? await room.stop() } }
-        try await withProxy(backends: [(id: "a", port: room.port)]) { proxy in
+        try await withProxy(backends: [(id: "a", port: room.port)], configure: { $0.threads.tunnelRelay = relay }) { proxy in
             let client = try await self.connect(proxy, room: "close")
             _ = try await self.next(client)  // joined
+            await self.expectRelayed(proxy, relay)
             try await client.sendText("close:\(code)")
             #expect(try await self.next(client) == .close(code: code))
             // The client echoed the close; the backend then drops TCP and the proxy must drop the client side.
@@ -95,12 +120,14 @@ import Testing
         }
     }
 
-    @Test func clientInitiatedCloseCodeIsRelayedAndEchoed() async throws {
+    @Test(arguments: [true, false])
+    func clientInitiatedCloseCodeIsRelayedAndEchoed(relay: Bool) async throws {
         let room = try await RoomServer.start(id: "a", group: Self.group)
         defer { Task { try? await room.stop() } }
-        try await withProxy(backends: [(id: "a", port: room.port)]) { proxy in
+        try await withProxy(backends: [(id: "a", port: room.port)], configure: { $0.threads.tunnelRelay = relay }) { proxy in
             let client = try await self.connect(proxy, room: "bye")
             _ = try await self.next(client)  // joined
+            await self.expectRelayed(proxy, relay)
             // The room server echoes the code it received, so the reply proves the close frame reached it intact.
             try await client.sendClose(code: 4321)
             #expect(try await self.next(client) == .close(code: 4321))
@@ -156,10 +183,11 @@ import Testing
 
     /// Bytes that arrive in the same segment as a handshake head sit in the HTTP decoder until the tunnel is spliced;
     /// they must reach the other side then, without waiting for more traffic to trigger a flush.
-    @Test func bytesRightBehindTheHandshakeAreRelayedWithoutFurtherTraffic() async throws {
+    @Test(arguments: [true, false])
+    func bytesRightBehindTheHandshakeAreRelayedWithoutFurtherTraffic(relay: Bool) async throws {
         let backend = try await FloodBackend.start(limit: 0, greeting: "hello from the backend")
         defer { Task { await backend.stop() } }
-        try await withProxy(backends: [(id: "raw", port: backend.port)]) { proxy in
+        try await withProxy(backends: [(id: "raw", port: backend.port)], configure: { $0.threads.tunnelRelay = relay }) { proxy in
             let (client, statusLine) = try await StalledUpgradeClient.connect(
                 port: proxy.port, path: "/raw", extra: "hello from the client")
             #expect(statusLine.hasPrefix("HTTP/1.1 101"))
@@ -172,25 +200,30 @@ import Testing
                 backend.receivedText == "hello from the client"
             }
             #expect(backendGotBytes, "backend received: \(backend.receivedText)")
+            await self.expectRelayed(proxy, relay)
             await client.close()
         }
     }
 
-    @Test func backendClosingTheTunnelClosesTheClient() async throws {
+    @Test(arguments: [true, false])
+    func backendClosingTheTunnelClosesTheClient(relay: Bool) async throws {
         let room = try await RoomServer.start(id: "a", group: Self.group)
-        try await withProxy(backends: [(id: "a", port: room.port)]) { proxy in
+        try await withProxy(backends: [(id: "a", port: room.port)], configure: { $0.threads.tunnelRelay = relay }) { proxy in
             let client = try await self.connect(proxy, room: "doomed")
             _ = try await self.next(client)  // joined
+            await self.expectRelayed(proxy, relay)
             // Closes the backend's TCP connections without a close frame.
             try await room.stop()
             #expect(try await self.next(client, timeout: .seconds(3)) == nil)
+            await self.expectRelayed(proxy, relay, count: 0)
         }
     }
 
-    @Test func clientDisconnectingClosesTheBackendSide() async throws {
+    @Test(arguments: [true, false])
+    func clientDisconnectingClosesTheBackendSide(relay: Bool) async throws {
         let room = try await RoomServer.start(id: "a", group: Self.group)
         defer { Task { try? await room.stop() } }
-        try await withProxy(backends: [(id: "a", port: room.port)]) { proxy in
+        try await withProxy(backends: [(id: "a", port: room.port)], configure: { $0.threads.tunnelRelay = relay }) { proxy in
             // A raw client, so it can drop TCP without a close handshake.
             let connection = try await RawHTTPConnection.connect(port: proxy.port)
             try await connection.send(WSSupport.upgradeRequest(path: "/rooms/leaving/ws"))
@@ -198,6 +231,7 @@ import Testing
             #expect(response.status == 101)
             #expect(response.header("sec-websocket-accept") == WSSupport.sampleAccept)
             #expect(try await WSSupport.roomMembers("leaving", backendPort: room.port) == 1)
+            await self.expectRelayed(proxy, relay)
 
             await connection.close()
             let left = try await WSSupport.waitUntil(timeout: .seconds(3)) {
@@ -207,10 +241,11 @@ import Testing
         }
     }
 
-    @Test func idleTunnelIsClosedAfterTunnelIdle() async throws {
+    @Test(arguments: [true, false])
+    func idleTunnelIsClosedAfterTunnelIdle(relay: Bool) async throws {
         let room = try await RoomServer.start(id: "a", group: Self.group)
         defer { Task { try? await room.stop() } }
-        try await withProxy(backends: [(id: "a", port: room.port)], configure: { $0.timeouts.tunnelIdle = .milliseconds(300) }) {
+        try await withProxy(backends: [(id: "a", port: room.port)], configure: { $0.timeouts.tunnelIdle = .milliseconds(300); $0.threads.tunnelRelay = relay }) {
             proxy in
             // The tunnel cannot exist before the connect starts: a lower bound for when it was last active.
             let connecting = ContinuousClock.now
@@ -223,15 +258,18 @@ import Testing
                 try await WSSupport.roomMembers("sleepy", backendPort: room.port) == 0
             }
             #expect(membersGone, "the backend side of the idle tunnel stayed open")
+            // Checked afterwards (the tunnel is idle-closed quickly): hand-overs, not tunnels relayed now.
+            #expect(proxy.server.relayedTunnelsTotal == (relay ? 1 : 0), "tunnels handed to the relay: \(proxy.server.relayedTunnelsTotal)")
         }
     }
 
-    @Test func trafficKeepsATunnelOpenPastTunnelIdle() async throws {
+    @Test(arguments: [true, false])
+    func trafficKeepsATunnelOpenPastTunnelIdle(relay: Bool) async throws {
         let room = try await RoomServer.start(id: "a", group: Self.group)
         defer { Task { try? await room.stop() } }
         // Pings every 100 ms against a 1 s idle timeout: generous for a loaded machine, and the tunnel still has to
         // outlive the timeout by half.
-        try await withProxy(backends: [(id: "a", port: room.port)], configure: { $0.timeouts.tunnelIdle = .seconds(1) }) {
+        try await withProxy(backends: [(id: "a", port: room.port)], configure: { $0.timeouts.tunnelIdle = .seconds(1); $0.threads.tunnelRelay = relay }) {
             proxy in
             let client = try await self.connect(proxy, room: "busy")
             _ = try await self.next(client)  // joined
@@ -254,6 +292,7 @@ import Testing
             // The proxy read the last ping after it was sent, so it may not close before a full timeout after that.
             let quietFor = ContinuousClock.now - lastSend
             #expect(quietFor >= .milliseconds(990), "closed \(quietFor) after the last ping")
+            #expect(proxy.server.relayedTunnelsTotal == (relay ? 1 : 0), "tunnels handed to the relay: \(proxy.server.relayedTunnelsTotal)")
         }
     }
 }

@@ -64,6 +64,7 @@ struct ConfigLoaderTests {
             threads:
               count: 3
               cpu_affinity: auto
+              tunnel_relay: false
             """
         let config = try ConfigLoader.parse(yaml: yaml, file: "full.yaml")
 
@@ -121,7 +122,7 @@ struct ConfigLoaderTests {
                 metricsOpen: false
             ),
             logging: LoggingConfig(level: .debug, format: .json, accessLog: false),
-            threads: ThreadsConfig(count: 3, cpuAffinity: .auto)
+            threads: ThreadsConfig(count: 3, cpuAffinity: .auto, tunnelRelay: false)
         )
         #expect(config == expected)
     }
@@ -144,7 +145,7 @@ struct ConfigLoaderTests {
         #expect(config.limits.maxHeaderBytes == 32 * 1024)
         #expect(config.admin == nil)
         #expect(config.logging == LoggingConfig(level: .info, format: .logfmt, accessLog: true))
-        #expect(config.threads == ThreadsConfig(count: nil, cpuAffinity: .none))
+        #expect(config.threads == ThreadsConfig(count: nil, cpuAffinity: .none, tunnelRelay: true))
         #expect(config.threads.resolvedCount == System.coreCount)
     }
 
@@ -158,6 +159,16 @@ struct ConfigLoaderTests {
                     "expected one of none, auto, got 'pinned'"),
             ]
         )
+    }
+
+    @Test("threads.tunnel_relay takes a boolean, reported at its value otherwise")
+    func tunnelRelayErrors() throws {
+        let errors = errors(in: minimal + "threads:\n  tunnel_relay: sometimes\n")
+        #expect(errors.count == 1)
+        #expect(errors.first?.path == "threads.tunnel_relay")
+        #expect(errors.first?.line == 10)
+        let off = try ConfigLoader.parse(yaml: minimal + "threads:\n  tunnel_relay: false\n", file: "test.yaml")
+        #expect(off.threads.tunnelRelay == false)
     }
 
     @Test("an admin section without keys enables the admin listener with its defaults")

@@ -1,7 +1,9 @@
 #ifndef CPROXY_SYS_H
 #define CPROXY_SYS_H
 
-/* Linux calls Swift's Glibc module does not import (they need _GNU_SOURCE), for ProxyCore's CPUPinning. */
+/* Linux calls Swift's Glibc module does not import (they need _GNU_SOURCE), for ProxyCore's CPUPinning, and the
+ * thin epoll/eventfd/socket wrappers of its tunnel relay (TunnelRelay.swift): `struct epoll_event` is packed on
+ * x86_64, so events cross into Swift as two plain arrays. */
 
 #include <stdint.h>
 
@@ -10,5 +12,38 @@ int cproxy_allowed_cpus(int32_t *cpus, int32_t capacity);
 
 /* Binds the calling thread to one CPU; 0 on success, -1 (errno set) when the kernel refuses. */
 int cproxy_bind_current_thread(int32_t cpu);
+
+/* epoll, level-triggered. The event bits, so Swift need not import the kernel's enum. */
+#define CPROXY_EV_IN 0x001u
+#define CPROXY_EV_OUT 0x004u
+#define CPROXY_EV_ERR 0x008u
+#define CPROXY_EV_HUP 0x010u
+#define CPROXY_EV_RDHUP 0x2000u
+
+/* epoll_create1(EPOLL_CLOEXEC); -1 with errno on failure (ENOSYS off Linux). */
+int cproxy_epoll_create(void);
+/* op: 1 add, 2 delete, 3 modify (EPOLL_CTL_*). */
+int cproxy_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data);
+/* Fills events[i] and data[i] for up to `capacity` ready descriptors; returns how many, or -1 (errno). */
+int cproxy_epoll_wait(int epfd, uint32_t *events, uint64_t *data, int capacity, int timeout_ms);
+
+/* A non-blocking, close-on-exec eventfd; -1 on failure. */
+int cproxy_eventfd(void);
+/* Adds one to the eventfd (wakes its epoll), or reads it back to zero. */
+void cproxy_eventfd_signal(int fd);
+void cproxy_eventfd_drain(int fd);
+
+/* 1 when `fd` is a connected TCP socket whose local and peer addresses equal `local` and `remote` (family, address
+ * and port); 0 otherwise. */
+int cproxy_socket_is(int fd, const void *local, uint32_t local_len, const void *remote, uint32_t remote_len);
+
+/* close(2), named apart from the Swift methods called close. */
+int cproxy_close(int fd);
+
+/* fcntl(fd, F_DUPFD_CLOEXEC, 0). */
+int cproxy_dup(int fd);
+
+/* send(2) with MSG_NOSIGNAL: a peer that went away gives EPIPE, not SIGPIPE. */
+long cproxy_send(int fd, const void *bytes, unsigned long count);
 
 #endif

@@ -1059,7 +1059,8 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             upstreamPipeline.removeHandler(upstream.handler, promise: nil)
             upstreamPipeline.removeHandler(upstream.tap, promise: nil)
             upstreamPipeline.removeHandler(upstream.encoder, promise: nil)
-            upstreamPipeline.removeHandler(upstream.decoder).whenComplete { _ in clientChannel.flush() }
+            let upstreamDecoderRemoved = upstreamPipeline.removeHandler(upstream.decoder)
+            upstreamDecoderRemoved.whenComplete { _ in clientChannel.flush() }
             downstream.removeHandler(self.httpHandlers.headTimer, promise: nil)
             if let fastPath = self.httpHandlers.fastPath {
                 downstream.removeHandler(fastPath, promise: nil)
@@ -1068,10 +1069,17 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             downstream.removeHandler(self.httpHandlers.pipelining, promise: nil)
             downstream.removeHandler(self.httpHandlers.encoder, promise: nil)
             downstream.removeHandler(context: context, promise: nil)
-            downstream.removeHandler(self.httpHandlers.decoder).whenComplete { _ in upstreamChannel.flush() }
+            let downstreamDecoderRemoved = downstream.removeHandler(self.httpHandlers.decoder)
+            downstreamDecoderRemoved.whenComplete { _ in upstreamChannel.flush() }
             if self.clientEnded {
                 // The client ended its side while the upgrade was answered: nothing will come from it.
                 context.close(promise: nil)
+            } else if let relay = self.loop.relay, self.listener.scheme == "http" {
+                // Once both pipelines are bare, the relay threads take the tunnel over (`TunnelRelay`); a TLS
+                // listener's tunnel stays here, where its encryption is.
+                upstreamDecoderRemoved.and(downstreamDecoderRemoved).assumeIsolated().whenComplete { _ in
+                    tunnel.handOff(to: relay)
+                }
             }
         } catch {
             self.runtime.logger.error("could not set up tunnel", metadata: ["error": "\(error)"])

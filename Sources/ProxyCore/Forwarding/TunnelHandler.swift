@@ -1,5 +1,10 @@
+import CProxySys
 import NIOCore
 import NIOHTTP1
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// An upgraded connection (WebSocket or any `Upgrade` protocol): relays raw bytes between the client's channel and
 /// the backend's, unchanged, with back-pressure, and keeps what the tunnel's access-log line and lease need.
@@ -41,6 +46,10 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
         static let closed = Flags(rawValue: 1 << 3)
         /// Set by every read, cleared by the idle sweep (`TunnelIdleSweeper`).
         static let active = Flags(rawValue: 1 << 4)
+        /// Reads are held while the tunnel is being handed to the relay.
+        static let holding = Flags(rawValue: 1 << 5)
+        /// The relay carries the tunnel; the NIO channels are closed.
+        static let relayed = Flags(rawValue: 1 << 6)
     }
 
     private var client: ChannelHandlerContext?
@@ -58,6 +67,10 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
     var registryToken: UInt64?
     /// Called once, when the first side closes (before the other side is told).
     var onClose: ((TunnelHandler) -> Void)?
+    /// While relayed: the shard and the tunnel's entry there.
+    private var relay: (shard: RelayShard, tunnel: RelayedTunnel)?
+    /// Reads delivered while reads were held for the hand-over (each one is a write to the other side).
+    private var readsWhileHolding = 0
 
     init(webSocket: Bool, record: Record) {
         self.frameTracker = webSocket ? WebSocketFrameTracker() : nil
@@ -90,6 +103,7 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = Self.unwrapInboundIn(data)
         self.flags.insert(.active)
+        if self.flags.contains(.holding) { self.readsWhileHolding += 1 }
         if context === self.client {
             self.bytesFromClient &+= buffer.readableBytes
             self.backend?.write(data, promise: nil)
@@ -105,7 +119,10 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        self.sideClosed(context)
+        // Relayed: the channels were closed by the hand-over, not by a peer.
+        if !self.flags.contains(.relayed) {
+            self.sideClosed(context)
+        }
         context.fireChannelInactive()
     }
 
@@ -114,7 +131,7 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable {
+        if context.channel.isWritable, !self.flags.contains(.holding) {
             // This side drained: the other side may read again if it was held.
             let held: Flags = context === self.client ? .backendReadPending : .clientReadPending
             if self.flags.contains(held), let partner = self.partner(of: context) {
@@ -126,7 +143,7 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
     }
 
     func read(context: ChannelHandlerContext) {
-        if let partner = self.partner(of: context), partner.channel.isWritable {
+        if !self.flags.contains(.holding), let partner = self.partner(of: context), partner.channel.isWritable {
             context.read()
         } else {
             self.flags.insert(context === self.client ? .clientReadPending : .backendReadPending)
@@ -150,6 +167,10 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
     /// WebSocket tunnel, the client first gets a close frame with `code`, so it knows to reconnect; otherwise the TCP
     /// connection just closes (which clients also treat as a reason to reconnect).
     func close(code: UInt16) {
+        if let relay = self.relay {
+            relay.shard.close(relay.tunnel, code: code)
+            return
+        }
         guard let client = self.client, !self.flags.contains(.closing) else { return }
         self.flags.insert(.closing)
         if let tracker = self.frameTracker, tracker.atFrameBoundary, client.channel.isActive {
@@ -168,6 +189,107 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
         self.flags.insert(.closed)
         self.onClose?(self)
         self.onClose = nil
+    }
+
+    // MARK: Handing the tunnel to the relay
+
+    /// Moves the tunnel off its two NIO channels onto `link`'s relay shard (`TunnelRelay`): holds reads on both sides,
+    /// waits until both channels have written everything they were given, then takes their descriptors and closes the
+    /// channels. Where any step cannot be done the tunnel simply stays on NIO.
+    func handOff(to link: ProxyServer.RelayLink, attempt: Int = 0) {
+        guard let client = self.client, let backend = self.backend, !self.flags.contains(.closing),
+            !self.flags.contains(.closed), client.channel.isActive, backend.channel.isActive
+        else { return self.resumeReads() }
+        self.flags.insert(.holding)
+        self.readsWhileHolding = 0
+        // A write's promise completes once it and every write before it went to the socket.
+        let clientWritten = client.writeAndFlush(Self.wrapOutboundOut(client.channel.allocator.buffer(capacity: 0)))
+        let backendWritten = backend.writeAndFlush(Self.wrapOutboundOut(backend.channel.allocator.buffer(capacity: 0)))
+        clientWritten.and(backendWritten).assumeIsolated().whenComplete { result in
+            guard case .success = result else { return self.resumeReads() }
+            if self.readsWhileHolding > 0 {
+                // Reads in flight when the hold began were written behind the marks: wait for those too.
+                guard attempt < 3 else { return self.resumeReads() }
+                return self.handOff(to: link, attempt: attempt + 1)
+            }
+            self.detach(to: link)
+        }
+    }
+
+    private func detach(to link: ProxyServer.RelayLink) {
+        guard let client = self.client, let backend = self.backend, !self.flags.contains(.closing),
+            !self.flags.contains(.closed), client.channel.isActive, backend.channel.isActive,
+            let clientFD = Self.descriptor(of: client.channel), let backendFD = Self.descriptor(of: backend.channel)
+        else { return self.resumeReads() }
+        let clientCopy = cproxy_dup(clientFD)
+        guard clientCopy >= 0 else { return self.resumeReads() }
+        let backendCopy = cproxy_dup(backendFD)
+        guard backendCopy >= 0 else {
+            cproxy_close(clientCopy)
+            return self.resumeReads()
+        }
+        let counted = link.connections.handOff(client.channel)
+        let connections = link.connections
+        let metrics = self.record.runtime.metrics
+        let listener = self.record.listener.name
+        let loop = client.eventLoop
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        let relayed = RelayedTunnel(
+            clientFD: clientCopy, backendFD: backendCopy, tracker: self.frameTracker,
+            idleTimeout: self.record.runtime.config.timeouts.tunnelIdle
+        ) { fromClient, fromBackend in
+            if counted {
+                connections.relayedClosed()
+                metrics.connectionClosed(listener: listener)
+            }
+            loop.execute { bound.value.relayEnded(fromClient: fromClient, fromBackend: fromBackend) }
+        }
+        self.flags.insert(.relayed)
+        self.relay = (link.shard, relayed)
+        self.frameTracker = nil
+        self.record.idleSweeper.remove(self)
+        // NIO's close is a plain close(2) of its descriptor: the connections live on in the copies.
+        client.close(promise: nil)
+        backend.close(promise: nil)
+        link.shard.adopt(relayed)
+    }
+
+    private func relayEnded(fromClient: Int, fromBackend: Int) {
+        self.bytesFromClient &+= fromClient
+        self.bytesFromBackend &+= fromBackend
+        self.relay = nil
+        self.reportClosed()
+    }
+
+    /// The hand-over did not happen: reads resume where they were held.
+    private func resumeReads() {
+        guard self.flags.contains(.holding) else { return }
+        self.flags.remove(.holding)
+        if self.flags.contains(.clientReadPending), let client = self.client, self.backend?.channel.isWritable == true {
+            self.flags.remove(.clientReadPending)
+            client.read()
+        }
+        if self.flags.contains(.backendReadPending), let backend = self.backend, self.client?.channel.isWritable == true {
+            self.flags.remove(.backendReadPending)
+            backend.read()
+        }
+    }
+
+    /// The descriptor of a socket channel. NIO has no public accessor: it is read from the channel's description
+    /// (`SocketChannel { BaseSocket { fd=N }, ... }`) and trusted only when the kernel says that descriptor is a TCP
+    /// socket with exactly the channel's local and peer addresses.
+    static func descriptor(of channel: Channel) -> Int32? {
+        let description = String(describing: channel)
+        guard let range = description.range(of: "fd=") else { return nil }
+        guard let fd = Int32(description[range.upperBound...].prefix(while: \.isNumber)), fd >= 0,
+            let local = channel.localAddress, let remote = channel.remoteAddress
+        else { return nil }
+        let matches = local.withSockAddr { local, localLength in
+            remote.withSockAddr { remote, remoteLength in
+                cproxy_socket_is(fd, local, UInt32(localLength), remote, UInt32(remoteLength))
+            }
+        }
+        return matches == 1 ? fd : nil
     }
 
     // MARK: Private

@@ -70,7 +70,12 @@ struct WebSocketFrameTracker: Sendable {
 
     mutating func consume(_ buffer: ByteBuffer) {
         guard !self.broken else { return }
-        buffer.withUnsafeReadableBytes { bytes in
+        buffer.withUnsafeReadableBytes { self.consume($0) }
+    }
+
+    mutating func consume(_ bytes: UnsafeRawBufferPointer) {
+        guard !self.broken else { return }
+        do {
             var index = 0
             while index < bytes.count {
                 if self.payloadRemaining > 0 {

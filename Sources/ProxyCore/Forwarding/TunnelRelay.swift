@@ -1,0 +1,492 @@
+import CProxySys
+import Foundation
+import NIOCore
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Relays established tunnels (WebSocket and other upgrades) on the proxy's own threads, owning the two sockets'
+/// file descriptors instead of two NIO channels.
+///
+/// Why: an idle tunnel kept as two NIO channels costs about 4.8 KB of memory (channel objects, their pending-write
+/// rings, read buffers, pipelines), more than HAProxy spends on everything for an idle WebSocket (docs/benchmarks.md,
+/// "Sixth session"). A relayed tunnel is one small object: the relay reads into one scratch buffer per thread and
+/// allocates only for bytes a slow peer has not taken yet.
+///
+/// How a tunnel gets here (`TunnelHandler.handOff`): the upgrade runs on NIO as before; once both channels have
+/// written everything they were given and reads are held, each channel's descriptor is duplicated and the channels
+/// are closed (NIO's close is a plain `close(2)`, so the connection lives on in the duplicate). NIO has no public
+/// accessor for a channel's descriptor: it is read from the channel's description and used only after the kernel
+/// confirms that it is a TCP socket with exactly the channel's local and peer addresses; when that fails (a future
+/// NIO describing channels differently, TLS), the tunnel stays on NIO channels, which work as before.
+///
+/// One shard (thread, epoll instance, scratch buffer) per event loop; a tunnel goes to its loop's shard. Level-
+/// triggered epoll: a side is read while the other side has nothing pending; bytes the other side did not take are
+/// kept and that side is watched for writability, which is back-pressure without unbounded buffering.
+public final class TunnelRelay: Sendable {
+    let shards: [RelayShard]
+
+    /// Starts `count` relay threads; with `cpus`, thread `i` is bound to `cpus[i]` (as the event loops are).
+    init(count: Int, cpus: [Int?] = []) throws {
+        var shards: [RelayShard] = []
+        for index in 0..<max(count, 1) {
+            shards.append(try RelayShard(index: index, cpu: index < cpus.count ? cpus[index] : nil))
+        }
+        self.shards = shards
+        for shard in shards { shard.start() }
+    }
+
+    /// Tunnels currently relayed by every shard.
+    public var count: Int { self.shards.reduce(0) { $0 + $1.live.load(ordering: .relaxed) } }
+    /// Tunnels handed to the relay since it started.
+    public var adoptedTotal: Int { self.shards.reduce(0) { $0 + $1.adopted.load(ordering: .relaxed) } }
+
+    /// Closes every relayed tunnel now (each reports its end as usual) and waits until the shards have done it.
+    func closeAll() async {
+        for shard in self.shards { await shard.closeAll() }
+    }
+
+    /// Closes every tunnel and ends the threads.
+    func stop() async {
+        for shard in self.shards { await shard.stop() }
+    }
+}
+
+/// One relayed tunnel. Created on an event loop by `TunnelHandler`, then owned by its shard's thread: every mutable
+/// field is touched only there.
+final class RelayedTunnel: @unchecked Sendable {
+    /// The tunnel ended (first side closed, idle timeout, proxy-side close): bytes relayed from the client and from
+    /// the backend while relayed. Called once, on the relay thread.
+    typealias Closed = @Sendable (_ fromClient: Int, _ fromBackend: Int) -> Void
+
+    let clientFD: Int32
+    let backendFD: Int32
+    fileprivate var slot = -1
+    fileprivate var tracker: WebSocketFrameTracker?
+    fileprivate var fromClient = 0
+    fileprivate var fromBackend = 0
+    /// Bytes read from one side that the other has not taken yet (index 0: to the client, 1: to the backend).
+    fileprivate var pending: (ByteBuffer?, ByteBuffer?) = (nil, nil)
+    /// Interest registered with epoll per side (0: client, 1: backend).
+    fileprivate var interest: (UInt32, UInt32) = (0, 0)
+    fileprivate var open: (Bool, Bool) = (true, true)
+    /// No more reads: the tunnel is closing once what is pending is written.
+    fileprivate var draining = false
+    fileprivate var active = false
+    fileprivate var lastSeen: UInt64 = 0
+    fileprivate let idleTimeout: UInt64
+    fileprivate var onClosed: Closed?
+
+    init(clientFD: Int32, backendFD: Int32, tracker: WebSocketFrameTracker?, idleTimeout: TimeAmount, onClosed: @escaping Closed) {
+        self.clientFD = clientFD
+        self.backendFD = backendFD
+        self.tracker = tracker
+        self.idleTimeout = UInt64(max(idleTimeout.nanoseconds, 1))
+        self.onClosed = onClosed
+    }
+}
+
+/// One relay thread: its epoll instance, a wake-up eventfd for commands from other threads, the tunnels it relays
+/// and its scratch buffer.
+final class RelayShard: @unchecked Sendable {
+    private enum Command {
+        case adopt(RelayedTunnel)
+        case close(RelayedTunnel, code: UInt16)
+        case closeAll(CheckedContinuation<Void, Never>)
+        case stop(CheckedContinuation<Void, Never>)
+    }
+
+    let index: Int
+    private let cpu: Int?
+    private let epoll: Int32
+    private let wakeFD: Int32
+    /// Commands for the relay thread, and whether it stopped (its descriptors are closed then, and their numbers
+    /// may belong to someone else: nothing may signal them any more).
+    private let commands = Mutex<(queue: [Command], stopped: Bool)>(([], false))
+    /// Tunnels relayed now, and since the start (read by metrics and tests from any thread).
+    let live = Atomic<Int>(0)
+    let adopted = Atomic<Int>(0)
+
+    // Relay thread only.
+    private var tunnels: [RelayedTunnel?] = []
+    private var freeSlots: [Int] = []
+    private let scratch: UnsafeMutableRawBufferPointer
+    private let allocator = ByteBufferAllocator()
+    private var sweepInterval: UInt64 = 0
+    private var nextSweep: UInt64 = .max
+
+    private static let wakeToken = UInt64.max
+    private static let scratchSize = 64 * 1024
+
+    init(index: Int, cpu: Int?) throws {
+        self.index = index
+        self.cpu = cpu
+        let epoll = cproxy_epoll_create()
+        guard epoll >= 0 else { throw IOError(errnoCode: errno, reason: "epoll_create1") }
+        let wake = cproxy_eventfd()
+        guard wake >= 0 else {
+            cproxy_close(epoll)
+            throw IOError(errnoCode: errno, reason: "eventfd")
+        }
+        guard cproxy_epoll_ctl(epoll, 1, wake, CPROXY_EV_IN, Self.wakeToken) == 0 else {
+            cproxy_close(epoll)
+            cproxy_close(wake)
+            throw IOError(errnoCode: errno, reason: "epoll_ctl")
+        }
+        self.epoll = epoll
+        self.wakeFD = wake
+        self.scratch = .allocate(byteCount: Self.scratchSize, alignment: 16)
+    }
+
+    fileprivate func start() {
+        let thread = Thread { [self] in
+            if let cpu = self.cpu { _ = CPUPinning.bindCurrentThread(to: cpu) }
+            self.run()
+        }
+        thread.name = "ott-relay-\(self.index)"
+        thread.start()
+    }
+
+    /// Takes over a tunnel; from here on the shard owns its descriptors.
+    func adopt(_ tunnel: RelayedTunnel) {
+        self.live.add(1, ordering: .relaxed)
+        self.adopted.add(1, ordering: .relaxed)
+        self.send(.adopt(tunnel))
+    }
+
+    /// Closes a tunnel from the proxy's side: a WebSocket client first gets a close frame with `code` when the
+    /// stream is at a frame boundary (as `TunnelHandler.close(code:)` does on NIO).
+    func close(_ tunnel: RelayedTunnel, code: UInt16) {
+        self.send(.close(tunnel, code: code))
+    }
+
+    fileprivate func closeAll() async {
+        await withCheckedContinuation { self.send(.closeAll($0)) }
+    }
+
+    fileprivate func stop() async {
+        await withCheckedContinuation { self.send(.stop($0)) }
+    }
+
+    private func send(_ command: Command) {
+        let accepted = self.commands.withLock { commands in
+            guard !commands.stopped else { return false }
+            commands.queue.append(command)
+            // Under the lock, so the thread cannot close the eventfd between the append and the signal.
+            if commands.queue.count == 1 { cproxy_eventfd_signal(self.wakeFD) }
+            return true
+        }
+        if !accepted { self.refuse(command) }
+    }
+
+    /// Answers a command the stopped shard will not run: a tunnel handed over now ends at once (the proxy is
+    /// shutting down), and whoever waits is let go.
+    private func refuse(_ command: Command) {
+        switch command {
+        case .adopt(let tunnel):
+            cproxy_close(tunnel.clientFD)
+            cproxy_close(tunnel.backendFD)
+            self.live.subtract(1, ordering: .relaxed)
+            let closed = tunnel.onClosed
+            tunnel.onClosed = nil
+            closed?(0, 0)
+        case .close:
+            break
+        case .closeAll(let done), .stop(let done):
+            done.resume()
+        }
+    }
+
+    // MARK: The relay thread
+
+    private func run() {
+        var events = [UInt32](repeating: 0, count: 256)
+        var data = [UInt64](repeating: 0, count: 256)
+        while true {
+            let now = Self.now()
+            let timeout = self.nextSweep == .max ? -1 : Int32(clamping: (self.nextSweep &- min(now, self.nextSweep)) / 1_000_000 + 1)
+            let count = events.withUnsafeMutableBufferPointer { events in
+                data.withUnsafeMutableBufferPointer { data in
+                    cproxy_epoll_wait(self.epoll, events.baseAddress, data.baseAddress, 256, timeout)
+                }
+            }
+            var woken = false
+            if count > 0 {
+                for i in 0..<Int(count) {
+                    if data[i] == Self.wakeToken {
+                        woken = true
+                        continue
+                    }
+                    let slot = Int(data[i] >> 1)
+                    guard slot < self.tunnels.count, let tunnel = self.tunnels[slot] else { continue }
+                    self.handle(tunnel, side: Int(data[i] & 1), events: events[i])
+                }
+            }
+            if woken {
+                cproxy_eventfd_drain(self.wakeFD)
+                if !self.runCommands() { break }
+            }
+            if Self.now() >= self.nextSweep { self.sweep() }
+        }
+        cproxy_close(self.epoll)
+        cproxy_close(self.wakeFD)
+        self.scratch.deallocate()
+    }
+
+    /// False once told to stop.
+    private func runCommands() -> Bool {
+        let commands = self.commands.withLock { commands in
+            defer { commands.queue.removeAll(keepingCapacity: true) }
+            // Told to stop: refuse what comes after (see `send`).
+            if commands.queue.contains(where: { if case .stop = $0 { true } else { false } }) { commands.stopped = true }
+            return commands.queue
+        }
+        for command in commands {
+            switch command {
+            case .adopt(let tunnel):
+                self.register(tunnel)
+            case .close(let tunnel, let code):
+                self.closeFromProxy(tunnel, code: code)
+            case .closeAll(let done):
+                for case let tunnel? in self.tunnels { self.finish(tunnel) }
+                done.resume()
+            case .stop(let done):
+                for case let tunnel? in self.tunnels { self.finish(tunnel) }
+                // Commands queued behind the stop are answered as `send` answers them once stopped.
+                for command in commands.drop(while: { if case .stop = $0 { false } else { true } }).dropFirst() {
+                    self.refuse(command)
+                }
+                done.resume()
+                return false
+            }
+        }
+        return true
+    }
+
+    private func register(_ tunnel: RelayedTunnel) {
+        let slot = self.freeSlots.popLast() ?? self.tunnels.count
+        if slot == self.tunnels.count { self.tunnels.append(nil) }
+        self.tunnels[slot] = tunnel
+        tunnel.slot = slot
+        tunnel.lastSeen = Self.now()
+        let interest = CPROXY_EV_IN | CPROXY_EV_RDHUP
+        guard cproxy_epoll_ctl(self.epoll, 1, tunnel.clientFD, interest, UInt64(slot) << 1) == 0,
+            cproxy_epoll_ctl(self.epoll, 1, tunnel.backendFD, interest, UInt64(slot) << 1 | 1) == 0
+        else {
+            self.finish(tunnel)
+            return
+        }
+        tunnel.interest = (interest, interest)
+        let interval = max(tunnel.idleTimeout / 4, 10_000_000)
+        if self.sweepInterval == 0 || interval < self.sweepInterval {
+            self.sweepInterval = interval
+            self.nextSweep = min(self.nextSweep, tunnel.lastSeen + interval)
+        }
+    }
+
+    private func handle(_ tunnel: RelayedTunnel, side: Int, events: UInt32) {
+        if events & CPROXY_EV_ERR != 0 {
+            self.finish(tunnel)
+            return
+        }
+        if events & CPROXY_EV_OUT != 0 {
+            guard self.flush(tunnel, to: side) else { return }
+        }
+        if self.interest(tunnel, side) & CPROXY_EV_IN != 0 {
+            if events & (CPROXY_EV_IN | CPROXY_EV_HUP | CPROXY_EV_RDHUP) != 0 { self.relay(tunnel, from: side) }
+        } else if events & CPROXY_EV_HUP != 0 {
+            // A side only written to (a drain) hung up: what is pending for it cannot be delivered.
+            self.finish(tunnel)
+        }
+    }
+
+    /// Reads what `side` sent and writes it to the other side; keeps what the other side does not take.
+    private func relay(_ tunnel: RelayedTunnel, from side: Int) {
+        let source = side == 0 ? tunnel.clientFD : tunnel.backendFD
+        let target = side == 0 ? tunnel.backendFD : tunnel.clientFD
+        let scratch = self.scratch
+        for _ in 0..<4 {
+            let count = read(source, scratch.baseAddress, scratch.count)
+            if count > 0 {
+                tunnel.active = true
+                let bytes = UnsafeRawBufferPointer(rebasing: scratch[0..<count])
+                if side == 0 {
+                    tunnel.fromClient &+= count
+                } else {
+                    tunnel.fromBackend &+= count
+                    tunnel.tracker?.consume(bytes)
+                }
+                var written = cproxy_send(target, bytes.baseAddress, UInt(count))
+                if written < 0 {
+                    guard errno == EAGAIN || errno == EWOULDBLOCK else {
+                        self.finish(tunnel)
+                        return
+                    }
+                    written = 0
+                }
+                if written < count {
+                    // The other side is full: keep the rest, stop reading this side until it is written.
+                    var rest = self.allocator.buffer(capacity: count - written)
+                    rest.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[written...]))
+                    self.setPending(tunnel, to: 1 - side, rest)
+                    self.refresh(tunnel)
+                    return
+                }
+                if count < scratch.count { return }
+            } else if count == 0 {
+                self.sideEnded(tunnel, side: side)
+                return
+            } else {
+                if errno == EINTR { continue }
+                if errno != EAGAIN && errno != EWOULDBLOCK { self.finish(tunnel) }
+                return
+            }
+        }
+    }
+
+    /// Writes what is pending for `side`; true when nothing is left (or nothing was pending).
+    @discardableResult
+    private func flush(_ tunnel: RelayedTunnel, to side: Int) -> Bool {
+        guard var buffer = self.pending(tunnel, to: side) else { return true }
+        let fd = side == 0 ? tunnel.clientFD : tunnel.backendFD
+        while buffer.readableBytes > 0 {
+            let written = buffer.withUnsafeReadableBytes { cproxy_send(fd, $0.baseAddress, UInt($0.count)) }
+            if written < 0 {
+                if errno == EINTR { continue }
+                guard errno == EAGAIN || errno == EWOULDBLOCK else {
+                    self.finish(tunnel)
+                    return false
+                }
+                self.setPending(tunnel, to: side, buffer)
+                self.refresh(tunnel)
+                return false
+            }
+            buffer.moveReaderIndex(forwardBy: written)
+        }
+        self.setPending(tunnel, to: side, nil)
+        if tunnel.draining {
+            self.finish(tunnel)
+            return false
+        }
+        // Written out: the side that was held behind it is read again.
+        self.refresh(tunnel)
+        return true
+    }
+
+    /// `side` ended its stream: the tunnel ends (reported now); the other side gets what is pending for it first.
+    private func sideEnded(_ tunnel: RelayedTunnel, side: Int) {
+        self.report(tunnel)
+        self.closeSide(tunnel, side)
+        guard self.pending(tunnel, to: 1 - side) != nil else {
+            self.finish(tunnel)
+            return
+        }
+        tunnel.draining = true
+        self.refresh(tunnel)
+    }
+
+    private func closeFromProxy(_ tunnel: RelayedTunnel, code: UInt16) {
+        guard tunnel.slot >= 0, tunnel.open.0, !tunnel.draining else { return }
+        guard let tracker = tunnel.tracker, tracker.atFrameBoundary else {
+            self.finish(tunnel)
+            return
+        }
+        // The backend side closes now; the client gets what is pending, then the close frame, then the end.
+        self.report(tunnel)
+        self.closeSide(tunnel, 1)
+        var frame = self.pending(tunnel, to: 0) ?? self.allocator.buffer(capacity: 4)
+        frame.writeBytes([0x88, 0x02, UInt8(code >> 8), UInt8(code & 0xFF)])
+        self.setPending(tunnel, to: 0, frame)
+        tunnel.draining = true
+        self.flush(tunnel, to: 0)
+    }
+
+    /// Closes both sides (those still open) and frees the slot; reports the end if not yet done.
+    private func finish(_ tunnel: RelayedTunnel) {
+        guard tunnel.slot >= 0 else { return }
+        self.report(tunnel)
+        self.closeSide(tunnel, 0)
+        self.closeSide(tunnel, 1)
+        tunnel.pending = (nil, nil)
+        self.tunnels[tunnel.slot] = nil
+        self.freeSlots.append(tunnel.slot)
+        tunnel.slot = -1
+        self.live.subtract(1, ordering: .relaxed)
+    }
+
+    private func report(_ tunnel: RelayedTunnel) {
+        guard let closed = tunnel.onClosed else { return }
+        tunnel.onClosed = nil
+        closed(tunnel.fromClient, tunnel.fromBackend)
+    }
+
+    private func closeSide(_ tunnel: RelayedTunnel, _ side: Int) {
+        if side == 0, tunnel.open.0 {
+            tunnel.open.0 = false
+            cproxy_close(tunnel.clientFD)  // also leaves the epoll set
+        } else if side == 1, tunnel.open.1 {
+            tunnel.open.1 = false
+            cproxy_close(tunnel.backendFD)
+        }
+    }
+
+    /// Closes tunnels that passed no bytes for their idle timeout (as `TunnelIdleSweeper` does on the loops: between
+    /// one timeout and one timeout plus two sweep intervals after the last byte).
+    private func sweep() {
+        let now = Self.now()
+        for case let tunnel? in self.tunnels {
+            if tunnel.active {
+                tunnel.active = false
+                tunnel.lastSeen = now
+            } else if now &- tunnel.lastSeen >= tunnel.idleTimeout {
+                self.finish(tunnel)
+            }
+        }
+        if self.tunnels.allSatisfy({ $0 == nil }) {
+            // Nothing relayed: give the slots back and sleep until the next adoption.
+            self.tunnels.removeAll(keepingCapacity: false)
+            self.freeSlots.removeAll(keepingCapacity: false)
+            self.sweepInterval = 0
+            self.nextSweep = .max
+        } else {
+            self.nextSweep = now + self.sweepInterval
+        }
+    }
+
+    // MARK: Small helpers
+
+    private func interest(_ tunnel: RelayedTunnel, _ side: Int) -> UInt32 {
+        side == 0 ? tunnel.interest.0 : tunnel.interest.1
+    }
+
+    /// Brings each open side's epoll interest in line with the tunnel's state: a side is read while the other side
+    /// has nothing pending and the tunnel is not draining; it is watched for writability while something is pending
+    /// for it. A side with no interest leaves the epoll set (the kernel reports a hang-up even without interest, which
+    /// would wake the thread in a loop).
+    private func refresh(_ tunnel: RelayedTunnel) {
+        for side in 0...1 {
+            guard tunnel.slot >= 0, side == 0 ? tunnel.open.0 : tunnel.open.1 else { continue }
+            var events: UInt32 = 0
+            if !tunnel.draining, self.pending(tunnel, to: 1 - side) == nil { events |= CPROXY_EV_IN | CPROXY_EV_RDHUP }
+            if self.pending(tunnel, to: side) != nil { events |= CPROXY_EV_OUT }
+            let old = self.interest(tunnel, side)
+            guard old != events else { continue }
+            let fd = side == 0 ? tunnel.clientFD : tunnel.backendFD
+            let op: Int32 = old == 0 ? 1 : events == 0 ? 2 : 3
+            _ = cproxy_epoll_ctl(self.epoll, op, fd, events, UInt64(tunnel.slot) << 1 | UInt64(side))
+            if side == 0 { tunnel.interest.0 = events } else { tunnel.interest.1 = events }
+        }
+    }
+
+    private func pending(_ tunnel: RelayedTunnel, to side: Int) -> ByteBuffer? {
+        side == 0 ? tunnel.pending.0 : tunnel.pending.1
+    }
+
+    private func setPending(_ tunnel: RelayedTunnel, to side: Int, _ buffer: ByteBuffer?) {
+        if side == 0 { tunnel.pending.0 = buffer } else { tunnel.pending.1 = buffer }
+    }
+
+    private static func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
+}
