@@ -26,6 +26,14 @@ import Testing
         }
     }
 
+    /// A gauge's value in the proxy's Prometheus text.
+    private func gauge(_ name: String, _ proxy: ProxyHarness) -> Double? {
+        for line in proxy.server.runtime.metrics.prometheusText().split(separator: "\n") where line.hasPrefix(name + " ") {
+            return Double(line.dropFirst(name.count + 1))
+        }
+        return nil
+    }
+
     private func waitRelayed(_ proxy: ProxyHarness, _ count: Int) async -> Bool {
         await WSSupport.waitUntil(timeout: .seconds(3)) { proxy.server.relayedTunnels == count }
     }
@@ -63,6 +71,8 @@ import Testing
             let second = try await self.upgrade(proxy)
             #expect(await self.waitRelayed(proxy, 2))
             #expect(proxy.server.openConnections == 2)
+            #expect(self.gauge("ott_proxy_tunnels_relayed", proxy) == 2)
+            #expect(self.gauge("ott_proxy_tunnels", proxy) == 2)
 
             // Both places are taken by relayed tunnels: a third connection is refused.
             let third = try await RawHTTPConnection.connect(port: proxy.port)
@@ -73,6 +83,10 @@ import Testing
             #expect(await self.waitRelayed(proxy, 1))
             let freed = await WSSupport.waitUntil(timeout: .seconds(3)) { proxy.server.openConnections == 1 }
             #expect(freed, "open connections: \(proxy.server.openConnections)")
+            let gaugesFollowed = await WSSupport.waitUntil(timeout: .seconds(3)) {
+                self.gauge("ott_proxy_tunnels_relayed", proxy) == 1 && self.gauge("ott_proxy_tunnels", proxy) == 1
+            }
+            #expect(gaugesFollowed, "ott_proxy_tunnels_relayed \(String(describing: self.gauge("ott_proxy_tunnels_relayed", proxy)))")
             let fourth = try await self.upgrade(proxy)
             try await fourth.send(bytes: Array("still relaying".utf8))
             #expect(try await fourth.readBytes(count: 14) == Array("still relaying".utf8))

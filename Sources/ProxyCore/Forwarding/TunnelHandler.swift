@@ -238,6 +238,7 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
             clientFD: clientCopy, backendFD: backendCopy, tracker: self.frameTracker,
             idleTimeout: self.record.runtime.config.timeouts.tunnelIdle
         ) { fromClient, fromBackend in
+            metrics.tunnelsRelayed.decrement()
             if counted {
                 connections.relayedClosed()
                 metrics.connectionClosed(listener: listener)
@@ -245,6 +246,7 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
             loop.execute { bound.value.relayEnded(fromClient: fromClient, fromBackend: fromBackend) }
         }
         self.flags.insert(.relayed)
+        metrics.tunnelsRelayed.increment()
         self.relay = (link.shard, relayed)
         self.frameTracker = nil
         self.record.idleSweeper.remove(self)

@@ -8,6 +8,8 @@ public final class ProxyMetrics: Sendable {
     private let upstreamErrors: [UpstreamErrorKind: Counter]
     private let connections: [String: Gauge]
     let tunnelsOpen: Gauge
+    /// Of those, the ones the relay threads carry (`threads.tunnel_relay`).
+    let tunnelsRelayed: Gauge
     let requestDuration: DurationHistogram
     /// Connections the fast path handed over to the full HTTP pipeline.
     let fastPathHandoffs: Counter
@@ -53,6 +55,10 @@ public final class ProxyMetrics: Sendable {
         self.upstreamErrors = errors
         self.tunnelsOpen = registry.makeGauge(
             descriptor: Self.named("tunnels", unit: "", help: "Upgraded connections (WebSockets) open."))
+        self.tunnelsRelayed = registry.makeGauge(
+            descriptor: Self.named(
+                "tunnels_relayed", unit: "",
+                help: "Open upgraded connections carried by the relay threads (threads.tunnel_relay) rather than NIO channels."))
         self.requestDuration = registry.makeDurationHistogram(
             descriptor: Self.named("request_duration", unit: "seconds", help: "Time from request head to response end."),
             buckets: [.milliseconds(1), .milliseconds(5), .milliseconds(25), .milliseconds(100), .milliseconds(500),
