@@ -63,7 +63,9 @@ final class RedisCluster: @unchecked Sendable {
 
     func makeProxy() async throws -> (server: ProxyServer, directory: RedisOwnershipDirectory, port: Int) {
         var configuration = try RedisConfiguration(url: self.redis.url)
-        configuration.commandTimeout = .milliseconds(250)
+        // Short enough to notice a stopped server quickly, long enough for a loaded machine (the whole suite runs
+        // in parallel on two cores; 250 ms was seen to time out a PING at start).
+        configuration.commandTimeout = .milliseconds(750)
         configuration.connectTimeout = .milliseconds(500)
         configuration.reconnectMaxDelay = .milliseconds(200)
         var logger = Logger(label: "test-redis-directory")

@@ -48,7 +48,7 @@ import Testing
             // concurrency pool (two threads here) that timing-sensitive tests beside this one need.
             let payload = await Self.offPool { () -> [UInt8] in
                 var state: UInt64 = 0x9E37_79B9_7F4A_7C15
-                return (0..<(2 << 20)).map { _ in
+                return (0..<(1 << 20)).map { _ in
                     state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
                     return UInt8(truncatingIfNeeded: state >> 33)
                 }

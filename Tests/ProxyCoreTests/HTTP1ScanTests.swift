@@ -325,8 +325,8 @@ extension HTTP1ScanTests {
     }
 }
 
-/// A small deterministic generator, so a failure names a reproducible input.
-private struct SplitMix64: RandomNumberGenerator {
+/// A small deterministic generator, so a failure names a reproducible input (also used by TunnelRelayTests).
+struct SplitMix64: RandomNumberGenerator {
     var state: UInt64
     init(seed: UInt64) { self.state = seed }
     mutating func next() -> UInt64 {

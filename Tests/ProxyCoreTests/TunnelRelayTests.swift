@@ -167,6 +167,54 @@ import Glibc
         await rig.stop()
     }
 
+    /// Both directions at once, each writer and reader with its own random chunk sizes and pauses, so both sides'
+    /// sockets fill and drain in every order: each stream must arrive whole and in order.
+    @Test(arguments: [UInt64(1), 2, 3])
+    func randomTrafficBothWaysArrivesIntact(seed: UInt64) async throws {
+        let rig = try Rig(webSocket: false)
+        // About twice what a socket pair holds per direction, so the relay has to keep bytes back both ways.
+        let size = 512 << 10
+        let (toBackend, toClient) = await Self.offPool { (Self.pattern(size, seed: seed), Self.pattern(size, seed: seed &+ 100)) }
+        // Each direction: a writer thread and a reader thread with their own generators.
+        func pump(from source: Int32, to sink: Int32, _ payload: [UInt8], seed: UInt64) async -> Bool {
+            async let written: Void = Self.offPool {
+                var random = SplitMix64(seed: seed)
+                var offset = 0
+                while offset < payload.count {
+                    let end = min(payload.count, offset + 1 + Int(random.next() % 40_000))
+                    guard Self.write(source, Array(payload[offset..<end])) else { return }
+                    offset = end
+                    if random.next() % 8 == 0 { usleep(UInt32(random.next() % 3_000)) }
+                }
+            }
+            let received = await Self.offPool { () -> [UInt8] in
+                var random = SplitMix64(seed: seed &+ 7)
+                var result: [UInt8] = []
+                result.reserveCapacity(payload.count)
+                var buffer = [UInt8](repeating: 0, count: 50_000)
+                let deadline = ContinuousClock.now + .seconds(20)
+                while result.count < payload.count, ContinuousClock.now < deadline {
+                    var pfd = pollfd(fd: sink, events: Int16(POLLIN), revents: 0)
+                    guard poll(&pfd, 1, 50) > 0 else { continue }
+                    let want = 1 + Int(random.next() % UInt64(buffer.count))
+                    let n = buffer.withUnsafeMutableBytes { Glibc.read(sink, $0.baseAddress, want) }
+                    if n <= 0 { break }
+                    result += buffer[0..<n]
+                    if random.next() % 4 == 0 { usleep(UInt32(random.next() % 5_000)) }
+                }
+                return result
+            }
+            await written
+            return await Self.offPool { received == payload }
+        }
+        async let up = pump(from: rig.client, to: rig.backend, toBackend, seed: seed)
+        async let down = pump(from: rig.backend, to: rig.client, toClient, seed: seed &+ 50)
+        let (upIntact, downIntact) = await (up, down)
+        #expect(upIntact, "client → backend stream damaged (seed \(seed))")
+        #expect(downIntact, "backend → client stream damaged (seed \(seed))")
+        await rig.stop()
+    }
+
     @Test func closeAtAFrameBoundarySendsTheCloseFrame() async throws {
         let rig = try Rig()
         // One whole unmasked text frame from the backend.
