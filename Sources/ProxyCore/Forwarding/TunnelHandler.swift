@@ -1,6 +1,8 @@
 import CProxySys
+import Logging
 import NIOCore
 import NIOHTTP1
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -218,14 +220,19 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
 
     private func detach(to link: ProxyServer.RelayLink) {
         guard let client = self.client, let backend = self.backend, !self.flags.contains(.closing),
-            !self.flags.contains(.closed), client.channel.isActive, backend.channel.isActive,
-            let clientFD = Self.descriptor(of: client.channel), let backendFD = Self.descriptor(of: backend.channel)
+            !self.flags.contains(.closed), client.channel.isActive, backend.channel.isActive
         else { return self.resumeReads() }
+        guard let clientFD = Self.descriptor(of: client.channel), let backendFD = Self.descriptor(of: backend.channel) else {
+            Self.warnOnce(self.record.runtime, "could not identify a tunnel's sockets: tunnels stay on NIO channels")
+            return self.resumeReads()
+        }
         let clientCopy = cproxy_dup(clientFD)
-        guard clientCopy >= 0 else { return self.resumeReads() }
-        let backendCopy = cproxy_dup(backendFD)
+        let backendCopy = clientCopy >= 0 ? cproxy_dup(backendFD) : -1
         guard backendCopy >= 0 else {
-            cproxy_close(clientCopy)
+            // Out of descriptors (`ulimit -n`): this tunnel stays on its channels.
+            let code = errno
+            if clientCopy >= 0 { cproxy_close(clientCopy) }
+            Self.warnOnce(self.record.runtime, "could not duplicate a tunnel's sockets (errno \(code)): it stays on NIO channels")
             return self.resumeReads()
         }
         let counted = link.connections.handOff(client.channel)
@@ -261,6 +268,15 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
         self.bytesFromBackend &+= fromBackend
         self.relay = nil
         self.reportClosed()
+    }
+
+    private static let warned = Atomic<Bool>(false)
+
+    /// A hand-over that fails once fails for every tunnel (a NIO that describes channels differently) or for many at
+    /// once (the descriptor limit): say so once per process, not per tunnel.
+    private static func warnOnce(_ runtime: ProxyRuntime, _ message: Logger.Message) {
+        guard !Self.warned.exchange(true, ordering: .relaxed) else { return }
+        runtime.logger.warning("tunnel relay: \(message)")
     }
 
     /// The hand-over did not happen: reads resume where they were held.
