@@ -312,6 +312,86 @@ struct OwnershipTableTests {
         #expect(table.sweep(now: 1_000) == 0)
     }
 
+    /// The sweep looks only at due queue elements: keys that became live or idle again since they were queued,
+    /// and keys replaced by a newer owner, must each expire at their own time, neither earlier nor never.
+    @Test func sweepFollowsEachKeysOwnIdleTime() throws {
+        var table = OwnershipTable()
+        let place: (String?, (String) -> Int) -> String? = { _, _ in "a" }
+        for key in ["busy", "again", "replaced", "quiet"] {
+            _ = try resolve(&table, key: key, pool: "p", idleTTL: 10, now: 0, stillValid: always, place: place)
+        }
+        // "busy" is leased over its first deadline; "again" is leased and released, idle anew from 8.
+        table.acquire(key: "busy")
+        table.acquire(key: "again")
+        table.releaseLease(key: "again", now: 8)
+        // "replaced" gets a new owner at 6 (a newer epoch); its first element must not drop the new entry early.
+        _ = table.claim(key: "replaced", pool: "p", backend: "b", idleTTL: 10, now: 6)
+        #expect(table.sweep(now: 10) == 1)  // "quiet" only
+        #expect(table.owner(of: "quiet", now: 10) == nil)
+        #expect(table.owner(of: "again", now: 10) != nil)
+        #expect(table.owner(of: "replaced", now: 10)?.backend == "b")
+        #expect(table.owner(of: "busy", now: 10) != nil)
+        #expect(table.sweep(now: 15.9) == 0)
+        #expect(table.sweep(now: 16) == 1)  // "replaced", 10 after its claim
+        #expect(table.sweep(now: 18) == 1)  // "again", 10 after its last lease ended
+        #expect(table.count == 1)
+        // "busy" ends its lease at 30: it is queued again then, and expires at 40.
+        table.releaseLease(key: "busy", now: 30)
+        #expect(table.sweep(now: 39.9) == 0)
+        #expect(table.sweep(now: 40) == 1)
+        #expect(table.count == 0)
+        #expect(table.keys(on: "a") == 0)
+        #expect(table.keys(on: "b") == 0)
+    }
+
+    @Test func sweepDoesAtMostItsLimitPerCallAndLeavesTheRestForTheNext() throws {
+        var table = OwnershipTable()
+        for index in 0..<25 {
+            _ = try resolve(&table, key: "k\(index)", pool: "p", idleTTL: 1, now: 0, stillValid: always, place: { _, _ in "a" })
+        }
+        #expect(table.sweep(now: 2, limit: 10) == 10)
+        // Not dropped yet, but expired for every lookup.
+        #expect(table.owner(of: "k24", now: 2) == nil)
+        #expect(table.sweep(now: 2, limit: 10) == 10)
+        #expect(table.sweep(now: 2, limit: 10) == 5)
+        #expect(table.count == 0)
+    }
+
+    /// Random leases, releases, claims and releases against a model: after any sweep, exactly the keys the model
+    /// says expired are gone, and each sweep drops exactly those.
+    @Test(arguments: [UInt64(11), 12, 13])
+    func sweepMatchesAFullScanOnRandomHistories(seed: UInt64) throws {
+        var random = SplitMix64(seed: seed)
+        var table = OwnershipTable()
+        var now = 0.0
+        let keys = (0..<40).map { "k\($0)" }
+        var leased: [String: Int] = [:]
+        for _ in 0..<3_000 {
+            now += Double(random.next() % 100) / 100
+            let key = keys[Int(random.next() % UInt64(keys.count))]
+            switch random.next() % 6 {
+            case 0, 1:
+                _ = table.resolve(key: key, pool: "p", idleTTL: Double(1 + random.next() % 5), now: now,
+                                  stillValid: always, place: { _, _ in "a" })
+                table.acquire(key: key)
+                leased[key, default: 0] += 1
+            case 2, 3:
+                if leased[key, default: 0] > 0 {
+                    table.releaseLease(key: key, now: now)
+                    leased[key]! -= 1
+                }
+            case 4:
+                _ = table.claim(key: key, pool: "p", backend: "b", idleTTL: 2, now: now)
+            default:
+                // What a full scan would drop now, against what the sweep drops.
+                let expected = Set(table.entries.keys.filter { table.owner(of: $0, now: now) == nil })
+                let dropped = table.sweep(now: now)
+                #expect(dropped == expected.count, "seed \(seed) at \(now)")
+                #expect(Set(table.entries.keys).isDisjoint(with: expected))
+            }
+        }
+    }
+
     @Test func listFiltersByPrefixSortsByKeyAndStopsAtTheLimit() throws {
         var table = OwnershipTable()
         for key in ["room:c", "room:a", "user:x", "room:b", "room:d"] {
