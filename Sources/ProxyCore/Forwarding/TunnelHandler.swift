@@ -19,6 +19,12 @@ import Glibc
 ///
 /// Reading stops on a side while the other side cannot take more, so a slow reader bounds what the proxy holds for
 /// it to a socket's worth of buffers rather than growing without limit.
+///
+/// With `threads.tunnel_relay` (the default) the tunnel runs here only until both pipelines are bare: `handOff(to:)`
+/// then gives its sockets to a relay thread (`TunnelRelay`) and closes the channels. This object stays as the
+/// tunnel's record: the registry closes the tunnel through it (`close(code:)` forwards to the relay), and the relay
+/// reports the end back to it on this loop (`relayEnded`), which writes the access-log line and releases the lease
+/// as for a tunnel that stayed here.
 final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
