@@ -28,30 +28,45 @@ import Testing
         return (cert, key)
     }
 
-    @Test func httpsListenerForwardsToPlainBackend() async throws {
+    /// A proxy with a TLS listener (a throwaway certificate) in front of a room server, and a way to open TLS client
+    /// connections to it that collect what they receive.
+    static func withTLSProxy(
+        room id: String,
+        _ body: (ProxyHarness, _ connect: () async throws -> (Channel, NIOLockedValueBoxBytes)) async throws -> Void
+    ) async throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("ott-tls-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: directory) }
         let (certPath, keyPath) = try Self.makeCertificate(in: directory)
 
         let group = MultiThreadedEventLoopGroup.singleton
-        let room = try await RoomServer.start(id: "tls-a", group: group)
-        try await withProxy(backends: [(id: "tls-a", port: room.port)], configure: { config in
+        let room = try await RoomServer.start(id: id, group: group)
+        try await withProxy(backends: [(id: id, port: room.port)], configure: { config in
             config.listeners[0].tls = TLSConfig(certificatePath: certPath, keyPath: keyPath)
         }) { proxy in
             var tls = TLSConfiguration.makeClientConfiguration()
             tls.trustRoots = .file(certPath)
             let sslContext = try NIOSSLContext(configuration: tls)
-            let collected = NIOLockedValueBoxBytes()
-            let channel = try await ClientBootstrap(group: group)
-                .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(
-                            try NIOSSLClientHandler(context: sslContext, serverHostname: "localhost"))
-                        try channel.pipeline.syncOperations.addHandler(ByteCollector(sink: collected))
+            try await body(proxy) {
+                let collected = NIOLockedValueBoxBytes()
+                let channel = try await ClientBootstrap(group: group)
+                    .channelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            try channel.pipeline.syncOperations.addHandler(
+                                try NIOSSLClientHandler(context: sslContext, serverHostname: "localhost"))
+                            try channel.pipeline.syncOperations.addHandler(ByteCollector(sink: collected))
+                        }
                     }
-                }
-                .connect(host: "127.0.0.1", port: proxy.port).get()
+                    .connect(host: "127.0.0.1", port: proxy.port).get()
+                return (channel, collected)
+            }
+        }
+        try await room.stop()
+    }
+
+    @Test func httpsListenerForwardsToPlainBackend() async throws {
+        try await Self.withTLSProxy(room: "tls-a") { proxy, connect in
+            let (channel, collected) = try await connect()
             try await channel.writeAndFlush(
                 ByteBuffer(string: "GET /rooms/secure HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"))
             try await channel.closeFuture.get()
@@ -60,7 +75,30 @@ import Testing
             #expect(text.lowercased().contains("x-backend: tls-a"))
             #expect(text.contains("\"room\":\"secure\""))
         }
-        try await room.stop()
+    }
+}
+
+extension TLSListenerTests {
+    /// A WebSocket through a TLS listener works, and stays on NIO channels where its encryption is: the tunnel relay
+    /// (on by default) copies raw bytes and must never take a TLS connection's socket.
+    @Test func webSocketThroughATLSListenerStaysOnNIOAndWorks() async throws {
+        try await Self.withTLSProxy(room: "tls-ws") { proxy, connect in
+            #expect(proxy.server.runtime.config.threads.tunnelRelay)
+            let (channel, collected) = try await connect()
+            try await channel.writeAndFlush(ByteBuffer(string: WSSupport.upgradeRequest(path: "/rooms/secure/ws", host: "localhost")))
+            let joined = await WSSupport.waitUntil(timeout: .seconds(5)) { collected.text.contains("\"event\":\"joined\"") }
+            #expect(joined, "received: \(collected.text)")
+            #expect(collected.text.hasPrefix("HTTP/1.1 101"))
+            // Give a hand-over time to happen, were it (wrongly) attempted; then the tunnel must still carry frames.
+            try await Task.sleep(for: .milliseconds(200))
+            #expect(proxy.server.relayedTunnelsTotal == 0)
+            let mask: [UInt8] = [1, 2, 3, 4]
+            let payload = Array("over tls".utf8).enumerated().map { $0.element ^ mask[$0.offset % 4] }
+            try await channel.writeAndFlush(ByteBuffer(bytes: [0x81, 0x80 | UInt8(payload.count)] + mask + payload))
+            let echoed = await WSSupport.waitUntil(timeout: .seconds(5)) { collected.text.contains("\"text\":\"over tls\"") }
+            #expect(echoed, "received: \(collected.text)")
+            try await channel.close()
+        }
     }
 }
 
