@@ -43,11 +43,6 @@ public final class TunnelRelay: Sendable {
     /// Tunnels handed to the relay since it started.
     public var adoptedTotal: Int { self.shards.reduce(0) { $0 + $1.adopted.load(ordering: .relaxed) } }
 
-    /// Closes every relayed tunnel now (each reports its end as usual) and waits until the shards have done it.
-    func closeAll() async {
-        for shard in self.shards { await shard.closeAll() }
-    }
-
     /// Closes every tunnel and ends the threads.
     func stop() async {
         for shard in self.shards { await shard.stop() }
@@ -94,7 +89,6 @@ final class RelayShard: @unchecked Sendable {
     private enum Command {
         case adopt(RelayedTunnel)
         case close(RelayedTunnel, code: UInt16)
-        case closeAll(CheckedContinuation<Void, Never>)
         case stop(CheckedContinuation<Void, Never>)
     }
 
@@ -162,10 +156,6 @@ final class RelayShard: @unchecked Sendable {
         self.send(.close(tunnel, code: code))
     }
 
-    fileprivate func closeAll() async {
-        await withCheckedContinuation { self.send(.closeAll($0)) }
-    }
-
     fileprivate func stop() async {
         await withCheckedContinuation { self.send(.stop($0)) }
     }
@@ -194,7 +184,7 @@ final class RelayShard: @unchecked Sendable {
             closed?(0, 0)
         case .close:
             break
-        case .closeAll(let done), .stop(let done):
+        case .stop(let done):
             done.resume()
         }
     }
@@ -249,9 +239,6 @@ final class RelayShard: @unchecked Sendable {
                 self.register(tunnel)
             case .close(let tunnel, let code):
                 self.closeFromProxy(tunnel, code: code)
-            case .closeAll(let done):
-                for case let tunnel? in self.tunnels { self.finish(tunnel) }
-                done.resume()
             case .stop(let done):
                 for case let tunnel? in self.tunnels { self.finish(tunnel) }
                 // Commands queued behind the stop are answered as `send` answers them once stopped.
