@@ -37,7 +37,7 @@ import Testing
         func onChange(_ handler: @escaping @Sendable (OwnershipChange) -> Void) { self.inner.onChange(handler) }
     }
 
-    @Test func migratingFortyKeysListsTheBackendsKeysTwice() async throws {
+    @Test func migratingThirtyKeysListsTheBackendsKeysTwice() async throws {
         let directory = CountingDirectory()
         var config = ProxyConfig(
             listeners: [ListenerConfig(name: "test", address: "127.0.0.1", port: 0, pool: "main")],

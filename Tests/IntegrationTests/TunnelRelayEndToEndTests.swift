@@ -38,7 +38,7 @@ import Testing
         await WSSupport.waitUntil(timeout: .seconds(3)) { proxy.server.relayedTunnels == count }
     }
 
-    @Test func megabytesEchoedThroughARelayedTunnelArriveIntact() async throws {
+    @Test func aMebibyteEchoedThroughARelayedTunnelArrivesIntact() async throws {
         let backend = try await EchoUpgradeBackend.start()
         defer { Task { await backend.stop() } }
         try await withProxy(backends: [(id: "echo", port: backend.port)]) { proxy in

@@ -139,7 +139,7 @@ import Glibc
         // Built (and compared below) off the concurrency pool: in a debug build that is a second of work, which would
         // hold up the timing-sensitive tests running beside this one.
         let payload = await Self.offPool { Self.pattern(4 << 20, seed: 7) }
-        // The backend writes 4 MiB (ten times what the two sockets hold) from its own thread while the client does
+        // The backend writes 4 MiB (several times what the two sockets hold) from its own thread while the client does
         // not read: the relay must stop reading the backend once the client's socket is full, so the backend blocks.
         let written = Atomic<Int>(0)
         let writer = Thread {

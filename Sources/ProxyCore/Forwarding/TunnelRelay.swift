@@ -25,7 +25,7 @@ import Glibc
 /// One shard (thread, epoll instance, scratch buffer) per event loop; a tunnel goes to its loop's shard. Level-
 /// triggered epoll: a side is read while the other side has nothing pending; bytes the other side did not take are
 /// kept and that side is watched for writability, which is back-pressure without unbounded buffering.
-public final class TunnelRelay: Sendable {
+final class TunnelRelay: Sendable {
     let shards: [RelayShard]
 
     /// Starts `count` relay threads; with `cpus`, thread `i` is bound to `cpus[i]` (as the event loops are).
@@ -39,9 +39,9 @@ public final class TunnelRelay: Sendable {
     }
 
     /// Tunnels currently relayed by every shard.
-    public var count: Int { self.shards.reduce(0) { $0 + $1.live.load(ordering: .relaxed) } }
+    var count: Int { self.shards.reduce(0) { $0 + $1.live.load(ordering: .relaxed) } }
     /// Tunnels handed to the relay since it started.
-    public var adoptedTotal: Int { self.shards.reduce(0) { $0 + $1.adopted.load(ordering: .relaxed) } }
+    var adoptedTotal: Int { self.shards.reduce(0) { $0 + $1.adopted.load(ordering: .relaxed) } }
 
     /// Closes every tunnel and ends the threads.
     func stop() async {
@@ -431,7 +431,7 @@ final class RelayShard: @unchecked Sendable {
                 self.finish(tunnel)
             }
         }
-        if self.tunnels.allSatisfy({ $0 == nil }) {
+        if self.freeSlots.count == self.tunnels.count {
             // Nothing relayed: give the slots back and sleep until the next adoption.
             self.tunnels.removeAll(keepingCapacity: false)
             self.freeSlots.removeAll(keepingCapacity: false)
