@@ -122,7 +122,10 @@ let package = Package(
         ),
         .testTarget(
             name: "ProxyCoreTests",
-            dependencies: ["ProxyCore", .product(name: "NIOEmbedded", package: "swift-nio")]
+            dependencies: [
+                "ProxyCore", .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
         ),
         .testTarget(
             name: "LuaRoutingTests",

@@ -102,6 +102,14 @@ int cproxy_dup(int fd) { return fcntl(fd, F_DUPFD_CLOEXEC, 0); }
 int cproxy_close(int fd) { return close(fd); }
 
 long cproxy_send(int fd, const void *bytes, unsigned long count) { return send(fd, bytes, count, MSG_NOSIGNAL); }
+
+long cproxy_send_nowait(int fd, const void *bytes, unsigned long count) {
+    for (;;) {
+        ssize_t written = send(fd, bytes, count, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (written >= 0) return (long)written;
+        if (errno != EINTR) return -(long)errno;
+    }
+}
 #else
 #include <errno.h>
 int cproxy_epoll_create(void) { errno = ENOSYS; return -1; }
@@ -114,6 +122,7 @@ int cproxy_socket_is(int fd, const void *local, uint32_t local_len, const void *
 int cproxy_dup(int fd) { errno = ENOSYS; return -1; }
 int cproxy_close(int fd) { errno = ENOSYS; return -1; }
 long cproxy_send(int fd, const void *bytes, unsigned long count) { errno = ENOSYS; return -1; }
+long cproxy_send_nowait(int fd, const void *bytes, unsigned long count) { return -ENOSYS; }
 int cproxy_allowed_cpus(int32_t *cpus, int32_t capacity) { (void)cpus; (void)capacity; return -1; }
 int cproxy_bind_current_thread(int32_t cpu) { (void)cpu; errno = ENOSYS; return -1; }
 #endif

@@ -23,10 +23,14 @@ public final class ProxyRuntime: Sendable {
     final class PoolSettings: Sendable {
         let config: PoolConfig
         let placement: PlacementStrategyKind
+        /// The routing table's pool of the same name (nil when the table has none): one lookup per keyed request
+        /// finds both.
+        let pool: Pool?
 
-        init(config: PoolConfig) {
+        init(config: PoolConfig, pool: Pool?) {
             self.config = config
             self.placement = PlacementStrategyKind(rawValue: config.placement) ?? .leastKeys
+            self.pool = pool
         }
     }
 
@@ -45,7 +49,9 @@ public final class ProxyRuntime: Sendable {
         self.tunnels = tunnels
         self.drains = drains
         self.generation = generation
-        self.pools = Dictionary(config.pools.map { ($0.name, PoolSettings(config: $0)) }, uniquingKeysWith: { first, _ in first })
+        self.pools = Dictionary(
+            config.pools.map { ($0.name, PoolSettings(config: $0, pool: table.pools[$0.name])) },
+            uniquingKeysWith: { first, _ in first })
     }
 }
 

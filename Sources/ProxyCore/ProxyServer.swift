@@ -37,6 +37,8 @@ public final class ProxyServer: Service, Sendable {
         var responseHeads = ByteBufferAllocator().buffer(capacity: 2048)
         /// Where this loop's established tunnels move (`threads.tunnel_relay`); nil keeps them on NIO channels.
         let relay: RelayLink?
+        /// The fast path's writes that went to a socket directly (`DirectWriter`), to clients and to backends.
+        var directWrites = DirectWriteCounts()
 
         init(pool: UpstreamPool, generation: LoopGeneration, relay: RelayLink? = nil) {
             self.pool = pool
@@ -235,6 +237,17 @@ public final class ProxyServer: Service, Sendable {
     public var relayedTunnels: Int { self.started.withLock { $0?.relay?.count ?? 0 } }
     /// Tunnels handed to the relay threads since the start.
     public var relayedTunnelsTotal: Int { self.started.withLock { $0?.relay?.adoptedTotal ?? 0 } }
+
+    /// The fast path's direct writes since the start, summed over the event loops (`DirectWriter`).
+    public func directWriteCounts() async -> DirectWriteCounts {
+        guard let loopStates = self.started.withLock({ $0?.loopStates }) else { return DirectWriteCounts() }
+        var total = DirectWriteCounts()
+        for (_, state) in loopStates {
+            guard let counts = try? await state.eventLoop.submit({ state.value.directWrites }).get() else { continue }
+            total.add(counts)
+        }
+        return total
+    }
 
     /// Binds every listener and the admin listener. Fails (and binds nothing) if any address is unusable.
     public func start() async throws {

@@ -1,3 +1,4 @@
+import Logging
 import NIOCore
 import NIOPosix
 import ProxyCore
@@ -54,10 +55,8 @@ import Testing
     /// A client that stops reading leaves its response heads queued in the proxy while the same loop serves another
     /// client: the queued heads must reach the slow client intact and in order.
     @Test func headsQueuedBehindASlowClientAreNotOverwrittenByOtherConnections() async throws {
-        let oneLoop = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         try await withOrigin { origin in
-            let proxy = try await ProxyHarness.start(backends: [(id: "a", port: origin.port)], group: oneLoop)
-            do {
+            try await withOneLoopProxy(backends: [(id: "a", port: origin.port)]) { proxy in
                 // 8 KB heads: 600 of them are more than the kernel buffers between proxy and client can hold.
                 let pad = String(repeating: "p", count: 8_000)
                 let count = 600
@@ -86,14 +85,8 @@ import Testing
                     }
                 }
                 await slow.close()
-            } catch {
-                await proxy.stop()
-                try? await oneLoop.shutdownGracefully()
-                throw error
             }
-            await proxy.stop()
         }
-        try await oneLoop.shutdownGracefully()
     }
 
     @Test func pipelinedRequestsAreAnsweredInOrder() async throws {
@@ -159,6 +152,58 @@ import Testing
                     #expect(try await connection.readResponse().header("x-origin-uri") == "/echo?r=\(round)")
                 }
             }
+        }
+    }
+
+    /// A request's duration (access log, duration histogram) counts from the first byte of its head, as nginx's
+    /// `$request_time` does, on either path: a head sent slowly shows in it, and a request that follows on the same
+    /// connection counts from its own first byte.
+    @Test(arguments: [true, false])
+    func durationsCountFromTheFirstByteOfTheHead(_ fastPath: Bool) async throws {
+        try await withOrigin { origin in
+            let captured = CapturedLog()
+            var config = ProxyConfig(
+                listeners: [ListenerConfig(name: "test", address: "127.0.0.1", port: 0, pool: "main")],
+                pools: [PoolConfig(name: "main", backends: [BackendConfig(id: "a", host: "127.0.0.1", port: origin.port)])],
+                logging: LoggingConfig(level: .warning, format: .logfmt, accessLog: true))
+            config.listeners[0].fastPath = fastPath
+            config.timeouts.shutdownGrace = .seconds(1)
+            let access = Logger(label: "access") { _ in CapturingLogHandler(log: captured) }
+            let server = try ProxyServer(config: config, accessLogger: access, group: MultiThreadedEventLoopGroup.singleton)
+            try await server.start()
+            do {
+                let connection = try await RawHTTPConnection.connect(port: try #require(server.listenerPorts["test"]))
+                defer { Task { await connection.close() } }
+                // The first request of the connection, then a later one: both slow heads, each followed by a quick one.
+                for round in 0..<2 {
+                    try await connection.send("GET /echo?slow=\(round) HTTP/1.1\r\nHo")
+                    try await Task.sleep(for: .seconds(1))
+                    try await connection.send("st: test\r\n\r\n")
+                    #expect(try await connection.readResponse().status == 200)
+                    try await connection.send("GET /echo?quick=\(round) HTTP/1.1\r\nHost: test\r\n\r\n")
+                    #expect(try await connection.readResponse().status == 200)
+                }
+                let logged = await WSSupport.waitUntil(timeout: .seconds(3)) { captured.entries.count >= 4 }
+                #expect(logged, "\(captured.entries)")
+                var durations: [String: Double] = [:]
+                for entry in captured.entries {
+                    if case .string(let path) = entry["path"], case .string(let duration) = entry["duration_ms"] {
+                        durations[path] = Double(duration)
+                    }
+                }
+                for round in 0..<2 {
+                    let slow = try #require(durations["/echo?slow=\(round)"], "\(durations)")
+                    let quick = try #require(durations["/echo?quick=\(round)"], "\(durations)")
+                    #expect(slow >= 500, "round \(round): \(slow) ms")
+                    // Margins of half the 1 s gap either way: the whole suite runs in parallel on two cores, and a busy
+                    // event loop reads a part late. From the previous head, a quick request would take over 1 s.
+                    #expect(quick < 500, "round \(round): \(quick) ms")
+                }
+            } catch {
+                await server.shutdown()
+                throw error
+            }
+            await server.shutdown()
         }
     }
 

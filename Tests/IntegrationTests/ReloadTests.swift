@@ -164,6 +164,30 @@ import Testing
         }
     }
 
+    /// A reload that keeps a backend's id but moves it to another address: the pooled keep-alive connections to the
+    /// old address must not serve the new backend. (The pool once looked connections up by backend id, and a
+    /// request after such a reload went to the old address.)
+    @Test func reloadMovingABackendIdToAnotherAddressDoesNotReuseItsPooledConnections() async throws {
+        try await Self.withReloadableProxy { server, directory, backends in
+            let (a, b) = (backends[0], backends[1])
+            let port = try #require(server.listenerPorts["public"])
+            let client = try await RawHTTPConnection.connect(port: port)
+            defer { Task { await client.close() } }
+            // Two requests, so the second surely found the first's backend connection back in the pool.
+            #expect(try await Self.backend(of: client) == "a")
+            #expect(try await Self.backend(of: client) == "a")
+
+            let moved = Self.configYAML(listenerPort: 1, backends: [a, b], admin: false)
+                .replacingOccurrences(of: "127.0.0.1:\(a.port)", with: "127.0.0.1:\(b.port)")
+            #expect(moved.contains("id: a\n        address: 127.0.0.1:\(b.port)"))
+            try directory.write("proxy.yaml", moved)
+            #expect(try await server.reload().get() == 2)
+            // The same client connection (so the same event loop and pool): backend `a` is now the server at b's port.
+            #expect(try await Self.backend(of: client) == "b")
+            #expect(try await Self.backendOnFreshConnection(port: port) == "b")
+        }
+    }
+
     @Test func adminPostReloadAnswersWithTheOutcome() async throws {
         try await Self.withReloadableProxy(admin: true) { server, directory, _ in
             let port = try #require(server.listenerPorts["public"])

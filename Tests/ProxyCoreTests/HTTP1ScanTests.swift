@@ -26,6 +26,13 @@ import Testing
         #expect(withBytes("\n\n\r\n\n") { HTTP1Scan.headEnd($0) } == nil)
     }
 
+    @Test func tokenBytesAreExactlyTheRFC9110Tchars() {
+        let tchar = Set("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ".utf8)
+        for byte in UInt8.min...UInt8.max {
+            #expect(HTTP1Scan.isTokenByte(byte) == tchar.contains(byte), "byte \(byte)")
+        }
+    }
+
     // MARK: Request heads
 
     @Test func plainRequestHeadsParse() throws {

@@ -413,7 +413,13 @@ struct OwnershipTableTests {
 /// A clock the test moves by hand.
 private final class ManualClock: Sendable {
     private let value = Mutex<Double>(0)
-    var now: Double { self.value.withLock { $0 } }
+    private let readCount = Mutex(0)
+    /// How many times the directory read the clock.
+    var reads: Int { self.readCount.withLock { $0 } }
+    var now: Double {
+        self.readCount.withLock { $0 += 1 }
+        return self.value.withLock { $0 }
+    }
     func advance(_ seconds: Double) { self.value.withLock { $0 += seconds } }
     var clock: OwnershipClock { { [self] in self.now } }
 }
@@ -494,6 +500,25 @@ struct InMemoryOwnershipDirectoryTests {
         time.advance(10)
         #expect(directory.validOwner(key: "k", pool: owner.pool, stillValid: { _ in true }) == nil, "lease expired")
         #expect(placer.calls == 1, "validOwner never places")
+    }
+
+    /// The request path's lookup reads the clock only for a key nobody is using: a live key cannot have expired.
+    @Test func validOwnerReadsTheClockOnlyForAKeyWithoutALiveLease() throws {
+        let time = ManualClock()
+        let directory = InMemoryOwnershipDirectory(clock: time.clock)
+        let owner = try #require(Self.owned(directory.resolve(Self.query("k", placer: Placer("a")), on: nil)))
+        directory.acquireLease(key: "k")
+        let before = time.reads
+        for _ in 0..<10 {
+            #expect(directory.validOwner(key: "k", pool: owner.pool, stillValid: { _ in true }) == owner)
+        }
+        #expect(time.reads == before, "a live key needs no clock")
+        directory.releaseLease(key: "k")
+        let released = time.reads
+        #expect(directory.validOwner(key: "k", pool: owner.pool, stillValid: { _ in true }) == owner)
+        #expect(time.reads == released + 1, "an idle key is checked against the clock")
+        time.advance(10)
+        #expect(directory.validOwner(key: "k", pool: owner.pool, stillValid: { _ in true }) == nil, "and expires on it")
     }
 
     @Test func sweepUsesTheInjectedClock() throws {

@@ -46,4 +46,8 @@ int cproxy_dup(int fd);
 /* send(2) with MSG_NOSIGNAL: a peer that went away gives EPIPE, not SIGPIPE. */
 long cproxy_send(int fd, const void *bytes, unsigned long count);
 
+/* send(2) with MSG_NOSIGNAL | MSG_DONTWAIT, retried on EINTR: the bytes written, or -errno (-EAGAIN when the socket
+ * buffer is full). */
+long cproxy_send_nowait(int fd, const void *bytes, unsigned long count);
+
 #endif

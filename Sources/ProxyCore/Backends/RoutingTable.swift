@@ -56,7 +56,7 @@ extension ProxyRuntime {
         case .backend(let id):
             return self.table.backends[id].map { .backend($0) } ?? .unknownBackend(id)
         case .keyed(let key, let name, let placement):
-            guard let pool = self.table.pools[name], let settings = self.pools[name] else {
+            guard let settings = self.pools[name], let pool = settings.pool else {
                 return .unknownPool(name)
             }
             var strategy = settings.placement
@@ -67,8 +67,18 @@ extension ProxyRuntime {
             let owned = { (ownership: Ownership) -> TargetResolution in
                 self.table.backends[ownership.backend].map { .owned($0, ownership) } ?? .noBackend
             }
-            // The common case first: a valid owner, found without building the placement closures.
-            if let ownership = self.directory.validOwner(key: key, pool: name, stillValid: { Self.mayKeepKeys(pool.backends, $0) }) {
+            // The common case first: a valid owner, found without building the placement closures (and its `Backend`
+            // taken from the pool while checking it, not looked up by id again).
+            var owner: Backend?
+            let valid = self.directory.validOwner(key: key, pool: name) { id in
+                guard let backend = pool.backends.first(where: { $0.id == id }), backend.canServeExistingKeys else {
+                    return false
+                }
+                owner = backend
+                return true
+            }
+            if let ownership = valid {
+                if let owner, owner.id == ownership.backend { return .owned(owner, ownership) }
                 return owned(ownership)
             }
             let query = self.ownershipQuery(key: key, pool: pool, settings: settings, strategy: strategy)

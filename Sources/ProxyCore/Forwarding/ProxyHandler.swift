@@ -22,6 +22,9 @@ final class Exchange {
     let backend: Backend
     let framing: RequestFraming
     let upgrade: String?
+    /// When the first byte of the request head arrived (`RequestHeadTimer.headStartedAt`), as nginx's `$request_time`
+    /// counts: the access log's `duration_ms` and `ott_proxy_request_duration_seconds` measure from here. (Before the
+    /// head completes there is no exchange; a request buffered behind another starts when it is taken up.)
     let started: NIODeadline
     let clientKeepAlive: Bool
     var upstream: UpstreamConnection?
@@ -50,13 +53,16 @@ final class Exchange {
     var observedBody: ByteBuffer?
     var observedBodyTooLarge = false
 
-    init(head: HTTPRequestHead, clientURI: String, backend: Backend, framing: RequestFraming, upgrade: String?) {
+    init(
+        head: HTTPRequestHead, clientURI: String, backend: Backend, framing: RequestFraming, upgrade: String?,
+        started: NIODeadline = .now()
+    ) {
         self.head = head
         self.clientURI = clientURI
         self.backend = backend
         self.framing = framing
         self.upgrade = upgrade
-        self.started = .now()
+        self.started = started
         self.clientKeepAlive = head.isKeepAlive
     }
 }
@@ -110,6 +116,8 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     /// reload applies to the next request while the current one finishes under what it started with.
     private var runtime: ProxyRuntime
     private var policy: RoutingPolicy
+    /// When the current request's head began to arrive (`RequestHeadTimer.headStartedAt`): its exchange's start.
+    private var requestStarted: NIODeadline = .now()
     private let listener: ListenerContext
     private let loop: ProxyServer.LoopState
     private var upstreamPool: UpstreamPool { self.loop.pool }
@@ -290,6 +298,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             context.close(promise: nil)
             return
         }
+        self.requestStarted = self.httpHandlers.headTimer.headStartedAt ?? .now()
         self.httpHandlers.headTimer.handle(.headReceived)
         let generation = self.loop.generation
         self.runtime = generation.runtime
@@ -500,7 +509,8 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         let forwardedHead = Self.forwardedHead(pending.head, decision: pending.decision, ownership: ownership, runtime: self.runtime)
         let bodyFraming: RequestFraming = pending.bufferedBody.map { .contentLength($0.readableBytes) } ?? pending.framing
         let exchange = Exchange(
-            head: forwardedHead, clientURI: pending.head.uri, backend: backend, framing: bodyFraming, upgrade: pending.upgrade)
+            head: forwardedHead, clientURI: pending.head.uri, backend: backend, framing: bodyFraming, upgrade: pending.upgrade,
+            started: self.requestStarted)
         exchange.key = ownership?.key
         if let bufferedBody = pending.bufferedBody {
             exchange.requestEnded = true

@@ -63,9 +63,10 @@ final class UpstreamConnection {
         set { self.tap.sink = newValue }
     }
 
-    /// Writes bytes below the HTTP encoder (a head the fast path serialized itself) and flushes.
-    func writeRawAndFlush(_ bytes: ByteBuffer) {
-        self.tap.writeAndFlush(bytes)
+    /// Writes bytes below the HTTP encoder (a head the fast path serialized itself) and flushes; `reused` says the
+    /// connection served an exchange before (direct writes are tried only then, see `DirectWriter`).
+    func writeRawAndFlush(_ bytes: ByteBuffer, reused: Bool, counts: inout DirectWriteCounts.Side) {
+        self.tap.writeAndFlush(bytes, reused: reused, counts: &counts)
     }
 
     /// Stops or resumes reading from the backend (back-pressure from a slow client).
@@ -85,9 +86,10 @@ protocol RawUpstreamSink: AnyObject {
 /// Sits first in an upstream pipeline (next to the socket). Without a sink it passes everything on to the HTTP codec;
 /// with one (a fast-path lease) it hands response bytes to the sink and the codec behind it sees nothing, so its state
 /// is still fresh for whichever path leases the connection next. Removed when the connection becomes a tunnel.
-final class RawUpstreamTap: ChannelInboundHandler, RemovableChannelHandler {
+final class RawUpstreamTap: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
+    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     /// The fast-path handler that leased the connection. Strong on purpose, like `UpstreamHandler`'s references: a
@@ -98,6 +100,12 @@ final class RawUpstreamTap: ChannelInboundHandler, RemovableChannelHandler {
     /// goes inactive, and when the tap is removed.
     var sink: RawUpstreamSink?
     private var context: ChannelHandlerContext?
+    /// This read cycle's bytes went to a sink: its `channelReadComplete` is the sink's too, even when the sink let go
+    /// of the connection meanwhile (the response ended and it went back to the pool). The HTTP handlers behind the
+    /// tap saw none of those bytes, so the event stops here instead of passing through three handlers for nothing.
+    private var readBySink = false
+    /// The fast path's request heads go out with `send(2)` when the connection is reused (`DirectWriter`).
+    private var direct = DirectWriter()
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
@@ -106,14 +114,35 @@ final class RawUpstreamTap: ChannelInboundHandler, RemovableChannelHandler {
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
         self.sink = nil
+        self.direct.disable()
     }
 
-    func writeAndFlush(_ bytes: ByteBuffer) {
-        self.context?.writeAndFlush(Self.wrapOutboundOut(bytes), promise: nil)
+    /// Writes bytes the fast path serialized itself: straight to the socket on a reused connection when NIO holds
+    /// nothing of it (`DirectWriter`), else (and for what the socket did not take) through NIO, flushed.
+    func writeAndFlush(_ bytes: ByteBuffer, reused: Bool, counts: inout DirectWriteCounts.Side) {
+        guard let context = self.context else { return }
+        if reused { self.direct.prepare(context.channel) }
+        guard self.direct.isDirect else {
+            context.writeAndFlush(Self.wrapOutboundOut(bytes), promise: nil)
+            return
+        }
+        guard let rest = self.direct.write(bytes, counts: &counts) else { return }
+        self.direct.willQueueInNIO()
+        let promise = context.eventLoop.makePromise(of: Void.self)
+        promise.futureResult.assumeIsolated().whenComplete { [self] _ in self.direct.nioWriteCompleted() }
+        context.writeAndFlush(Self.wrapOutboundOut(rest), promise: promise)
+    }
+
+    /// A write from the HTTP encoder behind (the full path's lease): the fast path's next direct write waits until
+    /// NIO has written it.
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        self.direct.pipelineWrote()
+        context.write(data, promise: promise)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         if let sink = self.sink {
+            self.readBySink = true
             sink.rawUpstreamRead(Self.unwrapInboundIn(data))
         } else {
             context.fireChannelRead(data)
@@ -121,14 +150,17 @@ final class RawUpstreamTap: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
+        let readBySink = self.readBySink
+        self.readBySink = false
         if let sink = self.sink {
             sink.rawUpstreamReadComplete()
-        } else {
+        } else if !readBySink {
             context.fireChannelReadComplete()
         }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        self.direct.disable()
         if let sink = self.sink {
             self.sink = nil
             sink.rawUpstreamClosed()

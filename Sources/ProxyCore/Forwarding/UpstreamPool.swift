@@ -52,7 +52,11 @@ final class UpstreamPool {
     let eventLoop: EventLoop
     /// Replaced on reload; applies to connections opened and released from then on.
     var settings: Settings
-    private var idle: [String: IdleList] = [:]
+    /// Keyed by the `Backend` object, not its id: a reload builds new `Backend`s, and one whose id stayed but whose
+    /// address changed must not be given connections to the old address. (Each entry's connection holds its backend,
+    /// so the identifier of a list with entries cannot name another object; an empty list left under a freed
+    /// backend's identifier holds nothing to hand out.)
+    private var idle: [ObjectIdentifier: IdleList] = [:]
     private(set) var connectsOpened = 0
     private var closed = false
 
@@ -68,7 +72,7 @@ final class UpstreamPool {
         completion: @escaping (Result<UpstreamConnection, UpstreamConnectError>) -> Void
     ) {
         self.eventLoop.preconditionInEventLoop()
-        if allowPooled, let connection = self.popIdle(backend.id) {
+        if allowPooled, let connection = self.popIdle(backend) {
             completion(.success(connection))
             return
         }
@@ -76,27 +80,29 @@ final class UpstreamPool {
     }
 
     /// Returns a connection whose last exchange ended cleanly; closes it instead when the pool is full.
-    func release(_ connection: UpstreamConnection) {
+    /// `now` saves a clock read when the caller has just read it.
+    func release(_ connection: UpstreamConnection, now: NIODeadline = .now()) {
         self.eventLoop.preconditionInEventLoop()
         connection.sink = nil
         connection.rawSink = nil
         connection.holdReads(false)
-        let id = connection.backend.id
+        let id = ObjectIdentifier(connection.backend)
+        let existing = self.idle[id]
         guard !self.closed, connection.channel.isActive,
-            (self.idle[id]?.entries.count ?? 0) < self.settings.maxIdlePerBackend
+            (existing?.entries.count ?? 0) < self.settings.maxIdlePerBackend
         else {
             connection.channel.close(promise: nil)
             return
         }
         connection.idleIn = self
         let list: IdleList
-        if let existing = self.idle[id] {
+        if let existing {
             list = existing
         } else {
             list = IdleList()
             self.idle[id] = list
         }
-        list.entries.append(IdleEntry(connection: connection, since: .now()))
+        list.entries.append(IdleEntry(connection: connection, since: now))
         self.scheduleSweepIfNeeded()
     }
 
@@ -147,10 +153,11 @@ final class UpstreamPool {
     /// calls first so the common case allocates no completion closure.
     func leaseIdle(_ backend: Backend) -> UpstreamConnection? {
         self.eventLoop.preconditionInEventLoop()
-        return self.popIdle(backend.id)
+        return self.popIdle(backend)
     }
 
-    private func popIdle(_ id: String) -> UpstreamConnection? {
+    private func popIdle(_ backend: Backend) -> UpstreamConnection? {
+        let id = ObjectIdentifier(backend)
         guard let list = self.idle[id] else { return nil }
         while let entry = list.entries.popLast() {
             entry.connection.idleIn = nil
@@ -162,7 +169,7 @@ final class UpstreamPool {
     }
 
     func remove(_ connection: UpstreamConnection) {
-        guard let list = self.idle[connection.backend.id],
+        guard let list = self.idle[ObjectIdentifier(connection.backend)],
             let index = list.entries.firstIndex(where: { $0.connection === connection })
         else { return }
         list.entries.remove(at: index)

@@ -60,7 +60,7 @@ public final class ProxyMetrics: Sendable {
                 "tunnels_relayed", unit: "",
                 help: "Open upgraded connections carried by the relay threads (threads.tunnel_relay) rather than NIO channels."))
         self.requestDuration = registry.makeDurationHistogram(
-            descriptor: Self.named("request_duration", unit: "seconds", help: "Time from request head to response end."),
+            descriptor: Self.named("request_duration", unit: "seconds", help: "Time from the first byte of the request head to the response end."),
             buckets: [.milliseconds(1), .milliseconds(5), .milliseconds(25), .milliseconds(100), .milliseconds(500),
                       .seconds(2), .seconds(10), .seconds(60)]
         )

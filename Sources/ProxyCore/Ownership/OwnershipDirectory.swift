@@ -87,14 +87,15 @@ public final class InMemoryOwnershipDirectory: OwnershipDirectory {
     }
 
     public func owner(of key: String) -> Ownership? {
-        let now = self.clock()
-        return self.table.withLock { $0.owner(of: key, now: now) }
+        let clock = self.clock
+        return self.table.withLock { $0.owner(of: key, now: clock()) }
     }
 
     public func validOwner(key: String, pool: String, stillValid: (String) -> Bool) -> Ownership? {
-        let now = self.clock()
+        // The clock is read under the lock, and only for a key with no live lease (`OwnershipTable.owner`).
+        let clock = self.clock
         return self.table.withLock { table in
-            table.owner(of: key, now: now).flatMap { $0.pool == pool && stillValid($0.backend) ? $0 : nil }
+            table.owner(of: key, now: clock()).flatMap { $0.pool == pool && stillValid($0.backend) ? $0 : nil }
         }
     }
 

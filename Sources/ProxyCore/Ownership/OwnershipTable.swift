@@ -102,8 +102,11 @@ public struct OwnershipTable: Sendable {
     public func keys(on backend: String) -> Int { self.keysPerBackend[backend, default: 0] }
 
     /// The current owner, or nil when none or its lease expired at `now`.
-    public func owner(of key: String, now: Double) -> Ownership? {
-        guard let entry = self.entries[key], !self.expired(entry, now: now) else { return nil }
+    /// `now` is read only when the key has no live lease (a live key cannot have expired): a key in use costs no
+    /// clock read here.
+    public func owner(of key: String, now: @autoclosure () -> Double) -> Ownership? {
+        guard let entry = self.entries[key] else { return nil }
+        if self.live[key] == nil, now() - entry.idleSince >= entry.idleTTL { return nil }
         return entry.ownership
     }
 

@@ -64,3 +64,27 @@ func withProxy<T>(
         throw error
     }
 }
+
+/// A proxy on an event loop group of its own with one thread (a test about one loop's ordering and buffers), stopped
+/// with its group afterwards.
+func withOneLoopProxy<T>(
+    backends: [(id: String, port: Int)], _ body: (ProxyHarness) async throws -> T
+) async throws -> T {
+    let oneLoop = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    let proxy: ProxyHarness
+    do {
+        proxy = try await ProxyHarness.start(backends: backends, group: oneLoop)
+    } catch {
+        try? await oneLoop.shutdownGracefully()
+        throw error
+    }
+    let result: Result<T, Error>
+    do {
+        result = .success(try await body(proxy))
+    } catch {
+        result = .failure(error)
+    }
+    await proxy.stop()
+    try? await oneLoop.shutdownGracefully()
+    return try result.get()
+}

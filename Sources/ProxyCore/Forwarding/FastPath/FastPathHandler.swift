@@ -85,6 +85,11 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
     /// The client ended its side, or a shutdown asked the connection to close after the current response.
     private var closeWhenIdle = false
     var deadlineTimer = LazyDeadlineTimer()
+    /// Responses go to the client with `send(2)` from the connection's second exchange on (`DirectWriter`).
+    private var direct = DirectWriter()
+    /// Bytes were handed to NIO without a flush (only while direct writes are off).
+    private var unflushed = false
+    private var exchangesStarted = 0
 
     /// Adds the full HTTP pipeline behind this handler (at hand-over).
     private let installFullPipeline: (ChannelPipeline.SynchronousOperations, FastPathHandler) throws -> Void
@@ -178,6 +183,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
 
     func channelInactive(context: ChannelHandlerContext) {
         self.cancelDeadlineTimer()
+        self.direct.disable()
         if case .proxying(let fast) = self.state {
             let exchange = fast.exchange
             exchange.responseDeadline = nil
@@ -215,6 +221,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
     /// From now on the full pipeline serves this connection, starting with every byte held here.
     private func handOff(context: ChannelHandlerContext) {
         self.passthrough = true
+        self.direct.disable()
         self.runtime.metrics.fastPathHandoffs.increment()
         do {
             try self.installFullPipeline(context.pipeline.syncOperations, self)
@@ -264,10 +271,16 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         let rawHead = self.inbound!.readSlice(length: headLength)
         self.scannedHeadBytes = 0
         if self.inbound!.readableBytes == 0 { self.inbound = nil }
+        // Without path or header rewrites the head goes out from the client's bytes (`rawHead`), with the ownership
+        // fields added there; the `HTTPRequestHead` is then only read (method, keep-alive, the log), unless
+        // `attach` must fall back to writing it, which adds the fields itself.
+        let unchanged = decision.path == nil && decision.setHeaders.isEmpty && decision.removeHeaders.isEmpty
+        let forwardedHead =
+            unchanged ? head : ProxyHandler.forwardedHead(head, decision: decision, ownership: ownership, runtime: runtime)
+        let exchange = Exchange(
+            head: forwardedHead, clientURI: head.uri, backend: backend, framing: .none, upgrade: nil,
+            started: self.headTimer.headStartedAt ?? .now())
         self.headTimer.handle(.headReceived)
-
-        let forwardedHead = ProxyHandler.forwardedHead(head, decision: decision, ownership: ownership, runtime: runtime)
-        let exchange = Exchange(head: forwardedHead, clientURI: head.uri, backend: backend, framing: .none, upgrade: nil)
         exchange.key = ownership?.key
         exchange.requestEnded = true
         backend.acquire()
@@ -276,11 +289,13 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         if policy.observesResponses {
             fast.observed = (policy, request)
         }
-        if decision.path == nil && decision.setHeaders.isEmpty && decision.removeHeaders.isEmpty {
+        if unchanged {
             fast.rawHead = rawHead
             fast.addedFields = ProxyHandler.ownershipFields(ownership, runtime: runtime)
         }
         self.state = .proxying(fast)
+        self.exchangesStarted += 1
+        if self.exchangesStarted > 1 && self.listener.scheme == "http" { self.direct.prepare(context.channel) }
         self.connectUpstream(fast, allowPooled: true)
         return true
     }
@@ -289,7 +304,8 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
 
     private func connectUpstream(_ fast: FastExchange, allowPooled: Bool) {
         if allowPooled, let connection = self.loop.pool.leaseIdle(fast.exchange.backend) {
-            self.attach(connection, to: fast)
+            // Sent in the same event the head arrived in: the deadline counts from the exchange's start.
+            self.attach(connection, to: fast, now: fast.exchange.started)
             return
         }
         self.loop.pool.lease(fast.exchange.backend, allowPooled: false) { [self] result in
@@ -300,7 +316,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
             let exchange = fast.exchange
             switch result {
             case .success(let connection):
-                self.attach(connection, to: fast)
+                self.attach(connection, to: fast, now: .now())
             case .failure(let error):
                 let answer = error.recordAndAnswer(backend: exchange.backend, runtime: self.runtime)
                 self.fail(fast, status: answer.status, reason: answer.reason)
@@ -308,7 +324,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         }
     }
 
-    private func attach(_ connection: UpstreamConnection, to fast: FastExchange) {
+    private func attach(_ connection: UpstreamConnection, to fast: FastExchange, now: NIODeadline) {
         guard let context = self.context else { return }
         let exchange = fast.exchange
         exchange.upstream = connection
@@ -323,12 +339,16 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
                 scheme: self.listener.scheme, into: &loop.requestHeads)
         }
         if written != true {
+            var forwarded = exchange.head
+            for field in fast.addedFields {
+                forwarded.headers.replaceOrAdd(name: field.name, value: field.value)
+            }
             let head = ForwardingHeaders.upstreamRequestHead(
-                from: exchange.head, framing: .none, upgrade: nil, clientIP: self.clientIP, scheme: self.listener.scheme)
+                from: forwarded, framing: .none, upgrade: nil, clientIP: self.clientIP, scheme: self.listener.scheme)
             loop.requestHeads.writeRequestHead(head)
         }
-        connection.writeRawAndFlush(loop.requestHeads)
-        self.armResponseDeadline(exchange, context: context)
+        connection.writeRawAndFlush(loop.requestHeads, reused: exchange.upstreamReused, counts: &loop.directWrites.backend)
+        self.armResponseDeadline(exchange, now: now, context: context)
         connection.holdReads(!context.channel.isWritable)
     }
 
@@ -393,11 +413,11 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
                     exchange.bytesOut += length
                     fast.responseHeadBytes = nil
                     fast.trailingGarbage = rest.readableBytes > 0
-                    context.write(Self.wrapOutboundOut(loop.responseHeads), promise: nil)
+                    self.writeToClient(loop.responseHeads, context: context)
                     self.responseEnded(fast, context: context)
                     return
                 }
-                context.write(Self.wrapOutboundOut(loop.responseHeads), promise: nil)
+                self.writeToClient(loop.responseHeads, context: context)
                 self.relayRest(fast, context: context)
                 return
             }
@@ -417,7 +437,8 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
                 ForwardingHeaders.stripHopByHop(&interim.headers)
                 var bytes = context.channel.allocator.buffer(capacity: 128)
                 bytes.writeResponseHead(interim)
-                context.writeAndFlush(Self.wrapOutboundOut(bytes), promise: nil)
+                self.writeToClient(bytes, context: context)
+                self.flushClient(context: context)
                 continue
             }
             guard self.startResponse(head, fast: fast, context: context) else { return }
@@ -480,7 +501,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         }
         var bytes = context.channel.allocator.buffer(capacity: 256)
         bytes.writeResponseHead(responseHead)
-        context.write(Self.wrapOutboundOut(bytes), promise: nil)
+        self.writeToClient(bytes, context: context)
         return true
     }
 
@@ -495,7 +516,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
             let take = min(remaining, bytes.readableBytes)
             if take < bytes.readableBytes { fast.trailingGarbage = true }
             exchange.bytesOut += take
-            context.write(Self.wrapOutboundOut(bytes.readSlice(length: take)!), promise: nil)
+            self.writeToClient(bytes.readSlice(length: take)!, context: context)
             if take == remaining {
                 self.responseEnded(fast, context: context)
             } else {
@@ -513,7 +534,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
             let take = end ?? bytes.readableBytes
             if take < bytes.readableBytes { fast.trailingGarbage = true }
             exchange.bytesOut += take
-            context.write(Self.wrapOutboundOut(bytes.readSlice(length: take)!), promise: nil)
+            self.writeToClient(bytes.readSlice(length: take)!, context: context)
             if end != nil { self.responseEnded(fast, context: context) }
         case .close:
             exchange.bytesOut += bytes.readableBytes
@@ -522,12 +543,12 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
             chunk.writeStaticString("\r\n")
             chunk.writeBuffer(&bytes)
             chunk.writeStaticString("\r\n")
-            context.write(Self.wrapOutboundOut(chunk), promise: nil)
+            self.writeToClient(chunk, context: context)
         }
     }
 
     func rawUpstreamReadComplete() {
-        self.context?.flush()
+        if let context = self.context { self.flushClient(context: context) }
     }
 
     func rawUpstreamClosed() {
@@ -538,7 +559,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         exchange.responseDeadline = nil
         if case .close = fast.framing, exchange.responseStarted {
             // A close-delimited body is complete: end the chunked stream the client was promised.
-            context.write(Self.wrapOutboundOut(context.channel.allocator.buffer(staticString: "0\r\n\r\n")), promise: nil)
+            self.writeToClient(context.channel.allocator.buffer(staticString: "0\r\n\r\n"), context: context)
             self.responseEnded(fast, context: context)
             return
         }
@@ -581,33 +602,59 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         }
     }
 
+    // MARK: Writing to the client
+
+    /// Every byte the fast path sends the client goes through here: straight to the socket when direct writes are on
+    /// and NIO holds nothing (`DirectWriter`); what the socket does not take goes to NIO, flushed, and is counted until
+    /// written. Without direct writes: to NIO, flushed by `flushClient` at the end of the read or the exchange.
+    private func writeToClient(_ bytes: ByteBuffer, context: ChannelHandlerContext) {
+        guard self.direct.isDirect else {
+            context.write(Self.wrapOutboundOut(bytes), promise: nil)
+            self.unflushed = true
+            return
+        }
+        guard let rest = self.direct.write(bytes, counts: &self.loop.directWrites.client) else { return }
+        self.direct.willQueueInNIO()
+        let promise = context.eventLoop.makePromise(of: Void.self)
+        promise.futureResult.assumeIsolated().whenComplete { [self] _ in self.direct.nioWriteCompleted() }
+        context.writeAndFlush(Self.wrapOutboundOut(rest), promise: promise)
+    }
+
+    private func flushClient(context: ChannelHandlerContext) {
+        guard self.unflushed else { return }
+        self.unflushed = false
+        context.flush()
+    }
+
     // MARK: Completion
 
     private func responseEnded(_ fast: FastExchange, context: ChannelHandlerContext) {
         let exchange = fast.exchange
         exchange.responseEnded = true
+        // One clock read for the pool's idle stamp, the request's duration and the keep-alive timer.
+        let now = NIODeadline.now()
         if let upstream = exchange.upstream {
             // (A close-delimited body ends with the connection, which is gone by now.)
             exchange.upstream = nil
             if exchange.upstreamKeepAlive && !fast.trailingGarbage {
-                self.loop.pool.release(upstream)
+                self.loop.pool.release(upstream, now: now)
             } else {
                 upstream.rawSink = nil
                 upstream.channel.close(promise: nil)
             }
         }
         self.release(exchange)
-        self.logAccess(exchange, status: exchange.status)
+        self.logAccess(exchange, status: exchange.status, now: now)
         let keepAlive = exchange.clientKeepAlive && !exchange.closeAfter && !self.closeWhenIdle
-        self.finishExchange(keepAlive: keepAlive, context: context)
+        self.finishExchange(keepAlive: keepAlive, now: now, context: context)
     }
 
     /// The response is written (or queued): flush it, then serve the next request or close.
-    private func finishExchange(keepAlive: Bool, context: ChannelHandlerContext) {
+    private func finishExchange(keepAlive: Bool, now: NIODeadline = .now(), context: ChannelHandlerContext) {
         if keepAlive {
             self.state = .idle
-            self.headTimer.handle(.awaitingHead)
-            context.flush()
+            self.headTimer.handle(.awaitingHead, now: now)
+            self.flushClient(context: context)
             if self.readPending {
                 self.readPending = false
                 context.read()
@@ -637,7 +684,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         bytes.writeString("content-length: \(body.utf8.count)\r\n")
         bytes.writeStaticString(keepAlive ? "connection: keep-alive\r\n\r\n" : "connection: close\r\n\r\n")
         bytes.writeString(body)
-        context.write(Self.wrapOutboundOut(bytes), promise: nil)
+        self.writeToClient(bytes, context: context)
         self.finishExchange(keepAlive: keepAlive, context: context)
     }
 
@@ -656,9 +703,9 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         if let key = exchange.key { self.runtime.directory.releaseLease(key: key) }
     }
 
-    private func logAccess(_ exchange: Exchange, status: Int) {
+    private func logAccess(_ exchange: Exchange, status: Int, now: NIODeadline = .now()) {
         self.runtime.metrics.countRequest(listener: self.listener.name, status: status)
-        self.runtime.metrics.requestDuration.recordNanoseconds((NIODeadline.now() - exchange.started).nanoseconds)
+        self.runtime.metrics.requestDuration.recordNanoseconds((now - exchange.started).nanoseconds)
         ProxyHandler.logAccess(runtime: self.runtime, listener: self.listener, clientIP: self.clientIP, exchange: exchange, status: status)
     }
 
@@ -675,8 +722,8 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         self.fail(fast, status: .gatewayTimeout, reason: "gateway timeout: backend did not answer in time")
     }
 
-    private func armResponseDeadline(_ exchange: Exchange, context: ChannelHandlerContext) {
-        let deadline = NIODeadline.now() + self.runtime.config.timeouts.upstreamResponseHeader
+    private func armResponseDeadline(_ exchange: Exchange, now: NIODeadline, context: ChannelHandlerContext) {
+        let deadline = now + self.runtime.config.timeouts.upstreamResponseHeader
         exchange.responseDeadline = deadline
         self.watchResponseDeadline(deadline, on: context.eventLoop)
     }
