@@ -102,8 +102,22 @@ public final class ProxyMetrics: Sendable {
     }
 
     func countRequest(listener: String, status: Int) {
-        let klass = min(max(status / 100, 1), 5)
-        self.requests[listener]?[klass - 1].increment()
+        self.requestCounters(listener: listener)?.count(status: status)
+    }
+
+    /// A listener's request counters, for a handler to keep (the metrics object outlives reloads): counting then
+    /// costs no dictionary lookup per request.
+    func requestCounters(listener: String) -> RequestCounters? {
+        self.requests[listener].map(RequestCounters.init)
+    }
+
+    /// One listener's `requests_total` counters by status class.
+    struct RequestCounters {
+        fileprivate let byClass: [Counter]
+
+        func count(status: Int) {
+            self.byClass[min(max(status / 100, 1), 5) - 1].increment()
+        }
     }
 
     func countUpstreamError(_ kind: UpstreamErrorKind) {

@@ -90,6 +90,8 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
     /// Bytes were handed to NIO without a flush (only while direct writes are off).
     private var unflushed = false
     private var exchangesStarted = 0
+    /// This listener's request counters (`ProxyMetrics` is shared by every generation, so they stay valid).
+    private lazy var requestCounters = self.runtime.metrics.requestCounters(listener: self.listener.name)
 
     /// Adds the full HTTP pipeline behind this handler (at hand-over).
     private let installFullPipeline: (ChannelPipeline.SynchronousOperations, FastPathHandler) throws -> Void
@@ -704,7 +706,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
     }
 
     private func logAccess(_ exchange: Exchange, status: Int, now: NIODeadline = .now()) {
-        self.runtime.metrics.countRequest(listener: self.listener.name, status: status)
+        self.requestCounters?.count(status: status)
         self.runtime.metrics.requestDuration.recordNanoseconds((now - exchange.started).nanoseconds)
         ProxyHandler.logAccess(runtime: self.runtime, listener: self.listener, clientIP: self.clientIP, exchange: exchange, status: status)
     }
