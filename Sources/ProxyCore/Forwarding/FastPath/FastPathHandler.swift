@@ -105,6 +105,8 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         self.headTimer = headTimer
         self.installFullPipeline = installFullPipeline
         self.runtime = loop.generation.runtime
+        // A TLS listener's bytes must pass its TLS handler: never written to the socket directly.
+        if listener.scheme != "http" { self.direct.disable() }
     }
 
     // MARK: Channel events
@@ -297,7 +299,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         }
         self.state = .proxying(fast)
         self.exchangesStarted += 1
-        if self.exchangesStarted > 1 && self.listener.scheme == "http" { self.direct.prepare(context.channel) }
+        if self.exchangesStarted > 1 { self.direct.prepare(context.channel) }
         self.connectUpstream(fast, allowPooled: true)
         return true
     }
