@@ -550,11 +550,16 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     static func forwardedHead(
         _ head: HTTPRequestHead, decision: RouteDecision, ownership: Ownership?, runtime: ProxyRuntime
     ) -> HTTPRequestHead {
-        var forwardedHead = Self.rewrite(head, with: decision)
-        for field in Self.ownershipFields(ownership, runtime: runtime) {
-            forwardedHead.headers.replaceOrAdd(name: field.name, value: field.value)
+        Self.adding(Self.ownershipFields(ownership, runtime: runtime), to: Self.rewrite(head, with: decision))
+    }
+
+    /// `head` with `fields` set (replace-or-add), as the ownership fields are.
+    static func adding(_ fields: [(name: String, value: String)], to head: HTTPRequestHead) -> HTTPRequestHead {
+        var head = head
+        for field in fields {
+            head.headers.replaceOrAdd(name: field.name, value: field.value)
         }
-        return forwardedHead
+        return head
     }
 
     /// The pool's key and epoch fields for an owned key (`key_header`, `epoch_header`), set with replace-or-add.

@@ -105,8 +105,7 @@ public struct OwnershipTable: Sendable {
     /// `now` is read only when the key has no live lease (a live key cannot have expired): a key in use costs no
     /// clock read here.
     public func owner(of key: String, now: @autoclosure () -> Double) -> Ownership? {
-        guard let entry = self.entries[key] else { return nil }
-        if self.live[key] == nil, now() - entry.idleSince >= entry.idleTTL { return nil }
+        guard let entry = self.entries[key], !self.expired(entry, now: now()) else { return nil }
         return entry.ownership
     }
 
@@ -244,7 +243,8 @@ public struct OwnershipTable: Sendable {
         self.keysPerBackend[backend] = remaining > 0 ? remaining : nil
     }
 
-    private func expired(_ entry: Entry, now: Double) -> Bool {
-        self.live[entry.ownership.key] == nil && now - entry.idleSince >= entry.idleTTL
+    /// Expired: no live lease and idle for its TTL. `now` is read only for a key without a live lease.
+    private func expired(_ entry: Entry, now: @autoclosure () -> Double) -> Bool {
+        self.live[entry.ownership.key] == nil && now() - entry.idleSince >= entry.idleTTL
     }
 }

@@ -343,12 +343,8 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
                 scheme: self.listener.scheme, into: &loop.requestHeads)
         }
         if written != true {
-            var forwarded = exchange.head
-            for field in fast.addedFields {
-                forwarded.headers.replaceOrAdd(name: field.name, value: field.value)
-            }
             let head = ForwardingHeaders.upstreamRequestHead(
-                from: forwarded, framing: .none, upgrade: nil, clientIP: self.clientIP, scheme: self.listener.scheme)
+                from: ProxyHandler.adding(fast.addedFields, to: exchange.head), framing: .none, upgrade: nil, clientIP: self.clientIP, scheme: self.listener.scheme)
             loop.requestHeads.writeRequestHead(head)
         }
         connection.writeRawAndFlush(loop.requestHeads, reused: exchange.upstreamReused, counts: &loop.directWrites.backend)
