@@ -33,6 +33,39 @@ import Testing
         }
     }
 
+    /// `fieldValueEnd` tests eight bytes at a time; it must stop exactly where a byte-by-byte scan does: at the first
+    /// control byte other than tab, DEL or obs-text, wherever that byte sits in a word and whatever surrounds it.
+    @Test func fieldValueEndStopsWhereAByteByByteScanStops() {
+        func reference(_ bytes: [UInt8], from start: Int) -> Int {
+            var i = start
+            while i < bytes.count, (bytes[i] >= 0x20 && bytes[i] < 0x7F) || bytes[i] == 0x09 { i += 1 }
+            return i
+        }
+        // Every byte value at every offset of a 24-byte visible value, scanned from three starts.
+        let visible = Array("Thu, 26 Nov 2026 22:30:0".utf8)
+        for byte in UInt8.min...UInt8.max {
+            for offset in 0..<visible.count {
+                var bytes = visible
+                bytes[offset] = byte
+                for start in [0, 1, 5] {
+                    let actual = bytes.withUnsafeBytes { HTTP1Scan.fieldValueEnd($0, from: start) }
+                    #expect(actual == reference(bytes, from: start), "byte \(byte) at \(offset) from \(start)")
+                }
+            }
+        }
+        // Random mixes weighted toward visible bytes, so that long runs and words with several stops both occur.
+        var rng = SplitMix64(seed: 0x5EED_0F_BA7E)
+        for _ in 0..<5000 {
+            let bytes = (0..<Int(rng.next() % 40)).map { _ -> UInt8 in
+                let r = rng.next()
+                return r % 8 == 0 ? UInt8(truncatingIfNeeded: r >> 8) : UInt8(0x20 + (r >> 8) % 95)
+            }
+            let start = bytes.isEmpty ? 0 : Int(rng.next() % UInt64(bytes.count))
+            let actual = bytes.withUnsafeBytes { HTTP1Scan.fieldValueEnd($0, from: start) }
+            #expect(actual == reference(bytes, from: start), "\(bytes) from \(start)")
+        }
+    }
+
     // MARK: Request heads
 
     @Test func plainRequestHeadsParse() throws {

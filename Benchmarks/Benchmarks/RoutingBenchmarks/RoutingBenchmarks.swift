@@ -4,7 +4,7 @@ import Logging
 import LuaRouting
 import NIOCore
 import NIOHTTP1
-import ProxyCore
+@_spi(Benchmarks) import ProxyCore
 
 /// The per-request work outside the socket calls: the routing decision (Lua), forwarding-header rewriting, framing
 /// validation and backend selection.
@@ -65,6 +65,33 @@ let benchmarks: @Sendable () -> Void = {
         for _ in benchmark.scaledIterations {
             blackHole(try RequestValidator.framing(of: head))
             try RequestValidator.validateHost(of: head)
+        }
+    }
+
+    // The fast path's byte scanners on what the load benchmark sends and gets back (wrk's request head, the head
+    // nginx answers a 1 KiB static file with): per keep-alive request, one of each.
+    let requestHead = Array("GET /rooms/bench/1k HTTP/1.1\r\nHost: 127.0.0.1:18130\r\n\r\n".utf8)
+    let responseHead = Array(
+        ("HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Thu, 26 Nov 2026 22:30:00 GMT\r\n"
+            + "Content-Type: application/octet-stream\r\nContent-Length: 1024\r\n"
+            + "Last-Modified: Thu, 26 Nov 2026 20:00:00 GMT\r\nConnection: keep-alive\r\n"
+            + "ETag: \"6767a0c0-400\"\r\nAccept-Ranges: bytes\r\n\r\n").utf8)
+    Benchmark("HTTP1Scan.parseRequestHead (wrk head)") { benchmark in
+        requestHead.withUnsafeBytes { bytes in
+            for _ in benchmark.scaledIterations {
+                blackHole(HTTP1ScanBenchmarks.parseRequestHead(bytes))
+            }
+        }
+    }
+
+    Benchmark("HTTP1Scan.headEnd + rewriteResponseHead (nginx head)") { benchmark in
+        var out = ByteBufferAllocator().buffer(capacity: 512)
+        responseHead.withUnsafeBytes { bytes in
+            for _ in benchmark.scaledIterations {
+                out.clear()
+                blackHole(HTTP1ScanBenchmarks.headEnd(bytes))
+                blackHole(HTTP1ScanBenchmarks.rewriteResponseHead(bytes, into: &out))
+            }
         }
     }
 
