@@ -84,13 +84,26 @@ import Testing
         return url
     }
 
-    /// A port nothing listens on right now (bound and released).
+    /// A port nothing listens on right now (bound and released), for a child process to listen on.
+    ///
+    /// Taken at random from 20000-32767, below Linux's ephemeral range (32768-60999 by default): a port the kernel
+    /// picks for `bind(0)` comes from that range, where the parallel tests' thousands of outgoing connections also
+    /// take their local ports, and one of them could hold it by the time the child binds (a rare failure seen as the
+    /// child exiting 1, "address already in use"). Here only another caller of this function could collide.
     static func freePort() async throws -> Int {
-        let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .bind(host: "127.0.0.1", port: 0).get()
-        let port = channel.localAddress!.port!
-        try await channel.close()
-        return port
+        var lastError: (any Error)?
+        for _ in 0..<50 {
+            let candidate = Int.random(in: 20000...32767)
+            do {
+                let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                    .bind(host: "127.0.0.1", port: candidate).get()
+                try await channel.close()
+                return candidate
+            } catch {
+                lastError = error
+            }
+        }
+        throw lastError!
     }
 
     @Test func checkAcceptsTheBasicExample() async throws {
