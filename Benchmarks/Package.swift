@@ -53,6 +53,20 @@ let package = Package(
             ],
             path: "Sources/nio-relay"
         ),
+        // raw-relay (docs/benchmarks.md, eighth session): ott-proxy's per-request HTTP work on plain epoll threads.
+        .target(name: "CRawRelay", path: "Sources/CRawRelay"),
+        .executableTarget(
+            name: "raw-relay",
+            dependencies: [
+                "CRawRelay",
+                .product(name: "ProxyCore", package: "ott-proxy"),
+                .product(name: "LuaRouting", package: "ott-proxy"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Sources/raw-relay"
+        ),
         .executableTarget(
             name: "route-bench",
             dependencies: [

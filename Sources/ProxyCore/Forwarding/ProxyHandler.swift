@@ -634,28 +634,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
 
     /// What the policy is asked about a request head. Shared with the fast path.
     static func routeRequest(for head: HTTPRequestHead, isUpgrade: Bool, listener: ListenerContext, clientIP: String) -> RouteRequest {
-        let uri = head.uri
-        let path: String
-        let query: Substring
-        // On UTF-8 bytes: `firstIndex(of: Character)` walks grapheme clusters (1.7 % of the fast path's user time).
-        if let mark = uri.utf8.firstIndex(of: UInt8(ascii: "?")) {
-            path = String(uri[..<mark])
-            query = uri[uri.utf8.index(after: mark)...]
-        } else {
-            path = uri
-            query = ""
-        }
-        return RouteRequest(
-            method: head.method,
-            path: path,
-            query: query,
-            headers: head.headers,
-            host: head.headers.first(name: "host") ?? "",
-            scheme: listener.scheme,
-            clientIP: clientIP,
-            isUpgrade: isUpgrade,
-            listener: listener.name
-        )
+        RouteRequest(head: head, isUpgrade: isUpgrade, scheme: listener.scheme, clientIP: clientIP, listener: listener.name)
     }
 
     // MARK: Upstream

@@ -45,6 +45,26 @@ public struct RouteRequest: Sendable {
         self.listener = listener
         self.body = nil
     }
+
+    /// The request a routing policy sees for a parsed head: the target split into path and query at the first `?`,
+    /// the `Host` field as `host`.
+    public init(head: HTTPRequestHead, isUpgrade: Bool, scheme: String, clientIP: String, listener: String) {
+        let uri = head.uri
+        let path: String
+        let query: Substring
+        // On UTF-8 bytes: `firstIndex(of: Character)` walks grapheme clusters (1.7 % of the fast path's user time).
+        if let mark = uri.utf8.firstIndex(of: UInt8(ascii: "?")) {
+            path = String(uri[..<mark])
+            query = uri[uri.utf8.index(after: mark)...]
+        } else {
+            path = uri
+            query = ""
+        }
+        self.init(
+            method: head.method, path: path, query: query, headers: head.headers,
+            host: head.headers.first(name: "host") ?? "", scheme: scheme, clientIP: clientIP, isUpgrade: isUpgrade,
+            listener: listener)
+    }
 }
 
 /// A response the proxy writes itself, without a backend.
