@@ -250,6 +250,57 @@ import Testing
         #expect(throws: LuaScriptError.badDecision(reason)) { try p.route(request()) }
     }
 
+    /// `pool` and `place` are cached by the Lua string they came from. Whatever the script returns next (another
+    /// constant, a string built at run time, a string made after the cached one was collected, an invalid value), the
+    /// decision must be that call's.
+    @Test func repeatedPoolAndPlaceStringsAreReadAfreshWhenTheyChange() throws {
+        let p = try policy(#"""
+            local places = { "rendezvous", "jump", "maglev" }
+            function route(req)
+                local n = tonumber(req.path:sub(2))
+                if n % 7 == 6 then return { key = "k", pool = "p", place = "near" .. "est" } end
+                -- Built at run time and garbage after the call: the last call's string is collected first, so
+                -- this one (the same size) is likely to get its address.
+                collectgarbage()
+                local pool = "pool-" .. (n % 3)
+                return { key = "k" .. n, pool = pool, place = places[n % 3 + 1] }
+            end
+            """#)
+        for n in 0..<60 {
+            if n % 7 == 6 {
+                #expect(throws: LuaScriptError.self) { try p.route(request(.GET, "/\(n)")) }
+                continue
+            }
+            let expected = RouteDecision(action: .forward(.keyed(
+                key: "k\(n)", pool: "pool-\(n % 3)", placement: ["rendezvous", "jump", "maglev"][n % 3])))
+            #expect(try p.route(request(.GET, "/\(n)")) == expected, "call \(n)")
+        }
+        // A new string on every call, made after a full collection freed the previous call's: its memory is reused
+        // (the allocator hands back the chunk just freed), so an address alone would often name the wrong string.
+        let r = try policy(#"""
+            local n = -1
+            function route(req)
+                collectgarbage()
+                n = n + 1
+                -- Several strings of the pool's size, made right after the collection: which one gets the last
+                -- pool's memory depends on the allocator, so the pool is each of them in turn.
+                local made = {}
+                for i = 1, 4 do made[i] = string.format("p%05d", n * 4 + i) end
+                return { key = "k", pool = made[n % 4 + 1] }
+            end
+            """#)
+        for n in 0..<300 {
+            let number = String(n * 4 + n % 4 + 1)
+            let pool = "p" + String(repeating: "0", count: 5 - number.count) + number
+            #expect(try r.route(request(.GET, "/\(n)")) == RouteDecision(action: .forward(.keyed(key: "k", pool: pool, placement: nil))), "call \(n)")
+        }
+        // The same constant every time: served from the cache, still right.
+        let q = try policy(#"function route(req) return { key = req.path, pool = "rooms", place = "jump" } end"#)
+        for n in 0..<3 {
+            #expect(try q.route(request(.GET, "/\(n)")) == RouteDecision(action: .forward(.keyed(key: "/\(n)", pool: "rooms", placement: "jump"))))
+        }
+    }
+
     @Test func needBodyWhenBodyIsPresent() throws {
         let p = try policy("function route(req) return { need_body = true } end")
         #expect(throws: LuaScriptError.badDecision("need_body returned although req.body is already present")) {

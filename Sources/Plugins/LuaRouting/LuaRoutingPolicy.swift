@@ -51,6 +51,11 @@ public final class LuaRoutingPolicy: RoutingPolicy {
     /// A registry list of the `req` field names, interned once: pushing them from it skips hashing each name on
     /// every request.
     private var fieldNamesRef: Int32 = LUA_NOREF
+    /// The last `pool` and `place` strings a decision returned, as Swift strings (`place` already checked against
+    /// `placements`): scripts return the same few constants on every call, so reading them again costs a pointer
+    /// comparison instead of a `String` and, for `place`, a set lookup.
+    private var lastPool = RepeatedString()
+    private var lastPlace = RepeatedString()
     /// The request behind the `req` table of the call in progress, and that table's address: the lazy fields of
     /// `req` are filled from it (`luaFillRequest`). Both are nil between calls.
     private var currentRequest: UnsafePointer<RouteRequest>?
@@ -460,16 +465,22 @@ public final class LuaRoutingPolicy: RoutingPolicy {
             if fieldIs(field, "key") {
                 key = try self.nonEmptyString(L, field: "key")
             } else if fieldIs(field, "pool") {
-                pool = try self.nonEmptyString(L, field: "pool")
+                let cached = try self.lastPool.read(L) { value throws(LuaScriptError) in
+                    guard !value.isEmpty else { throw LuaScriptError.badDecision("pool must not be empty") }
+                }
+                if let cached { pool = cached } else { pool = try self.nonEmptyString(L, field: "pool") }
             } else if fieldIs(field, "backend") {
                 backend = try self.nonEmptyString(L, field: "backend")
             } else if fieldIs(field, "place") {
-                let value = try self.nonEmptyString(L, field: "place")
-                guard self.placements.contains(value) else {
-                    let known = self.placements.sorted().joined(separator: ", ")
-                    throw LuaScriptError.badDecision("unknown place '\(value)' (known: \(known))")
+                let placements = self.placements
+                let cached = try self.lastPlace.read(L) { value throws(LuaScriptError) in
+                    guard !value.isEmpty else { throw LuaScriptError.badDecision("place must not be empty") }
+                    guard placements.contains(value) else {
+                        let known = placements.sorted().joined(separator: ", ")
+                        throw LuaScriptError.badDecision("unknown place '\(value)' (known: \(known))")
+                    }
                 }
-                place = value
+                if let cached { place = cached } else { place = try self.nonEmptyString(L, field: "place") }
             } else if fieldIs(field, "path") {
                 let value = try self.nonEmptyString(L, field: "path")
                 guard value.utf8.first == UInt8(ascii: "/"),
@@ -769,5 +780,38 @@ func isToken(_ name: String) -> Bool {
         default:
             return "!#$%&'*+-.^_`|~".utf8.contains(byte)
         }
+    }
+}
+
+/// One decision field's last string value (`pool`, `place`), kept as a Swift `String` with the Lua string it came
+/// from. A Lua string's bytes do not move while it lives, and two live strings never share an address; the cached
+/// one is kept alive through a registry slot, so an equal address means the same string, already checked.
+struct RepeatedString {
+    private var bytes: UnsafePointer<CChar>?
+    private var value = ""
+    private var anchor: Int32 = LUA_NOREF
+
+    /// The string at the top of the stack when it is one: the cached value when it is the cached string, otherwise
+    /// `check`ed, cached and returned. Nil when the value is not a string (the caller reports the type).
+    mutating func read(
+        _ L: OpaquePointer, check: (String) throws(LuaScriptError) -> Void
+    ) throws(LuaScriptError) -> String? {
+        guard lua_type(L, -1) == LUA_TSTRING else { return nil }
+        var length = 0
+        guard let pointer = lua_tolstring(L, -1, &length) else { return nil }
+        if pointer == self.bytes { return self.value }
+        let value = pointer.withMemoryRebound(to: UInt8.self, capacity: length) {
+            String(decoding: UnsafeBufferPointer(start: $0, count: length), as: UTF8.self)
+        }
+        try check(value)
+        lua_pushvalue(L, -1)
+        if self.anchor == LUA_NOREF {
+            self.anchor = luaL_ref(L, clua_registryindex())
+        } else {
+            lua_rawseti(L, clua_registryindex(), lua_Integer(self.anchor))
+        }
+        self.bytes = pointer
+        self.value = value
+        return value
     }
 }
