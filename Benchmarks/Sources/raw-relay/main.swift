@@ -9,10 +9,10 @@
 // It also reads the clock at the head's start and the response's end, holds the key's lease for the exchange, and
 // records `requests_total` and the duration histogram, as the fast path does. It leaves out what a real proxy must
 // also do: the access log (off in the benchmarks anyway), response deadlines and idle timers, pooling across client
-// connections (each client connection keeps its own backend connection), retries, partial-write
-// back-pressure (a send that would block waits in poll), bodies on requests, chunked responses and every error
-// answer (a bad or unexpected input closes the connection). So its numbers are a lower bound on the cost of that
-// design, not a result of ott-proxy.
+// connections (each client connection keeps its own backend connection, and a backend closing it closes the
+// client's too), retries, partial-write back-pressure (a send that would block waits in poll), bodies on requests,
+// chunked responses and every error answer (a bad or unexpected input closes the connection). So its numbers are a
+// lower bound on the cost of that design, not a result of ott-proxy.
 //
 //   raw-relay --port 18140 --origin 127.0.0.1:18081 --origin 127.0.0.1:18082 [--threads 2] [--pin]
 //             [--script routing-scripts/path-key.lua --option prefix=rooms --option pool=http]
