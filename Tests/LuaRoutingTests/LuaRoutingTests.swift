@@ -259,8 +259,8 @@ import Testing
             function route(req)
                 local n = tonumber(req.path:sub(2))
                 if n % 7 == 6 then return { key = "k", pool = "p", place = "near" .. "est" } end
-                -- Built at run time and garbage after the call: the last call's string is collected first, so
-                -- this one (the same size) is likely to get its address.
+                -- Three pool names in turn, each built at run time (a new string object per call, the last
+                -- call's collected here), with the place changing with them.
                 collectgarbage()
                 local pool = "pool-" .. (n % 3)
                 return { key = "k" .. n, pool = pool, place = places[n % 3 + 1] }
