@@ -160,6 +160,7 @@ final class Worker: @unchecked Sendable {  // each worker is used by its one thr
     }
 
     private func close(_ connection: Connection) {
+        if let key = connection.key { self.runtime.directory.releaseLease(key: key) }
         rr_close(connection.client)
         if connection.upstream >= 0 { rr_close(connection.upstream) }
         self.connections[connection.slot] = nil
