@@ -27,6 +27,7 @@
 #          NO_DOCS=1 scripts/bench-compare.sh  (print the results, leave docs/ alone)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
 DURATION="${DURATION:-6}"      # seconds per measured run
 ROUNDS="${ROUNDS:-3}"          # interleaved repetitions of the throughput metrics
@@ -94,74 +95,21 @@ START_TIME=$(date +%s)
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # -------------------------------------------------------------------------------------------------- configurations
-# The first two CPUs this script may run on, for HAProxy's cpu-map (nginx and ott-proxy find theirs themselves).
-CPU_PAIR="$(python3 -c 'import os; c = sorted(os.sched_getaffinity(0)); print(f"{c[0]}-{c[0]}" if len(c) < 2 else f"{c[0]} {c[1]}")')"
+# HAProxy's cpu-map binds its threads to the first two CPUs this script may run on (bench_cpu_map); nginx and
+# ott-proxy find theirs themselves.
 HAPROXY_CPU_MAP="" NGINX_CPU_AFFINITY="" OTT_THREADS="threads: { count: 2 }"
 if [ "$AFFINITY" = auto ]; then
-    read -r CPU_A CPU_B <<<"$CPU_PAIR"
-    HAPROXY_CPU_MAP="cpu-map 1/1 $CPU_A
-    cpu-map 1/2 ${CPU_B:-$CPU_A}"
+    HAPROXY_CPU_MAP="$(bench_cpu_map)"
     NGINX_CPU_AFFINITY="worker_cpu_affinity auto;"
     OTT_THREADS="threads: { count: 2, cpu_affinity: auto }"
 fi
 mkdir -p "$WORK/www" "$WORK/origin/logs" "$WORK/nginx/logs" "$WORK/haproxy" "$WORK/ott"
 head -c 1024 /dev/zero | tr '\0' 'x' >"$WORK/www/1k"
 
-cat >"$WORK/origin/nginx.conf" <<CONF
-# the shared HTTP origin: 1 KiB for every path, on two ports (two pool entries)
-worker_processes 1;
-daemon off;
-error_log $WORK/origin/logs/error.log warn;
-pid $WORK/origin/nginx.pid;
-worker_rlimit_nofile $FD_LIMIT;
-events { worker_connections 16384; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-    default_type application/octet-stream;
-    server {
-        listen 127.0.0.1:${HTTP_ORIGIN_PORTS[0]} backlog=4096;
-        listen 127.0.0.1:${HTTP_ORIGIN_PORTS[1]} backlog=4096;
-        location / { root $WORK/www; try_files /1k =404; }
-    }
-}
-CONF
+bench_origin_conf "$WORK/origin" "$WORK/www" "${HTTP_ORIGIN_PORTS[@]}" "$FD_LIMIT" >"$WORK/origin/nginx.conf"
 
-cat >"$WORK/haproxy/haproxy.cfg" <<CONF
-# HAProxy: key = 3rd field of the path (/rooms/{key}/...), consistent hashing over two origin entries.
-# WebSocket upgrades pass through in mode http (timeout tunnel applies once upgraded).
-global
-    nbthread 2
-    $HAPROXY_CPU_MAP
-    maxconn $(((FD_LIMIT - 500) / 2))
-defaults
-    mode http
-    option http-keep-alive
-    option forwardfor
-    http-reuse safe
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    timeout http-keep-alive 60s
-    timeout tunnel 1h
-frontend http_in
-    bind 127.0.0.1:${HTTP_PORT[haproxy]}
-    default_backend http_origin
-frontend ws_in
-    bind 127.0.0.1:${WS_PORT[haproxy]}
-    default_backend ws_origin
-backend http_origin
-    balance hash path,field(3,/)
-    hash-type consistent
-    server o1 127.0.0.1:${HTTP_ORIGIN_PORTS[0]}
-    server o2 127.0.0.1:${HTTP_ORIGIN_PORTS[1]}
-backend ws_origin
-    balance hash path,field(3,/)
-    hash-type consistent
-    server w1 127.0.0.1:${WS_ORIGIN_PORTS[0]}
-    server w2 127.0.0.1:${WS_ORIGIN_PORTS[1]}
-CONF
+bench_haproxy_conf "$HAPROXY_CPU_MAP" $(((FD_LIMIT - 500) / 2)) "${HTTP_PORT[haproxy]}" "${HTTP_ORIGIN_PORTS[@]}" \
+    "${WS_PORT[haproxy]}" "${WS_ORIGIN_PORTS[@]}" >"$WORK/haproxy/haproxy.cfg"
 
 cat >"$WORK/nginx/nginx.conf" <<CONF
 # nginx as the proxy: key extracted from /rooms/{key}/... by a map, \`hash \$key consistent\` over two entries,
@@ -219,39 +167,8 @@ http {
 }
 CONF
 
-cat >"$WORK/ott/proxy.yaml" <<CONF
-# ott-proxy: routing-scripts/path-key.lua (key = /rooms/{key}, placed by rendezvous hashing) on each listener.
-listeners:
-  - name: http
-    address: 127.0.0.1
-    port: ${HTTP_PORT[ott-proxy]}
-    pool: http
-    routing:
-      script: $ROOT/routing-scripts/path-key.lua
-      options: { prefix: rooms, pool: http }
-  - name: ws
-    address: 127.0.0.1
-    port: ${WS_PORT[ott-proxy]}
-    pool: ws
-    routing:
-      script: $ROOT/routing-scripts/path-key.lua
-      options: { prefix: rooms, pool: ws }
-pools:
-  http:
-    backends:
-      - { id: http-1, address: 127.0.0.1:${HTTP_ORIGIN_PORTS[0]} }
-      - { id: http-2, address: 127.0.0.1:${HTTP_ORIGIN_PORTS[1]} }
-  ws:
-    backends:
-      - { id: ws-1, address: 127.0.0.1:${WS_ORIGIN_PORTS[0]} }
-      - { id: ws-2, address: 127.0.0.1:${WS_ORIGIN_PORTS[1]} }
-limits:
-  max_connections: $(((FD_LIMIT - 500) / 2))
-logging:
-  level: warning
-  access_log: false
-$OTT_THREADS
-CONF
+bench_ott_conf "$OTT_THREADS" $(((FD_LIMIT - 500) / 2)) "${HTTP_PORT[ott-proxy]}" "${HTTP_ORIGIN_PORTS[@]}" \
+    "${WS_PORT[ott-proxy]}" "${WS_ORIGIN_PORTS[@]}" >"$WORK/ott/proxy.yaml"
 
 # ------------------------------------------------------------------------------------------------------- start all
 declare -A PID

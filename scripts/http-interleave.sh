@@ -20,6 +20,7 @@
 # target and round after the build.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
 ROUNDS="${ROUNDS:-3}"
 DURATION="${DURATION:-5}"
@@ -60,70 +61,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The origin and HAProxy configurations are bench-compare.sh's HTTP ones, on ports of their own (182xx), so both
-# scripts can be run without stopping each other's processes.
-mkdir -p "$WORK/www"
-head -c 768 /dev/urandom | base64 -w0 | head -c 1024 > "$WORK/www/1k"
-cat > "$WORK/origin.conf" <<EOF
-worker_processes 1;
-daemon off;
-error_log $WORK/origin-error.log warn;
-pid $WORK/origin.pid;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    server {
-        listen 127.0.0.1:18281 backlog=4096;
-        listen 127.0.0.1:18282 backlog=4096;
-        location / { root $WORK/www; try_files /1k =404; }
-    }
-}
-EOF
-cat > "$WORK/haproxy.cfg" <<EOF
-global
-    nbthread 2
-    cpu-map auto:1/1-2 0-1
-    maxconn 9000
-defaults
-    mode http
-    option http-keep-alive
-    option forwardfor
-    http-reuse safe
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    timeout http-keep-alive 60s
-frontend http_in
-    bind 127.0.0.1:18210
-    default_backend http_origin
-backend http_origin
-    balance hash path,field(3,/)
-    hash-type consistent
-    server o1 127.0.0.1:18281
-    server o2 127.0.0.1:18282
-EOF
-cat > "$WORK/ott-proxy.yaml" <<EOF
-listeners:
-  - name: http
-    address: 127.0.0.1
-    port: 18230
-    pool: http
-    routing:
-      script: $ROOT/routing-scripts/path-key.lua
-      options: { prefix: rooms, pool: http }
-pools:
-  http:
-    backends:
-      - { id: http-1, address: 127.0.0.1:18281 }
-      - { id: http-2, address: 127.0.0.1:18282 }
-logging:
-  level: warning
-  access_log: false
-threads: { count: 2, cpu_affinity: auto }
-EOF
+# The origin, HAProxy and ott-proxy configurations are bench-compare.sh's (scripts/bench-lib.sh), HTTP only, on ports
+# of their own (182xx), so both scripts can run without stopping each other's processes.
+ORIGIN_PORTS=(18281 18282)
+mkdir -p "$WORK/www" "$WORK/origin/logs"
+head -c 1024 /dev/zero | tr '\0' 'x' >"$WORK/www/1k"
+bench_origin_conf "$WORK/origin" "$WORK/www" "${ORIGIN_PORTS[@]}" "$(ulimit -n)" >"$WORK/origin.conf"
+HAPROXY_CPU_MAP="$(bench_cpu_map)"
+MAX_CONNECTIONS=$((($(ulimit -n) - 500) / 2))
 
-nginx -p "$WORK" -c "$WORK/origin.conf" >/dev/null 2>&1 &
+nginx -p "$WORK/origin" -c "$WORK/origin.conf" >/dev/null 2>&1 &
 PIDS+=($!)
 
 # One port per target, from 18230; PID[i] and PORT[i] for TARGETS[i].
@@ -137,21 +84,23 @@ for i in "${!TARGETS[@]}"; do
     ott-proxy | ott-proxy=*)
         binary="$ROOT/.build/release/ott-proxy"
         if [ "$target" != ott-proxy ]; then binary="${target#ott-proxy=}"; NAME[$i]="ott:$(basename "$binary")"; fi
-        sed "s/port: 18230/port: $port/" "$WORK/ott-proxy.yaml" >"$WORK/ott-proxy-$i.yaml"
+        bench_ott_conf "threads: { count: 2, cpu_affinity: auto }" "$MAX_CONNECTIONS" "$port" "${ORIGIN_PORTS[@]}" \
+            >"$WORK/ott-proxy-$i.yaml"
         "$binary" run --config "$WORK/ott-proxy-$i.yaml" >"$WORK/ott-proxy-$i.log" 2>&1 &
         ;;
     haproxy)
-        sed "s/bind 127.0.0.1:18210/bind 127.0.0.1:$port/" "$WORK/haproxy.cfg" >"$WORK/haproxy-$i.cfg"
+        bench_haproxy_conf "$HAPROXY_CPU_MAP" "$MAX_CONNECTIONS" "$port" "${ORIGIN_PORTS[@]}" >"$WORK/haproxy-$i.cfg"
         haproxy -db -f "$WORK/haproxy-$i.cfg" >"$WORK/haproxy-$i.log" 2>&1 &
         ;;
     raw-relay | raw-relay-nolua)
         script=()
         [ "$target" = raw-relay ] && script=(--script "$ROOT/routing-scripts/path-key.lua" --option prefix=rooms --option pool=http)
-        "$ROOT/Benchmarks/.build/release/raw-relay" --port "$port" --origin 127.0.0.1:18281 --origin 127.0.0.1:18282 \
+        "$ROOT/Benchmarks/.build/release/raw-relay" --port "$port" \
+            --origin "127.0.0.1:${ORIGIN_PORTS[0]}" --origin "127.0.0.1:${ORIGIN_PORTS[1]}" \
             --threads 2 --pin "${script[@]}" >"$WORK/raw-relay-$i.log" 2>&1 &
         ;;
     nio-relay)
-        "$ROOT/Benchmarks/.build/release/nio-relay" --port "$port" --to 18281 --threads 2 >"$WORK/nio-relay-$i.log" 2>&1 &
+        "$ROOT/Benchmarks/.build/release/nio-relay" --port "$port" --to "${ORIGIN_PORTS[0]}" --threads 2 >"$WORK/nio-relay-$i.log" 2>&1 &
         ;;
     esac
     PID[$i]=$!
