@@ -5,20 +5,6 @@ import NIOHTTP1
 /// separate package and cannot see internal symbols. Not API: `@_spi(Benchmarks) import ProxyCore` to use it.
 @_spi(Benchmarks)
 public enum HTTP1ScanBenchmarks {
-    /// `HTTP1Scan.parseRequestHead`: `true` when the complete head in `bytes` takes the fast path.
-    public static func parseRequestHead(_ bytes: UnsafeRawBufferPointer) -> Bool {
-        HTTP1Scan.parseRequestHead(bytes) != nil
-    }
-
-    /// `HTTP1Scan.rewriteResponseHead` for a `GET` on a keep-alive client connection: the bytes written to `out`,
-    /// or `nil` when the head needs the general path.
-    public static func rewriteResponseHead(_ bytes: UnsafeRawBufferPointer, into out: inout ByteBuffer) -> Int? {
-        let start = out.writerIndex
-        guard HTTP1Scan.rewriteResponseHead(bytes, requestMethod: .GET, clientKeepAlive: true, into: &out) != nil
-        else { return nil }
-        return out.writerIndex - start
-    }
-
     /// `HTTP1Scan.parseRequestHead`: the parsed head, nil when it needs the general path.
     public static func requestHead(_ bytes: UnsafeRawBufferPointer) -> HTTPRequestHead? {
         HTTP1Scan.parseRequestHead(bytes)
@@ -33,7 +19,7 @@ public enum HTTP1ScanBenchmarks {
         HTTP1Scan.rewriteRequestHead(bytes, method: method, added: added, clientIP: clientIP, scheme: "http", into: &out)
     }
 
-    /// `HTTP1Scan.rewriteResponseHead` with the summary: the status and the body length that follows the head (nil
+    /// `HTTP1Scan.rewriteResponseHead` for a keep-alive client connection, with the summary: the status and the body length that follows the head (nil
     /// when the response is not length-delimited), or nil overall when the head needs the general path.
     public static func rewriteResponseHead(
         _ bytes: UnsafeRawBufferPointer, requestMethod: HTTPMethod, into out: inout ByteBuffer
