@@ -47,6 +47,9 @@ import Testing
                 try await connection.send("GET /echo?after HTTP/1.1\r\nHost: test\r\n\r\n")
                 #expect(try await connection.readResponse().header("x-origin-uri") == "/echo?after")
                 #expect(try await self.handoffs(proxy) == 1)
+                // All of it on one backend connection: the full path took over the connection the fast path had used
+                // (and added its HTTP codec to it then, `UpstreamConnection.codecInstalled`).
+                #expect(origin.acceptedConnections == 1)
             }
         }
     }

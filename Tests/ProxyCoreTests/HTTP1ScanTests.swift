@@ -97,6 +97,65 @@ import Testing
         #expect(withBytes(text) { HTTP1Scan.parseRequestHead($0) } == nil)
     }
 
+    @Test(arguments: [
+        "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a\r\nUPGRADE: websocket\r\nConnection: Upgrade\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\n\r\n",  // no `Connection: upgrade`: still left to the full path
+        "GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+        "GET / HTTP/1.1\r\nX: b\r\n\r\n",  // no Host
+        "GET / HTTP/1.1\r\nHost:\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a, b\r\n\r\n",
+        "GET / HTTP/1.1\r\nhost: a\r\nHost: a\r\n\r\n",
+    ])
+    func headsTheFastPathDoesNotForwardAreRefusedWhenPlainOnly(_ text: String) {
+        #expect(withBytes(text) { HTTP1Scan.parseRequestHead($0) } != nil)
+        #expect(withBytes(text) { HTTP1Scan.parseRequestHead($0, plainOnly: true) } == nil)
+    }
+
+    /// `plainOnly` replaced four checks on the parsed head (`RequestValidator.framing`, `validateHost`,
+    /// `upgradeProtocol`, an `Expect` search): on random heads built from the fields they look at, it accepts only heads
+    /// all four accept, and every such head except those with an `Upgrade` field or unusual `Host` fields.
+    @Test func plainOnlyAcceptsWhatTheValidatorsAccept() {
+        let fields = [
+            "Host: a", "Host: a.example:8080", "host: b", "Host:", "Host: a, b", "Host: ,", "X-Host: a",
+            "Content-Length: 0", "Content-Length: 5", "content-length: 1, 1", "Transfer-Encoding: chunked",
+            "Upgrade: websocket", "Connection: upgrade", "Connection: keep-alive", "Connection: close",
+            "Expect: 100-continue", "expect:", "Accept: */*", "User-Agent: test",
+        ]
+        var rng = SplitMix64(seed: 0x91A1_4_0417)
+        var accepted = 0
+        for _ in 0..<5_000 {
+            let count = Int(rng.next() % 5)
+            let chosen = (0..<count).map { _ in fields[Int(rng.next() % UInt64(fields.count))] }
+            let text = "GET /x HTTP/1.1\r\n" + chosen.map { $0 + "\r\n" }.joined() + "\r\n"
+            guard let head = withBytes(text, { HTTP1Scan.parseRequestHead($0) }) else {
+                Issue.record("the scanner refused \(text)")
+                continue
+            }
+            let validatorsAccept =
+                (try? RequestValidator.framing(of: head)) == RequestFraming.none
+                && (try? RequestValidator.validateHost(of: head)) != nil
+                && RequestValidator.upgradeProtocol(of: head) == nil
+                && !head.headers.contains(name: "expect")
+            let plain = withBytes(text) { HTTP1Scan.parseRequestHead($0, plainOnly: true) }
+            if plain != nil {
+                accepted += 1
+                #expect(validatorsAccept, "\(text)")
+                #expect(plain == head, "\(text)")
+            } else if validatorsAccept {
+                // Refused though the validators accept it: an `Upgrade` field, or `Host` fields the validators count
+                // by their elements (`Host: a` next to `Host: ,` is one host to them).
+                let hosts = head.headers["host"]
+                let unusualHosts = hosts.count != 1 || hosts[0].isEmpty || hosts[0].contains(",")
+                #expect(head.headers.contains(name: "upgrade") || unusualHosts, "\(text)")
+            }
+        }
+        // The generator must produce heads both ways.
+        #expect(accepted > 200)
+        #expect(accepted < 4_500)
+    }
+
     // MARK: Chunked bodies
 
     private func scanWhole(_ text: String) throws -> Int? {

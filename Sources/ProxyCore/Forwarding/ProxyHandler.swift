@@ -13,8 +13,9 @@ struct DownstreamHTTPHandlers {
     let pipelining: HTTPServerPipelineHandler
 }
 
-/// One request in flight on a client connection, from head to the end of its response.
-final class Exchange {
+/// One request in flight on a client connection, from head to the end of its response. (Not final: the fast path's
+/// exchange extends it with fields of its own.)
+class Exchange {
     /// The head as it goes to the backend (after the policy's path and header rewrites).
     let head: HTTPRequestHead
     /// The request target as the client sent it (what the access log shows).
@@ -1052,6 +1053,8 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             let upstreamChannel = upstream.channel
             upstreamPipeline.removeHandler(upstream.handler, promise: nil)
             upstreamPipeline.removeHandler(upstream.tap, promise: nil)
+            // (Installed: this exchange set the connection's sink.)
+            assert(upstream.codecInstalled)
             upstreamPipeline.removeHandler(upstream.encoder, promise: nil)
             let upstreamDecoderRemoved = upstreamPipeline.removeHandler(upstream.decoder)
             upstreamDecoderRemoved.whenComplete { _ in clientChannel.flush() }
@@ -1132,6 +1135,8 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
     static func logAccess(
         runtime: ProxyRuntime, listener: ListenerContext, clientIP: String, exchange: Exchange, status: Int
     ) {
+        // Before the arguments are gathered: with the access log off (the default) this is all a request pays.
+        guard runtime.accessLog else { return }
         Self.logAccess(
             runtime: runtime, listener: listener, clientIP: clientIP, method: exchange.head.method,
             clientURI: exchange.clientURI, backend: exchange.backend.id, bytesIn: exchange.bytesIn,

@@ -13,10 +13,11 @@ enum RequestHeadTimerEvent {
 /// Sits first in the pipeline so it sees raw bytes before the HTTP decoder. While a head is awaited, an idle connection
 /// is closed silently after the keep-alive timeout; once the first byte of a head arrives, the head must complete within
 /// the request-header timeout or the client gets a 408 and the connection closes (HAProxy's `timeout http-request`).
-final class RequestHeadTimer: ChannelDuplexHandler, RemovableChannelHandler {
+///
+/// An inbound handler only, so outbound events (`read()` after every read, writes, flushes) skip it.
+final class RequestHeadTimer: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
-    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     private enum State {

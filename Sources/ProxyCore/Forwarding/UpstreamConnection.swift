@@ -44,9 +44,37 @@ final class UpstreamConnection {
         handler.connection = self
     }
 
+    /// The HTTP codec (`encoder`, `decoder`) is in the pipeline, between the tap and the handler. It is added the first
+    /// time the full path leases the connection (`sink`) and stays from then on: a connection only the fast path
+    /// uses never needs it, and without it each `read()` NIO issues after a read, and every other event, passes two
+    /// handlers fewer.
+    private(set) var codecInstalled = false
+
+    /// The full path's lease (`ProxyHandler`, fan-out): setting a sink puts the HTTP codec in place first.
     var sink: UpstreamResponseSink? {
         get { self.handler.sink }
-        set { self.handler.sink = newValue }
+        set {
+            if newValue != nil && !self.codecInstalled { self.installCodec() }
+            self.handler.sink = newValue
+        }
+    }
+
+    private func installCodec() {
+        self.codecInstalled = true
+        do {
+            try self.channel.pipeline.syncOperations.addHandlers([self.encoder, self.decoder], position: .after(self.tap))
+        } catch {
+            // Only possible once the channel is closing (a leased connection is active when it is handed out). The
+            // sink hears of it as of any connection that closed under it, once it is set.
+            self.channel.close(promise: nil)
+            let handler = self.handler
+            self.channel.eventLoop.assumeIsolated().execute {
+                if let sink = handler.sink {
+                    handler.sink = nil
+                    sink.upstreamClosed(error: error)
+                }
+            }
+        }
     }
 
     func write(_ part: HTTPClientRequestPart) {
@@ -83,9 +111,10 @@ protocol RawUpstreamSink: AnyObject {
     func rawUpstreamClosed()
 }
 
-/// Sits first in an upstream pipeline (next to the socket). Without a sink it passes everything on to the HTTP codec;
-/// with one (a fast-path lease) it hands response bytes to the sink and the codec behind it sees nothing, so its state
-/// is still fresh for whichever path leases the connection next. Removed when the connection becomes a tunnel.
+/// Sits first in an upstream pipeline (next to the socket). Without a sink it passes everything on to the HTTP codec
+/// (or, before the full path first leased the connection and added the codec, to `UpstreamHandler`, which closes an
+/// idle connection that receives anything); with one (a fast-path lease) it hands response bytes to the sink and the
+/// codec behind it sees nothing, so its state is still fresh for whichever path leases the connection next. Removed when the connection becomes a tunnel.
 final class RawUpstreamTap: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer

@@ -213,9 +213,9 @@ final class UpstreamPool {
         let handler = UpstreamHandler()
         let tap = RawUpstreamTap()
         let sync = channel.pipeline.syncOperations
+        // The codec joins between the tap and the handler when the full path first leases the connection
+        // (`UpstreamConnection.sink`).
         try sync.addHandler(tap)
-        try sync.addHandler(encoder)
-        try sync.addHandler(decoder)
         try sync.addHandler(handler)
         return UpstreamConnection(
             channel: channel, backend: backend, handler: handler, tap: tap, encoder: encoder, decoder: decoder)

@@ -40,23 +40,26 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         case close
     }
 
-    /// One request in flight on the fast path.
-    private final class FastExchange {
-        let exchange: Exchange
+    /// One request in flight on the fast path: an `Exchange` with the fast path's own fields, one object per request
+    /// instead of two.
+    private final class FastExchange: Exchange {
+        /// The exchange as the code shared with `ProxyHandler` sees it.
+        var exchange: Exchange { self }
         /// The client's head as received, when it goes to the backend unchanged apart from the proxy's own fields
         /// (no path or header rewrites): `HTTP1Scan.rewriteRequestHead` then writes it without `HTTPHeaders`.
         var rawHead: ByteBuffer?
         /// The pool's key and epoch fields (replace-or-add), for `rawHead`.
         var addedFields: [(name: String, value: String)] = []
         /// Set when the policy has `on_response` (head only: a decision that wants the body is handed over).
-        var observed: (policy: RoutingPolicy, request: RouteRequest)?
+        var observer: (policy: RoutingPolicy, request: RouteRequest)?
         var responseHeadBytes: ByteBuffer?
-        var framing: BodyFraming = .none
+        /// How the response body is delimited (`framing` is the request's).
+        var bodyFraming: BodyFraming = .none
         /// The backend sent something after the response's end: its connection cannot be pooled.
         var trailingGarbage = false
 
-        init(exchange: Exchange) {
-            self.exchange = exchange
+        init(head: HTTPRequestHead, clientURI: String, backend: Backend, started: NIODeadline) {
+            super.init(head: head, clientURI: clientURI, backend: backend, framing: .none, upgrade: nil, started: started)
         }
     }
 
@@ -214,7 +217,9 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
                 }
                 return
             }
-            let head = buffer.withUnsafeReadableBytes { HTTP1Scan.parseRequestHead(UnsafeRawBufferPointer(rebasing: $0[..<end])) }
+            let head = buffer.withUnsafeReadableBytes {
+                HTTP1Scan.parseRequestHead(UnsafeRawBufferPointer(rebasing: $0[..<end]), plainOnly: true)
+            }
             guard let head, self.forward(head, headLength: end, context: context) else {
                 self.handOff(context: context)
                 return
@@ -247,13 +252,9 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         }
     }
 
-    /// Routes and sends one request; `false` when the fast path does not handle it (nothing was changed then).
+    /// Routes and sends one request (a plain head: `HTTP1Scan.parseRequestHead(_:plainOnly:)`); `false` when the fast
+    /// path does not handle it (nothing was changed then).
     private func forward(_ head: HTTPRequestHead, headLength: Int, context: ChannelHandlerContext) -> Bool {
-        guard (try? RequestValidator.framing(of: head)) == RequestFraming.none,
-            (try? RequestValidator.validateHost(of: head)) != nil,
-            RequestValidator.upgradeProtocol(of: head) == nil,
-            !head.headers.contains(name: "expect")
-        else { return false }
         let generation = self.loop.generation
         let runtime = generation.runtime
         let policy = generation.policy(for: self.listener.name)
@@ -281,17 +282,15 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         let unchanged = decision.path == nil && decision.setHeaders.isEmpty && decision.removeHeaders.isEmpty
         let forwardedHead =
             unchanged ? head : ProxyHandler.forwardedHead(head, decision: decision, ownership: ownership, runtime: runtime)
-        let exchange = Exchange(
-            head: forwardedHead, clientURI: head.uri, backend: backend, framing: .none, upgrade: nil,
-            started: self.headTimer.headStartedAt ?? .now())
+        let fast = FastExchange(
+            head: forwardedHead, clientURI: head.uri, backend: backend, started: self.headTimer.headStartedAt ?? .now())
         self.headTimer.handle(.headReceived)
-        exchange.key = ownership?.key
-        exchange.requestEnded = true
+        fast.key = ownership?.key
+        fast.requestEnded = true
         backend.acquire()
-        if let key = exchange.key { runtime.directory.acquireLease(key: key) }
-        let fast = FastExchange(exchange: exchange)
+        if let key = fast.key { runtime.directory.acquireLease(key: key) }
         if policy.observesResponses {
-            fast.observed = (policy, request)
+            fast.observer = (policy, request)
         }
         if unchanged {
             fast.rawHead = rawHead
@@ -387,7 +386,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
             let loop = self.loop
             loop.responseHeads.clear(minimumCapacity: end + 64 + following)
             let clientKeepAlive = exchange.clientKeepAlive && !self.closeWhenIdle
-            if fast.observed == nil, let summary = buffer.withUnsafeReadableBytes({
+            if fast.observer == nil, let summary = buffer.withUnsafeReadableBytes({
                 HTTP1Scan.rewriteResponseHead(
                     UnsafeRawBufferPointer(rebasing: $0[..<end]), requestMethod: exchange.head.method,
                     clientKeepAlive: clientKeepAlive, into: &loop.responseHeads)
@@ -400,10 +399,10 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
                 exchange.closeAfter = summary.closeAfter
                 exchange.responseStarted = true
                 switch summary.framing {
-                case .none: fast.framing = .none
-                case .length(let length): fast.framing = .length(length)
-                case .chunked: fast.framing = .chunked(ChunkedBodyScanner())
-                case .close: fast.framing = .close
+                case .none: fast.bodyFraming = .none
+                case .length(let length): fast.bodyFraming = .length(length)
+                case .chunked: fast.bodyFraming = .chunked(ChunkedBodyScanner())
+                case .close: fast.bodyFraming = .close
                 }
                 // A small body that came with the head goes out in the same buffer: one write, not two.
                 if case .length(let length) = summary.framing, length <= Self.coalescedBodyLimit,
@@ -452,7 +451,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         fast.responseHeadBytes = nil
         if let rest, rest.readableBytes > 0 {
             self.relayBody(rest, fast: fast, context: context)
-        } else if case .none = fast.framing {
+        } else if case .none = fast.bodyFraming {
             self.responseEnded(fast, context: context)
         }
     }
@@ -492,8 +491,8 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
             clientVersion: .http1_1)
         exchange.closeAfter = closeAfter
         exchange.responseStarted = true
-        fast.framing = framing
-        if let observed = fast.observed {
+        fast.bodyFraming = framing
+        if let observed = fast.observer {
             // Before the client has the response: its next request for a claimed key finds the new owner.
             ProxyHandler.observeResponse(
                 policy: observed.policy, request: observed.request, head: head, body: nil, exchange: exchange,
@@ -508,7 +507,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
     private func relayBody(_ bytes: ByteBuffer, fast: FastExchange, context: ChannelHandlerContext) {
         let exchange = fast.exchange
         var bytes = bytes
-        switch fast.framing {
+        switch fast.bodyFraming {
         case .none:
             fast.trailingGarbage = true
             self.responseEnded(fast, context: context)
@@ -520,7 +519,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
             if take == remaining {
                 self.responseEnded(fast, context: context)
             } else {
-                fast.framing = .length(remaining - take)
+                fast.bodyFraming = .length(remaining - take)
             }
         case .chunked(var scanner):
             let end: Int?
@@ -530,7 +529,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
                 self.badResponse(fast, "malformed chunked body from backend")
                 return
             }
-            fast.framing = .chunked(scanner)
+            fast.bodyFraming = .chunked(scanner)
             let take = end ?? bytes.readableBytes
             if take < bytes.readableBytes { fast.trailingGarbage = true }
             exchange.bytesOut += take
@@ -557,7 +556,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         guard !exchange.responseEnded else { return }
         exchange.upstream = nil
         exchange.responseDeadline = nil
-        if case .close = fast.framing, exchange.responseStarted {
+        if case .close = fast.bodyFraming, exchange.responseStarted {
             // A close-delimited body is complete: end the chunked stream the client was promised.
             self.writeToClient(context.channel.allocator.buffer(staticString: "0\r\n\r\n"), context: context)
             self.responseEnded(fast, context: context)

@@ -30,7 +30,14 @@ enum HTTP1Scan {
 
     /// Parses a complete request head (`bytes` ends with the empty line). `nil` for anything but a plain HTTP/1.1
     /// request with an origin-form target and well-formed fields.
-    static func parseRequestHead(_ bytes: UnsafeRawBufferPointer) -> HTTPRequestHead? {
+    ///
+    /// With `plainOnly`, also `nil` for a head the fast path does not forward itself, decided while its fields are
+    /// read instead of by searching the parsed fields again: body framing (`Content-Length` or
+    /// `Transfer-Encoding`), an `Upgrade` or `Expect` field, or anything but one `Host` field with one element (a
+    /// non-empty value without a comma). Every head it lets through passes `RequestValidator.framing` as `.none`,
+    /// `validateHost` and `upgradeProtocol` as nil; it may refuse a few that those would let through (an `Upgrade`
+    /// without `Connection: upgrade`), which the full path then serves.
+    static func parseRequestHead(_ bytes: UnsafeRawBufferPointer, plainOnly: Bool = false) -> HTTPRequestHead? {
         var cursor = 0
         // request-line = method SP request-target SP HTTP-version CRLF
         let methodStart = cursor
@@ -48,8 +55,31 @@ enum HTTP1Scan {
         cursor += 1
         guard matches(bytes, at: cursor, "HTTP/1.1\r\n") else { return nil }
         cursor += 10
-        guard let headers = parseFields(bytes, from: cursor) else { return nil }
+        guard let headers = plainOnly ? parsePlainRequestFields(bytes, from: cursor) : parseFields(bytes, from: cursor)
+        else { return nil }
         return HTTPRequestHead(version: .http1_1, method: method, uri: uri, headers: headers)
+    }
+
+    /// `parseFields` for `parseRequestHead(_:plainOnly: true)`.
+    private static func parsePlainRequestFields(_ bytes: UnsafeRawBufferPointer, from start: Int) -> HTTPHeaders? {
+        var fields: [(String, String)] = []
+        fields.reserveCapacity(8)
+        var hosts = 0
+        let complete = forEachField(bytes, from: start) { name, value, _ in
+            switch name.count {
+            case 4 where equalsLowercased(name, "host"):
+                hosts += 1
+                if value.isEmpty || value.contains(UInt8(ascii: ",")) { return false }
+            case 6 where equalsLowercased(name, "expect"), 7 where equalsLowercased(name, "upgrade"),
+                14 where equalsLowercased(name, "content-length"), 17 where equalsLowercased(name, "transfer-encoding"):
+                return false
+            default:
+                break
+            }
+            fields.append((String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self)))
+            return true
+        }
+        return complete && hosts == 1 ? HTTPHeaders(fields) : nil
     }
 
     /// Parses a complete response head. `nil` when it is malformed (the fast path answers `502`).
