@@ -54,6 +54,27 @@ import Testing
         }
     }
 
+    /// A keyed request on the fast path holds its key's lease from routing to the end of its response (what keeps
+    /// a key in use from expiring), and gives it back exactly once.
+    @Test func aKeyedRequestHoldsItsLeaseUntilItsResponseEnds() async throws {
+        let script = #"function route(req) return { key = "held", pool = "main" } end"#
+        try await withLuaProxy(script: script, configure: { config, _ in config.admin = Self.admin }) { proxy, _ in
+            let directory = proxy.server.runtime.directory
+            let connection = try await RawHTTPConnection.connect(port: proxy.port)
+            defer { Task { await connection.close() } }
+            for _ in 0..<2 {
+                try await connection.send("GET /slow/400 HTTP/1.1\r\nHost: test\r\n\r\n")
+                #expect(await WSSupport.waitUntil(timeout: .seconds(2)) { directory.liveCount(of: "held") == 1 })
+                let response = try await connection.readResponse()
+                #expect(response.status == 200)
+                #expect(response.bodyText == "slow\n")
+                #expect(await WSSupport.waitUntil(timeout: .seconds(2)) { directory.liveCount(of: "held") == 0 })
+            }
+            #expect(directory.owner(of: "held") != nil)
+            #expect(try await self.handoffs(proxy) == 0)
+        }
+    }
+
     /// The fast path builds every head in one buffer per event loop (`LoopState.requestHeads`/`responseHeads`).
     /// A client that stops reading leaves its response heads queued in the proxy while the same loop serves another
     /// client: the queued heads must reach the slow client intact and in order.

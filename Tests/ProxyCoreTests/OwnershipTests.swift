@@ -502,6 +502,32 @@ struct InMemoryOwnershipDirectoryTests {
         #expect(placer.calls == 1, "validOwner never places")
     }
 
+    /// `acquireValidOwner` answers exactly what `validOwner` answers, and takes the key's lease only with an owner.
+    /// Checked on the in-memory directory's one-lock version and on the protocol's default (the Redis directory's).
+    @Test(arguments: [false, true])
+    func acquireValidOwnerTakesTheLeaseOnlyWithAnOwner(usingTheDefault: Bool) throws {
+        let time = ManualClock()
+        let inMemory = InMemoryOwnershipDirectory(clock: time.clock)
+        let directory: any OwnershipDirectory = usingTheDefault ? DefaultAcquire(inMemory) : inMemory
+        #expect(directory.acquireValidOwner(key: "k", pool: "p", stillValid: { _ in true }) == nil, "unknown key")
+        #expect(directory.liveCount(of: "k") == 0)
+        let owner = try #require(Self.owned(directory.resolve(Self.query("k", ttl: .seconds(10), placer: Placer("a")), on: nil)))
+        #expect(directory.acquireValidOwner(key: "k", pool: "other", stillValid: { _ in true }) == nil, "another pool")
+        #expect(directory.acquireValidOwner(key: "k", pool: owner.pool, stillValid: { _ in false }) == nil, "owner down")
+        #expect(directory.liveCount(of: "k") == 0)
+        #expect(directory.acquireValidOwner(key: "k", pool: owner.pool, stillValid: { _ in true }) == owner)
+        #expect(directory.acquireValidOwner(key: "k", pool: owner.pool, stillValid: { _ in true }) == owner)
+        #expect(directory.liveCount(of: "k") == 2)
+        // Held: the key outlives its idle TTL until both leases end.
+        time.advance(60)
+        #expect(directory.owner(of: "k") == owner)
+        directory.releaseLease(key: "k")
+        directory.releaseLease(key: "k")
+        time.advance(10)
+        #expect(directory.acquireValidOwner(key: "k", pool: owner.pool, stillValid: { _ in true }) == nil, "expired")
+        #expect(directory.liveCount(of: "k") == 0)
+    }
+
     /// The request path's lookup reads the clock only for a key nobody is using: a live key cannot have expired.
     @Test func validOwnerReadsTheClockOnlyForAKeyWithoutALiveLease() throws {
         let time = ManualClock()
@@ -725,4 +751,28 @@ struct WebSocketFrameTrackerTests {
         tracker.consume(frame)
         #expect(tracker.atFrameBoundary)
     }
+}
+
+/// Forwards to an in-memory directory but keeps the protocol's default `acquireValidOwner`.
+private final class DefaultAcquire: OwnershipDirectory {
+    let base: InMemoryOwnershipDirectory
+    init(_ base: InMemoryOwnershipDirectory) { self.base = base }
+    func owner(of key: String) -> Ownership? { self.base.owner(of: key) }
+    func validOwner(key: String, pool: String, stillValid: (String) -> Bool) -> Ownership? {
+        self.base.validOwner(key: key, pool: pool, stillValid: stillValid)
+    }
+    func resolve(_ query: OwnershipQuery, on eventLoop: EventLoop?) -> OwnershipResolution {
+        self.base.resolve(query, on: eventLoop)
+    }
+    func claim(key: String, pool: String, backend: String, idleTTL: TimeAmount) {
+        self.base.claim(key: key, pool: pool, backend: backend, idleTTL: idleTTL)
+    }
+    func release(key: String) { self.base.release(key: key) }
+    func acquireLease(key: String) { self.base.acquireLease(key: key) }
+    func releaseLease(key: String) { self.base.releaseLease(key: key) }
+    func keyCount(on backend: String) -> Int { self.base.keyCount(on: backend) }
+    func keys(ownedBy backend: String) -> [String] { self.base.keys(ownedBy: backend) }
+    func list(prefix: String, limit: Int) -> [(ownership: Ownership, live: Int)] { self.base.list(prefix: prefix, limit: limit) }
+    func liveCount(of key: String) -> Int { self.base.liveCount(of: key) }
+    func onChange(_ handler: @escaping @Sendable (OwnershipChange) -> Void) { self.base.onChange(handler) }
 }

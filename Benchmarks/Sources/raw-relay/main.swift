@@ -197,13 +197,12 @@ final class Worker: @unchecked Sendable {  // each worker is used by its one thr
                 : .pool("http")
         }
         let backend: Backend
-        switch self.runtime.resolve(target, on: nil) {
+        switch self.runtime.resolve(target, on: nil, acquiringLease: true) {
         case .backend(let resolved):
             backend = resolved
         case .owned(let resolved, let ownership):
             backend = resolved
-            connection.key = ownership.key
-            self.runtime.directory.acquireLease(key: ownership.key)
+            connection.key = ownership.key  // (its lease came with the answer)
         default:
             return self.close(connection)
         }

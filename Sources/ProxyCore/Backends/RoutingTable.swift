@@ -48,7 +48,11 @@ extension ProxyRuntime {
     /// the pool's cursor); a key goes to its owner in the ownership directory, placed and claimed once when nobody
     /// validly owns it. An explicitly named backend is returned whatever its health (the script chose it).
     /// With a shared store a miss may be `pending`; the in-memory directory always answers at once.
-    public func resolve(_ target: RouteTarget, on eventLoop: EventLoop?) -> TargetResolution {
+    ///
+    /// With `acquiringLease`, an `.owned` answer comes with the key's lease acquired (the caller releases it when its
+    /// request or tunnel ends, as after `acquireLease`); for the common case, a valid owner, that is the same lock as
+    /// the lookup (`OwnershipDirectory.acquireValidOwner`). No other answer holds a lease.
+    public func resolve(_ target: RouteTarget, on eventLoop: EventLoop?, acquiringLease: Bool = false) -> TargetResolution {
         switch target {
         case .pool(let name):
             guard let pool = self.table.pools[name] else { return .unknownPool(name) }
@@ -70,21 +74,29 @@ extension ProxyRuntime {
             // The common case first: a valid owner, found without building the placement closures (and its `Backend`
             // taken from the pool while checking it, not looked up by id again).
             var owner: Backend?
-            let valid = self.directory.validOwner(key: key, pool: name) { id in
+            let stillValid = { (id: String) -> Bool in
                 guard let backend = pool.backends.first(where: { $0.id == id }), backend.canServeExistingKeys else {
                     return false
                 }
                 owner = backend
                 return true
             }
+            let valid =
+                acquiringLease
+                ? self.directory.acquireValidOwner(key: key, pool: name, stillValid: stillValid)
+                : self.directory.validOwner(key: key, pool: name, stillValid: stillValid)
             if let ownership = valid {
                 if let owner, owner.id == ownership.backend { return .owned(owner, ownership) }
-                return owned(ownership)
+                let resolution = owned(ownership)
+                if acquiringLease, case .noBackend = resolution { self.directory.releaseLease(key: key) }
+                return resolution
             }
             let query = self.ownershipQuery(key: key, pool: pool, settings: settings, strategy: strategy)
             switch self.directory.resolve(query, on: eventLoop) {
             case .owned(let ownership):
-                return owned(ownership)
+                let resolution = owned(ownership)
+                if acquiringLease, case .owned = resolution { self.directory.acquireLease(key: key) }
+                return resolution
             case .pending(let future):
                 return .pending(future)
             case .unavailable:

@@ -51,6 +51,9 @@ public protocol OwnershipDirectory: AnyObject, Sendable {
     /// The current owner when it may keep the key (same pool, not expired, `stillValid` accepts it): what `resolve`
     /// answers at once, found without building a query (the request path's common case). Nil when `resolve` must run.
     func validOwner(key: String, pool: String, stillValid: (String) -> Bool) -> Ownership?
+    /// `validOwner`, and when there is one, the key's lease acquired with it (`acquireLease`) in the same step: the
+    /// request path's common case, in one lock instead of two. A default implementation does the two in turn.
+    func acquireValidOwner(key: String, pool: String, stillValid: (String) -> Bool) -> Ownership?
     /// The owner to use, placing and claiming the key once when nobody validly owns it (single-flight).
     func resolve(_ query: OwnershipQuery, on eventLoop: EventLoop?) -> OwnershipResolution
     /// Makes `backend` own the key (a key learned from a response).
@@ -66,6 +69,14 @@ public protocol OwnershipDirectory: AnyObject, Sendable {
     func liveCount(of key: String) -> Int
     /// Called (outside any lock) for every owner change.
     func onChange(_ handler: @escaping @Sendable (OwnershipChange) -> Void)
+}
+
+extension OwnershipDirectory {
+    public func acquireValidOwner(key: String, pool: String, stillValid: (String) -> Bool) -> Ownership? {
+        guard let ownership = self.validOwner(key: key, pool: pool, stillValid: stillValid) else { return nil }
+        self.acquireLease(key: key)
+        return ownership
+    }
 }
 
 /// Seconds on a monotonic clock; injectable so lease expiry is testable without sleeping.
@@ -96,6 +107,16 @@ public final class InMemoryOwnershipDirectory: OwnershipDirectory {
         let clock = self.clock
         return self.table.withLock { table in
             table.owner(of: key, now: clock()).flatMap { $0.pool == pool && stillValid($0.backend) ? $0 : nil }
+        }
+    }
+
+    public func acquireValidOwner(key: String, pool: String, stillValid: (String) -> Bool) -> Ownership? {
+        let clock = self.clock
+        return self.table.withLock { table in
+            guard let ownership = table.owner(of: key, now: clock()), ownership.pool == pool, stillValid(ownership.backend)
+            else { return nil }
+            table.acquire(key: key)
+            return ownership
         }
     }
 

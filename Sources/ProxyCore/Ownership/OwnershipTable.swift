@@ -175,11 +175,13 @@ public struct OwnershipTable: Sendable {
     /// A request or tunnel for the key ended; the idle TTL starts when the last one does.
     /// `now` is read only when the last lease ends (the clock is not free on the request path).
     public mutating func releaseLease(key: String, now: @autoclosure () -> Double) {
-        guard let count = self.live[key], count > 0 else { return }
+        // One hash lookup: the count is changed or removed through its index.
+        guard let index = self.live.index(forKey: key) else { return }
+        let count = self.live.values[index]
         if count > 1 {
-            self.live[key] = count - 1
+            self.live.values[index] = count - 1
         } else {
-            self.live[key] = nil
+            self.live.remove(at: index)
             if let expiry = self.entries[key]?.becameIdle(at: now()) {
                 self.expiries.insert(expiry)
             }

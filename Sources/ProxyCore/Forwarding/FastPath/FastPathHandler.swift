@@ -263,7 +263,8 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         else { return false }
         let backend: Backend
         let ownership: Ownership?
-        switch runtime.resolve(target, on: context.eventLoop) {
+        // A keyed answer comes with its lease (released in `release` when the exchange ends).
+        switch runtime.resolve(target, on: context.eventLoop, acquiringLease: true) {
         case .backend(let resolved):
             (backend, ownership) = (resolved, nil)
         case .owned(let resolved, let owned):
@@ -288,7 +289,6 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         fast.key = ownership?.key
         fast.requestEnded = true
         backend.acquire()
-        if let key = fast.key { runtime.directory.acquireLease(key: key) }
         if policy.observesResponses {
             fast.observer = (policy, request)
         }
