@@ -55,31 +55,8 @@ enum HTTP1Scan {
         cursor += 1
         guard matches(bytes, at: cursor, "HTTP/1.1\r\n") else { return nil }
         cursor += 10
-        guard let headers = plainOnly ? parsePlainRequestFields(bytes, from: cursor) : parseFields(bytes, from: cursor)
-        else { return nil }
+        guard let headers = parseFields(bytes, from: cursor, plainRequest: plainOnly) else { return nil }
         return HTTPRequestHead(version: .http1_1, method: method, uri: uri, headers: headers)
-    }
-
-    /// `parseFields` for `parseRequestHead(_:plainOnly: true)`.
-    private static func parsePlainRequestFields(_ bytes: UnsafeRawBufferPointer, from start: Int) -> HTTPHeaders? {
-        var fields: [(String, String)] = []
-        fields.reserveCapacity(8)
-        var hosts = 0
-        let complete = forEachField(bytes, from: start) { name, value, _ in
-            switch name.count {
-            case 4 where equalsLowercased(name, "host"):
-                hosts += 1
-                if value.isEmpty || value.contains(UInt8(ascii: ",")) { return false }
-            case 6 where equalsLowercased(name, "expect"), 7 where equalsLowercased(name, "upgrade"),
-                14 where equalsLowercased(name, "content-length"), 17 where equalsLowercased(name, "transfer-encoding"):
-                return false
-            default:
-                break
-            }
-            fields.append((String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self)))
-            return true
-        }
-        return complete && hosts == 1 ? HTTPHeaders(fields) : nil
     }
 
     /// Parses a complete response head. `nil` when it is malformed (the fast path answers `502`).
@@ -334,14 +311,31 @@ enum HTTP1Scan {
         lower.withUTF8Buffer { asciiCaseInsensitiveEquals(bytes, $0) }
     }
 
-    private static func parseFields(_ bytes: UnsafeRawBufferPointer, from start: Int) -> HTTPHeaders? {
+    /// With `plainRequest`, also nil unless the fields are those of a plain request (`parseRequestHead(_:plainOnly:)`).
+    private static func parseFields(
+        _ bytes: UnsafeRawBufferPointer, from start: Int, plainRequest: Bool = false
+    ) -> HTTPHeaders? {
         var fields: [(String, String)] = []
         fields.reserveCapacity(8)
+        var hosts = 0
         let complete = forEachField(bytes, from: start) { name, value, _ in
+            if plainRequest {
+                switch name.count {
+                case 4 where equalsLowercased(name, "host"):
+                    hosts += 1
+                    if value.isEmpty || value.contains(UInt8(ascii: ",")) { return false }
+                case 6 where equalsLowercased(name, "expect"), 7 where equalsLowercased(name, "upgrade"),
+                    14 where equalsLowercased(name, "content-length"),
+                    17 where equalsLowercased(name, "transfer-encoding"):
+                    return false
+                default:
+                    break
+                }
+            }
             fields.append((String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self)))
             return true
         }
-        return complete ? HTTPHeaders(fields) : nil
+        return complete && (!plainRequest || hosts == 1) ? HTTPHeaders(fields) : nil
     }
 
     /// Walks the field lines from `start` to the empty line that ends the head, which must be the end of `bytes`:
