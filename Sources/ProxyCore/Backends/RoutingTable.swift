@@ -68,33 +68,28 @@ extension ProxyRuntime {
                 guard let named = PlacementStrategyKind(rawValue: placement) else { return .unknownPlacement(placement) }
                 strategy = named
             }
-            let owned = { (ownership: Ownership) -> TargetResolution in
-                self.table.backends[ownership.backend].map { .owned($0, ownership) } ?? .noBackend
-            }
             // The common case first: a valid owner, found without building the placement closures (and its `Backend`
-            // taken from the pool while checking it, not looked up by id again).
+            // taken from the pool while checking it, not looked up by id again). The check is passed as a closure
+            // literal, not kept in a local: a stored closure capturing `owner` cost two heap allocations per request.
             var owner: Backend?
-            let stillValid = { (id: String) -> Bool in
-                guard let backend = pool.backends.first(where: { $0.id == id }), backend.canServeExistingKeys else {
-                    return false
-                }
-                owner = backend
-                return true
-            }
             let valid =
                 acquiringLease
-                ? self.directory.acquireValidOwner(key: key, pool: name, stillValid: stillValid)
-                : self.directory.validOwner(key: key, pool: name, stillValid: stillValid)
+                ? self.directory.acquireValidOwner(key: key, pool: name) { id in
+                    Self.servingBackend(id, in: pool, found: &owner)
+                }
+                : self.directory.validOwner(key: key, pool: name) { id in
+                    Self.servingBackend(id, in: pool, found: &owner)
+                }
             if let ownership = valid {
                 if let owner, owner.id == ownership.backend { return .owned(owner, ownership) }
-                let resolution = owned(ownership)
+                let resolution = self.owned(ownership)
                 if acquiringLease, case .noBackend = resolution { self.directory.releaseLease(key: key) }
                 return resolution
             }
             let query = self.ownershipQuery(key: key, pool: pool, settings: settings, strategy: strategy)
             switch self.directory.resolve(query, on: eventLoop) {
             case .owned(let ownership):
-                let resolution = owned(ownership)
+                let resolution = self.owned(ownership)
                 if acquiringLease, case .owned = resolution { self.directory.acquireLease(key: key) }
                 return resolution
             case .pending(let future):
@@ -103,5 +98,16 @@ extension ProxyRuntime {
                 return .noBackend
             }
         }
+    }
+
+    private func owned(_ ownership: Ownership) -> TargetResolution {
+        self.table.backends[ownership.backend].map { .owned($0, ownership) } ?? .noBackend
+    }
+
+    /// Whether the pool's backend `id` may go on serving keys it owns; `found` is that backend when it may.
+    private static func servingBackend(_ id: String, in pool: Pool, found: inout Backend?) -> Bool {
+        guard let backend = pool.backends.first(where: { $0.id == id }), backend.canServeExistingKeys else { return false }
+        found = backend
+        return true
     }
 }
