@@ -5,6 +5,7 @@ import NIOPosix
 import ProxyCore
 import RedisDirectory
 import ServiceLifecycle
+import UnixSignals
 
 struct Run: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -30,6 +31,9 @@ func serve(
     extraServices: [any Service] = []
 ) async throws {
     let logger = Logger(label: "ott-proxy")
+    // Trapped before any listener opens: a SIGTERM or SIGINT that arrives while the proxy is still starting (a
+    // listener may already accept) ends it gracefully once it has started, instead of killing it by the default action.
+    let earlySignals = await UnixSignalsSequence(trapping: .sigterm, .sigint)
     let server: ProxyServer
     let directory: RedisOwnershipDirectory?
     do {
@@ -50,7 +54,17 @@ func serve(
             logger: logger
         )
     )
-    try await group.run()
+    try await withThrowingTaskGroup(of: Void.self) { tasks in
+        tasks.addTask { try await group.run() }
+        tasks.addTask {
+            // The group traps these signals itself once it runs; this catches one that came before.
+            for await _ in earlySignals {
+                await group.triggerGracefulShutdown()
+            }
+        }
+        try await tasks.next()
+        tasks.cancelAll()
+    }
 }
 
 /// The Redis ownership directory when `ownership.store` is `redis` (nil for the in-memory default).
