@@ -7,6 +7,10 @@ import ServiceLifecycle
 import UnixSignals
 import Synchronization
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Makes the routing policy for one listener on one event loop (policies are loop-confined; Lua states are too).
 /// Called again for every reload; a throw fails the start or the reload, with the error reported.
 public typealias RoutingPolicyFactory = @Sendable (ListenerConfig, EventLoop, RoutingEnvironment) throws -> RoutingPolicy
@@ -249,6 +253,12 @@ public final class ProxyServer: Service, Sendable {
         return total
     }
 
+    /// Open client connections per event loop, in the group's order (a diagnostic: how `threads.accept` spread them).
+    public func connectionsPerLoop() -> [Int] {
+        let open = self.connections.all()
+        return self.group.makeIterator().map { loop in open.filter { $0.eventLoop === loop }.count }
+    }
+
     /// Binds every listener and the admin listener. Fails (and binds nothing) if any address is unusable.
     public func start() async throws {
         if self.configSource != nil, self.hangups.withLock({ $0 == nil }) {
@@ -287,9 +297,9 @@ public final class ProxyServer: Service, Sendable {
         var channels: [Channel] = []
         do {
             for listener in config.listeners {
-                let channel = try await self.bind(listener, loopStates: loopStates)
-                channels.append(channel)
-                let port = channel.localAddress?.port ?? listener.port
+                let bound = try await self.bind(listener, accept: config.threads.accept, loopStates: loopStates)
+                channels.append(contentsOf: bound)
+                let port = bound[0].localAddress?.port ?? listener.port
                 self.boundPorts.withLock { $0[listener.name] = port }
                 self.runtime.logger.info(
                     "listening", metadata: ["listener": "\(listener.name)", "address": "\(listener.address):\(port)"])
@@ -532,7 +542,51 @@ public final class ProxyServer: Service, Sendable {
         }
     }
 
-    private func bind(_ listener: ListenerConfig, loopStates: [ObjectIdentifier: NIOLoopBound<LoopState>]) async throws -> Channel {
+    /// Binds a listener: one socket per event loop with `SO_REUSEPORT` (`threads.accept: per_loop`, more than one
+    /// loop), each loop then accepting its own connections; otherwise one socket, whose loop hands connections to the
+    /// loops in turn. Returns the listening channels (the first one's port is the listener's, also for port 0).
+    /// `SO_REUSEPORT` (NIO names no constant for it).
+    private static let reusePort = ChannelOptions.Types.SocketOption(level: .socket, name: .init(rawValue: SO_REUSEPORT))
+
+    private func bind(
+        _ listener: ListenerConfig, accept: ThreadsConfig.Accept, loopStates: [ObjectIdentifier: NIOLoopBound<LoopState>]
+    ) async throws -> [Channel] {
+        let loops = Array(self.group.makeIterator())
+        guard accept == .perLoop, loops.count > 1 else {
+            return [
+                try await self.bind(
+                    listener, loopStates: loopStates, group: self.group, childGroup: self.group, port: listener.port,
+                    reusePort: false)
+            ]
+        }
+        var channels: [Channel] = []
+        do {
+            var port = listener.port
+            for loop in loops {
+                let channel = try await self.bind(
+                    listener, loopStates: loopStates, group: loop, childGroup: loop, port: port, reusePort: true)
+                channels.append(channel)
+                port = channel.localAddress?.port ?? port
+            }
+            // `SO_REUSEPORT` lets any socket of this user join the group: more listening sockets than this proxy's
+            // means someone else listens here too (`ListeningSockets`).
+            if let address = channels[0].localAddress, let sockets = ListeningSockets.count(listeningOn: address),
+                sockets > channels.count
+            {
+                throw ListenerPortSharedError(
+                    listener: listener.name, address: "\(listener.address):\(port)", sockets: sockets, own: channels.count)
+            }
+        } catch {
+            for channel in channels { try? await channel.close() }
+            throw error
+        }
+        return channels
+    }
+
+    private func bind(
+        _ listener: ListenerConfig, loopStates: [ObjectIdentifier: NIOLoopBound<LoopState>], group: EventLoopGroup,
+        childGroup: EventLoopGroup, port: Int, reusePort: Bool
+    ) async throws -> Channel {
         let runtime = self.runtime
         let connections = self.connections
         let sslContext = try listener.tls.map { tls in
@@ -546,9 +600,10 @@ public final class ProxyServer: Service, Sendable {
         let context = ListenerContext(name: listener.name, scheme: sslContext == nil ? "http" : "https")
         let fastPath = listener.fastPath
 
-        return try await ServerBootstrap(group: self.group)
+        return try await ServerBootstrap(group: group, childGroup: childGroup)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelOption(Self.reusePort, value: reusePort ? 1 : 0)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 16)
             .childChannelOption(.recvAllocator, value: ReadBuffers.clientAllocator)
@@ -616,7 +671,7 @@ public final class ProxyServer: Service, Sendable {
                     }
                 }
             }
-            .bind(host: listener.address, port: listener.port)
+            .bind(host: listener.address, port: port)
             .get()
     }
 }

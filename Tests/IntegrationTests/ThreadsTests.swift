@@ -7,7 +7,9 @@ import Testing
 
 /// `threads`: a server that owns its event loops starts `count` of them and, with `cpu_affinity: auto`, binds each
 /// to its own CPU (checked in the kernel's view of every thread, /proc/self/task), still serves, and refuses a
-/// reload that changes `threads`.
+/// reload that changes `threads`. With `accept: per_loop` (the default) each loop listens on the port itself
+/// (checked in the kernel's list of listening sockets, /proc/net/tcp), and a second process on the same port is
+/// refused.
 @Suite(.serialized) struct ThreadsTests {
     /// CPU lists of this process's NIO event loop threads that are bound to exactly one CPU, by thread id.
     static func singleCPULoopThreads() -> [Int: Int] {
@@ -85,5 +87,81 @@ import Testing
             #expect(Self.singleCPULoopThreads().keys.allSatisfy { before[$0] != nil })
         }
         await server.shutdown()
+    }
+
+    /// Listening sockets on 127.0.0.1:`port`, as the kernel lists them.
+    static func kernelListeners(port: Int) throws -> Int {
+        // Read to the end: /proc files report no size, and a one-page read misses rows when many sockets are open.
+        let file = try #require(FileHandle(forReadingAtPath: "/proc/net/tcp"))
+        defer { try? file.close() }
+        let table = String(decoding: try file.readToEnd() ?? Data(), as: UTF8.self)
+        let local = "0100007F:" + String(format: "%04X", port)
+        return table.split(separator: "\n").dropFirst().filter { line in
+            let fields = line.split(separator: " ")
+            return fields.count > 3 && fields[1] == local && fields[3] == "0A"
+        }.count
+    }
+
+    static func config(port: Int, backend: Int, accept: ThreadsConfig.Accept) -> ProxyConfig {
+        var config = ProxyConfig(
+            listeners: [ListenerConfig(name: "test", address: "127.0.0.1", port: port, pool: "main")],
+            pools: [PoolConfig(name: "main", backends: [BackendConfig(id: "a", host: "127.0.0.1", port: backend)])],
+            logging: LoggingConfig(level: .critical, format: .logfmt, accessLog: false),
+            threads: ThreadsConfig(count: 2, accept: accept)
+        )
+        config.timeouts.shutdownGrace = .seconds(1)
+        return config
+    }
+
+    @Test("accept per_loop: every loop listens on the port and accepts its own connections; one_loop: one socket", arguments: [ThreadsConfig.Accept.perLoop, .oneLoop])
+    func acceptModes(accept: ThreadsConfig.Accept) async throws {
+        let room = try await RoomServer.start(id: "a", group: MultiThreadedEventLoopGroup.singleton)
+        defer { Task { try? await room.stop() } }
+        let server = try ProxyServer(config: Self.config(port: 0, backend: room.port, accept: accept))
+        try await server.start()
+        do {
+            let port = server.listenerPorts["test"]!
+            #expect(try Self.kernelListeners(port: port) == (accept == .perLoop ? 2 : 1))
+            // 32 connections: the kernel's hash leaves one loop without any with probability 2^-31.
+            var connections: [RawHTTPConnection] = []
+            for i in 0..<32 {
+                let connection = try await RawHTTPConnection.connect(port: port)
+                try await connection.send("GET /rooms/r\(i) HTTP/1.1\r\nHost: example\r\n\r\n")
+                #expect(try await connection.readResponse().status == 200)
+                connections.append(connection)
+            }
+            let perLoop = server.connectionsPerLoop()
+            #expect(perLoop.count == 2 && perLoop.reduce(0, +) == 32 && perLoop.allSatisfy { $0 > 0 }, "\(perLoop)")
+            for connection in connections { await connection.close() }
+        } catch {
+            await server.shutdown()
+            throw error
+        }
+        await server.shutdown()
+        #expect(try Self.kernelListeners(port: server.listenerPorts["test"]!) == 0)
+    }
+
+    @Test("accept per_loop: a second proxy on the same port fails to start, naming the listener, and the first goes on")
+    func sharedPortIsRefused() async throws {
+        let room = try await RoomServer.start(id: "a", group: MultiThreadedEventLoopGroup.singleton)
+        defer { Task { try? await room.stop() } }
+        let first = try ProxyServer(config: Self.config(port: 0, backend: room.port, accept: .perLoop))
+        try await first.start()
+        let port = first.listenerPorts["test"]!
+        let second = try ProxyServer(config: Self.config(port: port, backend: room.port, accept: .perLoop))
+        do {
+            try await second.start()
+            Issue.record("a second proxy started on a port the first one listens on")
+            await second.shutdown()
+        } catch {
+            #expect("\(error)".contains("listener 'test': 127.0.0.1:\(port) is already in use"), "\(error)")
+        }
+        // The second one's sockets are gone again, and the first still serves.
+        #expect(try Self.kernelListeners(port: port) == 2)
+        let connection = try await RawHTTPConnection.connect(port: port)
+        try await connection.send("GET /rooms/lobby HTTP/1.1\r\nHost: example\r\n\r\n")
+        #expect(try await connection.readResponse().status == 200)
+        await connection.close()
+        await first.shutdown()
     }
 }

@@ -171,6 +171,20 @@ struct ConfigLoaderTests {
         #expect(off.threads.tunnelRelay == false)
     }
 
+    @Test("threads.accept is per_loop unless set, and an unknown value is reported at it with a suggestion")
+    func acceptModes() throws {
+        #expect(try ConfigLoader.parse(yaml: minimal, file: "test.yaml").threads.accept == .perLoop)
+        let one = try ConfigLoader.parse(yaml: minimal + "threads:\n  accept: one_loop\n", file: "test.yaml")
+        #expect(one.threads.accept == .oneLoop)
+        #expect(
+            errors(in: minimal + "threads:\n  accept: one-loop\n") == [
+                error(
+                    line: 10, column: 11, path: "threads.accept",
+                    "expected one of per_loop, one_loop, got 'one-loop' (did you mean 'one_loop'?)")
+            ]
+        )
+    }
+
     @Test("an admin section without keys enables the admin listener with its defaults")
     func emptyAdminSection() throws {
         let config = try ConfigLoader.parse(yaml: minimal + "admin: {}\n", file: "test.yaml")

@@ -360,13 +360,25 @@ public struct ThreadsConfig: Sendable, Equatable {
     /// own the sockets' descriptors (`TunnelRelay`): an idle WebSocket then costs a few hundred bytes instead of two
     /// channels' 4.8 KB. On by default; `false` keeps every tunnel on NIO channels. TLS listeners always do.
     public var tunnelRelay: Bool
+    /// How new connections reach the event loops.
+    public var accept: Accept
+
+    /// How a listener accepts connections when there is more than one event loop.
+    public enum Accept: String, Sendable, Equatable, CaseIterable {
+        /// One listening socket per loop (`SO_REUSEPORT`): each loop accepts its own connections, spread over the
+        /// loops by the kernel (a hash of the client's address and port). No connection crosses threads.
+        case perLoop = "per_loop"
+        /// One listening socket: one loop accepts every connection and hands each to the next loop in turn.
+        case oneLoop = "one_loop"
+    }
 
     public static let countRange = 1...1024
 
-    public init(count: Int? = nil, cpuAffinity: CPUAffinity = .none, tunnelRelay: Bool = true) {
+    public init(count: Int? = nil, cpuAffinity: CPUAffinity = .none, tunnelRelay: Bool = true, accept: Accept = .perLoop) {
         self.count = count
         self.cpuAffinity = cpuAffinity
         self.tunnelRelay = tunnelRelay
+        self.accept = accept
     }
 
     /// The number of loops to start.
