@@ -110,6 +110,88 @@ long cproxy_send_nowait(int fd, const void *bytes, unsigned long count) {
         if (errno != EINTR) return -(long)errno;
     }
 }
+
+#include <linux/inet_diag.h>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+int cproxy_count_listeners(const void *address, uint32_t length) {
+    const struct sockaddr *sa = address;
+    uint8_t want[16];
+    size_t want_len;
+    uint16_t want_port;  /* network order, as inet_diag reports it */
+    if (sa->sa_family == AF_INET && length >= sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *in = address;
+        memcpy(want, &in->sin_addr, 4);
+        want_len = 4;
+        want_port = in->sin_port;
+    } else if (sa->sa_family == AF_INET6 && length >= sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *in6 = address;
+        memcpy(want, &in6->sin6_addr, 16);
+        want_len = 16;
+        want_port = in6->sin6_port;
+    } else {
+        return -EAFNOSUPPORT;
+    }
+    int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (fd < 0) return -errno;
+    struct {
+        struct nlmsghdr header;
+        struct inet_diag_req_v2 request;
+    } message;
+    memset(&message, 0, sizeof(message));
+    message.header.nlmsg_len = sizeof(message);
+    message.header.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    message.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+    message.request.sdiag_family = sa->sa_family;
+    message.request.sdiag_protocol = IPPROTO_TCP;
+    message.request.idiag_states = 1u << TCP_LISTEN;
+    struct sockaddr_nl kernel;
+    memset(&kernel, 0, sizeof(kernel));
+    kernel.nl_family = AF_NETLINK;
+    if (sendto(fd, &message, sizeof(message), 0, (struct sockaddr *)&kernel, sizeof(kernel)) < 0) {
+        int error = errno;
+        close(fd);
+        return -error;
+    }
+    int count = 0;
+    long buffer[8192 / sizeof(long)];
+    for (;;) {
+        ssize_t received = recv(fd, buffer, sizeof(buffer), 0);
+        if (received < 0) {
+            if (errno == EINTR) continue;
+            int error = errno;
+            close(fd);
+            return -error;
+        }
+        if (received == 0) break;
+        struct nlmsghdr *header = (struct nlmsghdr *)buffer;
+        for (; NLMSG_OK(header, (unsigned int)received); header = NLMSG_NEXT(header, received)) {
+            if (header->nlmsg_type == NLMSG_DONE) {
+                close(fd);
+                return count;
+            }
+            if (header->nlmsg_type == NLMSG_ERROR) {
+                struct nlmsgerr *failure = NLMSG_DATA(header);
+                close(fd);
+                return failure->error < 0 ? failure->error : -EIO;
+            }
+            if (header->nlmsg_type != SOCK_DIAG_BY_FAMILY) continue;
+            struct inet_diag_msg *socket_info = NLMSG_DATA(header);
+            if (socket_info->id.idiag_sport == want_port && memcmp(socket_info->id.idiag_src, want, want_len) == 0) {
+                count += 1;
+            }
+        }
+    }
+    close(fd);
+    return count;
+}
+
 #else
 #include <errno.h>
 int cproxy_epoll_create(void) { errno = ENOSYS; return -1; }
@@ -125,4 +207,6 @@ long cproxy_send(int fd, const void *bytes, unsigned long count) { errno = ENOSY
 long cproxy_send_nowait(int fd, const void *bytes, unsigned long count) { return -ENOSYS; }
 int cproxy_allowed_cpus(int32_t *cpus, int32_t capacity) { (void)cpus; (void)capacity; return -1; }
 int cproxy_bind_current_thread(int32_t cpu) { (void)cpu; errno = ENOSYS; return -1; }
+int cproxy_count_listeners(const void *address, uint32_t length) { (void)address; (void)length; return -ENOSYS; }
+
 #endif

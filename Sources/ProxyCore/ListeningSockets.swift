@@ -1,11 +1,12 @@
+import CProxySys
 import NIOCore
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// The kernel's list of listening TCP sockets (`/proc/net/tcp`, `/proc/net/tcp6`), read to tell whether a listener's
-/// port is shared with someone else.
+/// The kernel's listening TCP sockets (asked over netlink, or read from `/proc/net/tcp` and `/proc/net/tcp6`), counted
+/// to tell whether a listener's port is shared with someone else.
 ///
 /// Why: with `threads.accept: per_loop` every event loop listens on the listener's port with `SO_REUSEPORT`, and the
 /// kernel lets any other socket of the same user join that group. A second ott-proxy started by mistake with the same
@@ -28,8 +29,17 @@ enum ListeningSockets {
         return count
     }
 
-    /// The same, from the running kernel; nil when its table cannot be read (no `/proc`).
+    /// The same, from the running kernel: asked over `NETLINK_SOCK_DIAG` for listening sockets only, whose cost does
+    /// not grow with the connections the host has (`/proc/net/tcp` lists every socket in every state: on a busy host
+    /// tens of thousands of lines to read and parse); from `/proc` when netlink is refused; nil when neither answers.
     static func count(listeningOn address: SocketAddress) -> Int? {
+        let asked = address.withSockAddr { cproxy_count_listeners($0, UInt32($1)) }
+        if asked >= 0 { return Int(asked) }
+        return self.countFromProc(listeningOn: address)
+    }
+
+    /// From `/proc/net/tcp` or `/proc/net/tcp6`; nil when the table cannot be read.
+    static func countFromProc(listeningOn address: SocketAddress) -> Int? {
         let path: String
         switch address {
         case .v4: path = "/proc/net/tcp"

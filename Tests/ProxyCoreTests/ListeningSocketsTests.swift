@@ -1,10 +1,20 @@
+import CProxySys
 import NIOCore
 import NIOPosix
 import Testing
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 @testable import ProxyCore
 
 /// `ListeningSockets`: the census of the kernel's listening sockets that tells a shared `SO_REUSEPORT` port.
+/// The netlink answer alone (no `/proc` fallback): -errno when the kernel refuses.
+private func cproxy_count_listeners_for(_ address: SocketAddress) -> Int {
+    Int(address.withSockAddr { cproxy_count_listeners($0, UInt32($1)) })
+}
+
 @Suite struct ListeningSocketsTests {
     /// The head and three rows of a real `/proc/net/tcp` (one listener on 127.0.0.1:8080, one on 0.0.0.0:8080, one
     /// established connection from 127.0.0.1:8080), trimmed after the inode.
@@ -43,8 +53,22 @@ import Testing
         let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .bind(host: "127.0.0.1", port: 0).get()
         let address = try #require(channel.localAddress)
+        // Both ways of asking: netlink (what the proxy uses) and /proc (its fallback) must agree.
+        #expect(cproxy_count_listeners_for(address) == 1)
+        #expect(ListeningSockets.countFromProc(listeningOn: address) == 1)
         #expect(ListeningSockets.count(listeningOn: address) == 1)
+        // A second socket on the port (SO_REUSEPORT on both, as per-loop listeners bind) is counted too.
+        let reusePort = ChannelOptions.Types.SocketOption(level: .socket, name: .init(rawValue: SO_REUSEPORT))
+        let first = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .serverChannelOption(reusePort, value: 1).bind(host: "127.0.0.1", port: 0).get()
+        let second = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .serverChannelOption(reusePort, value: 1).bind(host: "127.0.0.1", port: first.localAddress!.port!).get()
+        #expect(cproxy_count_listeners_for(first.localAddress!) == 2)
+        #expect(ListeningSockets.countFromProc(listeningOn: first.localAddress!) == 2)
+        try await second.close()
+        try await first.close()
         try await channel.close()
+        #expect(cproxy_count_listeners_for(address) == 0)
         #expect(ListeningSockets.count(listeningOn: address) == 0)
     }
 }

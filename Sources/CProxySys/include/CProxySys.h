@@ -50,4 +50,9 @@ long cproxy_send(int fd, const void *bytes, unsigned long count);
  * buffer is full). */
 long cproxy_send_nowait(int fd, const void *bytes, unsigned long count);
 
+/* How many TCP sockets listen on exactly `address` (a sockaddr_in or sockaddr_in6: family, address and port), asked
+ * of the kernel with NETLINK_SOCK_DIAG for listening sockets only (so it costs the same however many connections
+ * exist); -errno when the kernel cannot be asked. */
+int cproxy_count_listeners(const void *address, uint32_t length);
+
 #endif
