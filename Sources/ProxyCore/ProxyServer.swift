@@ -542,21 +542,31 @@ public final class ProxyServer: Service, Sendable {
         }
     }
 
-    /// Binds a listener: one socket per event loop with `SO_REUSEPORT` (`threads.accept: per_loop`, more than one
-    /// loop), each loop then accepting its own connections; otherwise one socket, whose loop hands connections to the
-    /// loops in turn. Returns the listening channels (the first one's port is the listener's, also for port 0).
     /// `SO_REUSEPORT` (NIO names no constant for it).
     private static let reusePort = ChannelOptions.Types.SocketOption(level: .socket, name: .init(rawValue: SO_REUSEPORT))
 
+    /// Binds a listener: one socket per event loop with `SO_REUSEPORT` (`threads.accept: per_loop`, more than one
+    /// loop), each loop then accepting its own connections; otherwise one socket, whose loop hands connections to the
+    /// loops in turn. Returns the listening channels (the first one's port is the listener's, also for port 0).
     private func bind(
         _ listener: ListenerConfig, accept: ThreadsConfig.Accept, loopStates: [ObjectIdentifier: NIOLoopBound<LoopState>]
     ) async throws -> [Channel] {
+        // One TLS context for all of the listener's sockets: its files are read once, and a session cached on one
+        // loop resumes on another.
+        let sslContext = try listener.tls.map { tls in
+            try NIOSSLContext(
+                configuration: .makeServerConfiguration(
+                    certificateChain: try NIOSSLCertificate.fromPEMFile(tls.certificatePath).map { .certificate($0) },
+                    privateKey: .privateKey(try NIOSSLPrivateKey(file: tls.keyPath, format: .pem))
+                )
+            )
+        }
         let loops = Array(self.group.makeIterator())
         guard accept == .perLoop, loops.count > 1 else {
             return [
                 try await self.bind(
-                    listener, loopStates: loopStates, group: self.group, childGroup: self.group, port: listener.port,
-                    reusePort: false)
+                    listener, sslContext: sslContext, loopStates: loopStates, group: self.group, childGroup: self.group,
+                    port: listener.port, reusePort: false)
             ]
         }
         var channels: [Channel] = []
@@ -564,7 +574,8 @@ public final class ProxyServer: Service, Sendable {
             var port = listener.port
             for loop in loops {
                 let channel = try await self.bind(
-                    listener, loopStates: loopStates, group: loop, childGroup: loop, port: port, reusePort: true)
+                    listener, sslContext: sslContext, loopStates: loopStates, group: loop, childGroup: loop, port: port,
+                    reusePort: true)
                 channels.append(channel)
                 port = channel.localAddress?.port ?? port
             }
@@ -583,20 +594,13 @@ public final class ProxyServer: Service, Sendable {
         return channels
     }
 
+    /// Binds one listening socket of `listener` on `group`, its connections served on `childGroup`.
     private func bind(
-        _ listener: ListenerConfig, loopStates: [ObjectIdentifier: NIOLoopBound<LoopState>], group: EventLoopGroup,
-        childGroup: EventLoopGroup, port: Int, reusePort: Bool
+        _ listener: ListenerConfig, sslContext: NIOSSLContext?, loopStates: [ObjectIdentifier: NIOLoopBound<LoopState>],
+        group: EventLoopGroup, childGroup: EventLoopGroup, port: Int, reusePort: Bool
     ) async throws -> Channel {
         let runtime = self.runtime
         let connections = self.connections
-        let sslContext = try listener.tls.map { tls in
-            try NIOSSLContext(
-                configuration: .makeServerConfiguration(
-                    certificateChain: try NIOSSLCertificate.fromPEMFile(tls.certificatePath).map { .certificate($0) },
-                    privateKey: .privateKey(try NIOSSLPrivateKey(file: tls.keyPath, format: .pem))
-                )
-            )
-        }
         let context = ListenerContext(name: listener.name, scheme: sslContext == nil ? "http" : "https")
         let fastPath = listener.fastPath
 
