@@ -98,3 +98,20 @@ struct ListenerPortSharedError: Error, CustomStringConvertible {
             + "(\(sockets) listening sockets, \(own) of them this proxy's); stop it, or use another port"
     }
 }
+
+/// A listener's socket could not be bound or set up: names the listener and the address, then the system's reason.
+struct ListenerBindError: Error, CustomStringConvertible {
+    let listener: String
+    let address: String
+    let error: Error
+
+    var description: String {
+        let reason: String
+        if let io = self.error as? IOError {
+            reason = String(cString: strerror(io.errnoCode)).lowercased() + " (errno \(io.errnoCode))"
+        } else {
+            reason = "\(self.error)"
+        }
+        return "listener '\(self.listener)': cannot listen on \(self.address): \(reason)"
+    }
+}

@@ -563,19 +563,28 @@ public final class ProxyServer: Service, Sendable {
         }
         let loops = Array(self.group.makeIterator())
         guard accept == .perLoop, loops.count > 1 else {
-            return [
-                try await self.bind(
-                    listener, sslContext: sslContext, loopStates: loopStates, group: self.group, childGroup: self.group,
-                    port: listener.port, reusePort: false)
-            ]
+            do {
+                return [
+                    try await self.bind(
+                        listener, sslContext: sslContext, loopStates: loopStates, group: self.group,
+                        childGroup: self.group, port: listener.port, reusePort: false)
+                ]
+            } catch {
+                throw ListenerBindError(listener: listener.name, address: "\(listener.address):\(listener.port)", error: error)
+            }
         }
         var channels: [Channel] = []
         do {
             var port = listener.port
             for loop in loops {
-                let channel = try await self.bind(
-                    listener, sslContext: sslContext, loopStates: loopStates, group: loop, childGroup: loop, port: port,
-                    reusePort: true)
+                let channel: Channel
+                do {
+                    channel = try await self.bind(
+                        listener, sslContext: sslContext, loopStates: loopStates, group: loop, childGroup: loop,
+                        port: port, reusePort: true)
+                } catch {
+                    throw ListenerBindError(listener: listener.name, address: "\(listener.address):\(port)", error: error)
+                }
                 channels.append(channel)
                 port = channel.localAddress?.port ?? port
             }

@@ -164,4 +164,20 @@ import Testing
         await connection.close()
         await first.shutdown()
     }
+
+    @Test("a port another socket holds fails the start, naming the listener and the address", arguments: [ThreadsConfig.Accept.perLoop, .oneLoop])
+    func portInUse(accept: ThreadsConfig.Accept) async throws {
+        let holder = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
+        let port = holder.localAddress!.port!
+        let server = try ProxyServer(config: Self.config(port: port, backend: 9, accept: accept))
+        do {
+            try await server.start()
+            Issue.record("the proxy started on a port another socket holds")
+            await server.shutdown()
+        } catch {
+            #expect("\(error)" == "listener 'test': cannot listen on 127.0.0.1:\(port): address already in use (errno 98)")
+        }
+        #expect(try Self.kernelListeners(port: port) == 1)
+        try await holder.close()
+    }
 }
