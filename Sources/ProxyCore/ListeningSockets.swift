@@ -115,3 +115,11 @@ struct ListenerBindError: Error, CustomStringConvertible {
         return "listener '\(self.listener)': cannot listen on \(self.address): \(reason)"
     }
 }
+
+/// A TLS listener's certificate or key could not be loaded: names the listener and the file.
+struct ListenerTLSError: Error, CustomStringConvertible {
+    let listener: String
+    let message: String
+
+    var description: String { "listener '\(self.listener)': \(self.message)" }
+}

@@ -553,14 +553,7 @@ public final class ProxyServer: Service, Sendable {
     ) async throws -> [Channel] {
         // One TLS context for all of the listener's sockets: its files are read once, and a session cached on one
         // loop resumes on another.
-        let sslContext = try listener.tls.map { tls in
-            try NIOSSLContext(
-                configuration: .makeServerConfiguration(
-                    certificateChain: try NIOSSLCertificate.fromPEMFile(tls.certificatePath).map { .certificate($0) },
-                    privateKey: .privateKey(try NIOSSLPrivateKey(file: tls.keyPath, format: .pem))
-                )
-            )
-        }
+        let sslContext = try listener.tls.map { tls in try Self.tlsContext(tls, listener: listener.name) }
         let loops = Array(self.group.makeIterator())
         guard accept == .perLoop, loops.count > 1 else {
             do {
@@ -601,6 +594,43 @@ public final class ProxyServer: Service, Sendable {
             throw error
         }
         return channels
+    }
+
+    /// The listener's TLS context; a file that cannot be read or is not PEM fails with the listener, the file and why.
+    private static func tlsContext(_ tls: TLSConfig, listener: String) throws -> NIOSSLContext {
+        func failure(_ file: String, _ path: String, _ error: Error) -> ListenerTLSError {
+            let reason: String
+            if access(path, R_OK) != 0 {
+                reason = String(cString: strerror(errno)).lowercased()
+            } else {
+                reason = "not a PEM \(file) (\(error))"
+            }
+            return ListenerTLSError(listener: listener, message: "cannot load its TLS \(file) from \(path): \(reason)")
+        }
+        let chain: [NIOSSLCertificate]
+        do {
+            chain = try NIOSSLCertificate.fromPEMFile(tls.certificatePath)
+        } catch {
+            throw failure("certificate", tls.certificatePath, error)
+        }
+        guard !chain.isEmpty else {
+            throw ListenerTLSError(
+                listener: listener, message: "cannot load its TLS certificate from \(tls.certificatePath): no certificate in it")
+        }
+        let key: NIOSSLPrivateKey
+        do {
+            key = try NIOSSLPrivateKey(file: tls.keyPath, format: .pem)
+        } catch {
+            throw failure("private key", tls.keyPath, error)
+        }
+        do {
+            return try NIOSSLContext(
+                configuration: .makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key)))
+        } catch {
+            throw ListenerTLSError(
+                listener: listener,
+                message: "cannot use the TLS certificate \(tls.certificatePath) with the key \(tls.keyPath): \(error)")
+        }
     }
 
     /// Binds one listening socket of `listener` on `group`, its connections served on `childGroup`.

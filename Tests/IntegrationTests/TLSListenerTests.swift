@@ -64,6 +64,38 @@ import Testing
         try await room.stop()
     }
 
+    @Test("a certificate or key that cannot be loaded fails the start, naming the listener, the file and why")
+    func unloadableFilesAreNamed() async throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("ott-tls-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let (certPath, keyPath) = try Self.makeCertificate(in: directory)
+        let garbage = directory.appendingPathComponent("garbage.pem").path
+        try "not a certificate\n".write(toFile: garbage, atomically: true, encoding: .utf8)
+        let missing = directory.appendingPathComponent("missing.pem").path
+        let cases: [(cert: String, key: String, expected: String)] = [
+            (missing, keyPath, "listener 'test': cannot load its TLS certificate from \(missing): no such file or directory"),
+            (garbage, keyPath, "listener 'test': cannot load its TLS certificate from \(garbage): not a PEM certificate"),
+            (certPath, missing, "listener 'test': cannot load its TLS private key from \(missing): no such file or directory"),
+            (certPath, garbage, "listener 'test': cannot load its TLS private key from \(garbage): not a PEM private key"),
+        ]
+        for (cert, key, expected) in cases {
+            var config = ProxyConfig(
+                listeners: [ListenerConfig(name: "test", address: "127.0.0.1", port: 0, pool: "main")],
+                pools: [PoolConfig(name: "main")],
+                logging: LoggingConfig(level: .critical, format: .logfmt, accessLog: false))
+            config.listeners[0].tls = TLSConfig(certificatePath: cert, keyPath: key)
+            let server = try ProxyServer(config: config, group: MultiThreadedEventLoopGroup.singleton)
+            do {
+                try await server.start()
+                Issue.record("started with certificate \(cert) and key \(key)")
+                await server.shutdown()
+            } catch {
+                #expect("\(error)".hasPrefix(expected), "\(error)")
+            }
+        }
+    }
+
     @Test func httpsListenerForwardsToPlainBackend() async throws {
         try await Self.withTLSProxy(room: "tls-a") { proxy, connect in
             let (channel, collected) = try await connect()
