@@ -1,6 +1,22 @@
 #define _GNU_SOURCE
 #include "CProxySys.h"
 
+#include <string.h>
+
+long cproxy_count_occurrences(const void *haystack, unsigned long length, const void *needle, unsigned long needle_length) {
+    if (needle_length == 0) return 0;
+    long count = 0;
+    const char *cursor = haystack;
+    const char *end = (const char *)haystack + length;
+    while (cursor < end) {
+        const char *found = memmem(cursor, (size_t)(end - cursor), needle, needle_length);
+        if (found == NULL) break;
+        count += 1;
+        cursor = found + needle_length;
+    }
+    return count;
+}
+
 #if defined(__linux__)
 #include <errno.h>
 #include <sched.h>

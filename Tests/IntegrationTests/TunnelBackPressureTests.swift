@@ -25,9 +25,10 @@ import Testing
             let after = try #require(WSSupport.residentBytes())
             let writtenWhileStalled = backend.bytesWritten - stalledAt
             let growth = after - before
-            // RSS is the whole test process's, and the suites beside this one allocate too (up to tens of MiB):
-            // this bound only catches gross buffering; the byte counts of the backend below are the precise checks.
-            #expect(growth < 128 * 1024 * 1024, "RSS grew by \(growth / (1024 * 1024)) MiB while the client did not read")
+            // RSS is the whole test process's, and the suites beside this one allocate too (a full parallel run once
+            // added 132 MiB in these 2.7 s): this bound only catches gross buffering, half of the flood's 512 MiB; the
+            // byte counts of the backend below are the precise checks.
+            #expect(growth < 256 * 1024 * 1024, "RSS grew by \(growth / (1024 * 1024)) MiB while the client did not read")
             #expect(backend.bytesWritten < 128 * 1024 * 1024, "the backend wrote \(backend.bytesWritten) bytes")
             #expect(writtenWhileStalled < 1024 * 1024, "the backend kept writing (\(writtenWhileStalled) bytes) while blocked")
 

@@ -55,4 +55,7 @@ long cproxy_send_nowait(int fd, const void *bytes, unsigned long count);
  * exist); -errno when the kernel cannot be asked. */
 int cproxy_count_listeners(const void *address, uint32_t length);
 
+/* How many times `needle` occurs in `haystack`, not overlapping (memmem). */
+long cproxy_count_occurrences(const void *haystack, unsigned long length, const void *needle, unsigned long needle_length);
+
 #endif
