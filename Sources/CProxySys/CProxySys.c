@@ -44,7 +44,11 @@ int cproxy_bind_current_thread(int32_t cpu) {
 }
 
 #include <fcntl.h>
+#include <linux/inet_diag.h>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -126,15 +130,6 @@ long cproxy_send_nowait(int fd, const void *bytes, unsigned long count) {
         if (errno != EINTR) return -(long)errno;
     }
 }
-
-#include <linux/inet_diag.h>
-#include <linux/netlink.h>
-#include <linux/sock_diag.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 int cproxy_count_listeners(const void *address, uint32_t length) {
     const struct sockaddr *sa = address;
