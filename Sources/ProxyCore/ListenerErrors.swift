@@ -28,7 +28,7 @@ struct ListenerBindError: Error, CustomStringConvertible {
     var description: String {
         let reason: String
         if let io = self.error as? IOError {
-            reason = String(cString: strerror(io.errnoCode)).lowercased() + " (errno \(io.errnoCode))"
+            reason = systemErrorText(io.errnoCode) + " (errno \(io.errnoCode))"
         } else {
             reason = "\(self.error)"
         }
@@ -42,4 +42,9 @@ struct ListenerTLSError: Error, CustomStringConvertible {
     let message: String
 
     var description: String { "listener '\(self.listener)': \(self.message)" }
+}
+
+/// The C library's text for an `errno` value, lower-cased to sit inside a sentence ("address already in use").
+func systemErrorText(_ code: Int32) -> String {
+    String(cString: strerror(code)).lowercased()
 }

@@ -22,8 +22,8 @@ enum ListeningSockets {
     }
 
     /// The same over the table's bytes. A listening row reads `<local> <no peer> 0A`: the local address, a peer of all
-    /// zeros, and the state TCP_LISTEN. That whole sequence is counted with `memmem` (`cproxy_count_occurrences`), not parsed row by row: the
-    /// table has a row for every socket in every state, tens of thousands on a busy host.
+    /// zeros, and the state TCP_LISTEN. That whole sequence is counted with `memmem` (`cproxy_count_occurrences`), not
+    /// parsed row by row: the table has a row for every socket in every state, tens of thousands on a busy host.
     static func count(listeningOn address: SocketAddress, in table: [UInt8]) -> Int? {
         guard let local = self.procAddress(address) else { return nil }
         let noPeer: String

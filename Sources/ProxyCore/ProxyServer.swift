@@ -555,26 +555,17 @@ public final class ProxyServer: Service, Sendable {
         // loop resumes on another.
         let sslContext = try listener.tls.map { tls in try Self.tlsContext(tls, listener: listener.name) }
         let loops = Array(self.group.makeIterator())
-        guard accept == .perLoop, loops.count > 1 else {
-            do {
-                return [
-                    try await self.bind(
-                        listener, sslContext: sslContext, loopStates: loopStates, group: self.group,
-                        childGroup: self.group, port: listener.port, reusePort: false)
-                ]
-            } catch {
-                throw ListenerBindError(listener: listener.name, address: "\(listener.address):\(listener.port)", error: error)
-            }
-        }
+        let perLoop = accept == .perLoop && loops.count > 1
         var channels: [Channel] = []
         do {
             var port = listener.port
-            for loop in loops {
+            let groups: [EventLoopGroup] = perLoop ? loops : [self.group]
+            for group in groups {
                 let channel: Channel
                 do {
                     channel = try await self.bind(
-                        listener, sslContext: sslContext, loopStates: loopStates, group: loop, childGroup: loop,
-                        port: port, reusePort: true)
+                        listener, sslContext: sslContext, loopStates: loopStates, group: group, childGroup: group,
+                        port: port, reusePort: perLoop)
                 } catch {
                     throw ListenerBindError(listener: listener.name, address: "\(listener.address):\(port)", error: error)
                 }
@@ -583,7 +574,7 @@ public final class ProxyServer: Service, Sendable {
             }
             // `SO_REUSEPORT` lets any socket of this user join the group: more listening sockets than this proxy's
             // means someone else listens here too (`ListeningSockets`).
-            if let address = channels[0].localAddress, let sockets = ListeningSockets.count(listeningOn: address),
+            if perLoop, let address = channels[0].localAddress, let sockets = ListeningSockets.count(listeningOn: address),
                 sockets > channels.count
             {
                 throw ListenerPortSharedError(
@@ -601,7 +592,7 @@ public final class ProxyServer: Service, Sendable {
         func failure(_ file: String, _ path: String, _ error: Error) -> ListenerTLSError {
             let reason: String
             if access(path, R_OK) != 0 {
-                reason = String(cString: strerror(errno)).lowercased()
+                reason = systemErrorText(errno)
             } else {
                 reason = "not a PEM \(file) (\(error))"
             }
