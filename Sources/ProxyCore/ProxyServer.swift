@@ -280,18 +280,23 @@ public final class ProxyServer: Service, Sendable {
         let relay = config.threads.tunnelRelay ? try TunnelRelay(count: loopPolicies.count, cpus: self.loopCPUs) : nil
         let connections = self.connections
         var loopStates: [ObjectIdentifier: NIOLoopBound<LoopState>] = [:]
-        for (index, (loop, policies)) in loopPolicies.enumerated() {
-            let link = relay.map { RelayLink(shard: $0.shards[index % $0.shards.count], connections: connections) }
-            loopStates[ObjectIdentifier(loop)] = try await loop.submit {
-                NIOLoopBound(
-                    LoopState(
-                        pool: UpstreamPool(eventLoop: loop, settings: settings),
-                        generation: LoopGeneration(runtime: runtime, policies: policies.value),
-                        relay: link
-                    ),
-                    eventLoop: loop
-                )
-            }.get()
+        do {
+            for (index, (loop, policies)) in loopPolicies.enumerated() {
+                let link = relay.map { RelayLink(shard: $0.shards[index % $0.shards.count], connections: connections) }
+                loopStates[ObjectIdentifier(loop)] = try await loop.submit {
+                    NIOLoopBound(
+                        LoopState(
+                            pool: UpstreamPool(eventLoop: loop, settings: settings),
+                            generation: LoopGeneration(runtime: runtime, policies: policies.value),
+                            relay: link
+                        ),
+                        eventLoop: loop
+                    )
+                }.get()
+            }
+        } catch {
+            await relay?.stop()  // (a loop refusing work: the group is shutting down)
+            throw error
         }
 
         var channels: [Channel] = []

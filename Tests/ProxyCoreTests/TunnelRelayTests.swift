@@ -117,6 +117,24 @@ import Glibc
         }
     }
 
+    /// A shard that cannot be made (say, no descriptor left for its eventfd) fails the relay's start, and the
+    /// shards made before it give their epoll instances and eventfds back instead of leaking them.
+    @Test func aFailedStartReleasesTheShardsAlreadyMade() throws {
+        struct NoDescriptors: Error {}
+        let made = Mutex<[RelayShard]>([])
+        #expect(throws: NoDescriptors.self) {
+            _ = try TunnelRelay(count: 3) { index, cpu in
+                guard index < 2 else { throw NoDescriptors() }
+                let shard = try RelayShard(index: index, cpu: cpu)
+                made.withLock { $0.append(shard) }
+                return shard
+            }
+        }
+        let shards = made.withLock { $0 }
+        #expect(shards.count == 2)
+        #expect(shards.map(\.isDiscarded) == [true, true])
+    }
+
     @Test func relaysBothWaysAndReportsTheBytesWhenASideEnds() async throws {
         let rig = try Rig(webSocket: false)
         Self.write(rig.client, Array("hello backend".utf8))

@@ -29,10 +29,20 @@ final class TunnelRelay: Sendable {
     let shards: [RelayShard]
 
     /// Starts `count` relay threads; with `cpus`, thread `i` is bound to `cpus[i]` (as the event loops are).
-    init(count: Int, cpus: [Int?] = []) throws {
+    /// When a shard cannot be made (no descriptors left for its epoll instance or eventfd), the shards made before it
+    /// close theirs and nothing is started. `makeShard` is for tests.
+    init(
+        count: Int, cpus: [Int?] = [],
+        makeShard: (_ index: Int, _ cpu: Int?) throws -> RelayShard = { try RelayShard(index: $0, cpu: $1) }
+    ) throws {
         var shards: [RelayShard] = []
-        for index in 0..<max(count, 1) {
-            shards.append(try RelayShard(index: index, cpu: index < cpus.count ? cpus[index] : nil))
+        do {
+            for index in 0..<max(count, 1) {
+                shards.append(try makeShard(index, index < cpus.count ? cpus[index] : nil))
+            }
+        } catch {
+            for shard in shards { shard.discard() }
+            throw error
         }
         self.shards = shards
         for shard in shards { shard.start() }
@@ -132,6 +142,18 @@ final class RelayShard: @unchecked Sendable {
         self.epoll = epoll
         self.wakeFD = wake
         self.scratch = .allocate(byteCount: Self.scratchSize, alignment: 16)
+    }
+
+    /// Whether `discard` released the shard's descriptors (for tests).
+    private(set) var isDiscarded = false
+
+    /// Releases a shard that was never started: its epoll instance, eventfd and scratch buffer.
+    fileprivate func discard() {
+        precondition(!self.isDiscarded)
+        self.isDiscarded = true
+        cproxy_close(self.epoll)
+        cproxy_close(self.wakeFD)
+        self.scratch.deallocate()
     }
 
     fileprivate func start() {
