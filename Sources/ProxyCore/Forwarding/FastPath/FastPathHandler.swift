@@ -31,15 +31,6 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    /// How the response body of the current exchange is delimited.
-    private enum BodyFraming {
-        case none
-        case length(Int)
-        case chunked(ChunkedBodyScanner)
-        /// Until the backend closes; re-chunked for the client.
-        case close
-    }
-
     /// One request in flight on the fast path: an `Exchange` with the fast path's own fields, one object per request
     /// instead of two.
     private final class FastExchange: Exchange {
@@ -54,7 +45,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         var observer: (policy: RoutingPolicy, request: RouteRequest)?
         var responseHeadBytes: ByteBuffer?
         /// How the response body is delimited (`framing` is the request's).
-        var bodyFraming: BodyFraming = .none
+        var bodyFraming: ResponseBodyFraming = .none
         /// The backend sent something after the response's end: its connection cannot be pooled.
         var trailingGarbage = false
 
@@ -398,12 +389,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
                 exchange.upstreamKeepAlive = summary.upstreamKeepAlive
                 exchange.closeAfter = summary.closeAfter
                 exchange.responseStarted = true
-                switch summary.framing {
-                case .none: fast.bodyFraming = .none
-                case .length(let length): fast.bodyFraming = .length(length)
-                case .chunked: fast.bodyFraming = .chunked(ChunkedBodyScanner())
-                case .close: fast.bodyFraming = .close
-                }
+                fast.bodyFraming = ResponseBodyFraming(summary.framing)
                 // A small body that came with the head goes out in the same buffer: one write, not two.
                 if case .length(let length) = summary.framing, length <= Self.coalescedBodyLimit,
                     var rest = fast.responseHeadBytes, rest.readableBytes >= length, var body = rest.readSlice(length: length)
@@ -432,10 +418,8 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
                     return
                 }
                 // Interim answers (103 Early Hints) go to the client as they are, as on the full path.
-                var interim = HTTPResponseHead(version: .http1_1, status: head.status, headers: head.headers)
-                ForwardingHeaders.stripHopByHop(&interim.headers)
                 var bytes = context.channel.allocator.buffer(capacity: 128)
-                bytes.writeResponseHead(interim)
+                LocalAnswer.writeInterim(head, into: &bytes)
                 self.writeToClient(bytes, context: context)
                 self.flushClient(context: context)
                 continue
@@ -459,28 +443,13 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
     /// Writes the client's response head and sets up the body's framing; `false` when the head is unusable.
     private func startResponse(_ head: HTTPResponseHead, fast: FastExchange, context: ChannelHandlerContext) -> Bool {
         let exchange = fast.exchange
-        let framing: BodyFraming
-        if !head.status.mayHaveResponseBody(for: exchange.head.method) {
-            framing = .none
-        } else if head.headers.contains(name: "transfer-encoding") {
-            // Chunked must be the last (and here: the only) coding; anything else is for the full path to reject.
-            let codings = head.headers.elements("transfer-encoding")
-            guard codings.count == 1, asciiCaseInsensitiveEquals(codings[0].utf8, "chunked".utf8) else {
-                self.badResponse(fast, "unsupported transfer-encoding from backend")
-                return false
-            }
-            framing = .chunked(ChunkedBodyScanner())
-        } else if head.headers.contains(name: "content-length") {
-            let lengths = head.headers.elements("content-length")
-            guard let first = lengths.first, let length = RequestValidator.parseContentLength(first),
-                lengths.allSatisfy({ RequestValidator.parseContentLength($0) == length })
-            else {
-                self.badResponse(fast, "invalid content-length from backend")
-                return false
-            }
-            framing = length == 0 ? .none : .length(length)
-        } else {
-            framing = .close
+        let framing: ResponseBodyFraming
+        switch ResponseBodyFraming.of(head, requestMethod: exchange.head.method) {
+        case .success(let planned):
+            framing = planned
+        case .failure(let error):
+            self.badResponse(fast, "\(error.message)")
+            return false
         }
         exchange.responseDeadline = nil
         exchange.status = Int(head.status.code)
@@ -507,43 +476,25 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
     private func relayBody(_ bytes: ByteBuffer, fast: FastExchange, context: ChannelHandlerContext) {
         let exchange = fast.exchange
         var bytes = bytes
-        switch fast.bodyFraming {
-        case .none:
-            fast.trailingGarbage = true
-            self.responseEnded(fast, context: context)
-        case .length(let remaining):
-            let take = min(remaining, bytes.readableBytes)
-            if take < bytes.readableBytes { fast.trailingGarbage = true }
-            exchange.bytesOut += take
-            self.writeToClient(bytes.readSlice(length: take)!, context: context)
-            if take == remaining {
-                self.responseEnded(fast, context: context)
-            } else {
-                fast.bodyFraming = .length(remaining - take)
+        let taken: (count: Int, ended: Bool)
+        do {
+            taken = try bytes.withUnsafeReadableBytes { bytes throws(ChunkedBodyScanner.Malformed) in
+                try fast.bodyFraming.take(bytes)
             }
-        case .chunked(var scanner):
-            let end: Int?
-            do {
-                end = try bytes.withUnsafeReadableBytes { try scanner.scan($0) }
-            } catch {
-                self.badResponse(fast, "malformed chunked body from backend")
-                return
-            }
-            fast.bodyFraming = .chunked(scanner)
-            let take = end ?? bytes.readableBytes
-            if take < bytes.readableBytes { fast.trailingGarbage = true }
-            exchange.bytesOut += take
-            self.writeToClient(bytes.readSlice(length: take)!, context: context)
-            if end != nil { self.responseEnded(fast, context: context) }
-        case .close:
-            exchange.bytesOut += bytes.readableBytes
-            var chunk = context.channel.allocator.buffer(capacity: bytes.readableBytes + 16)
-            chunk.writeString(String(bytes.readableBytes, radix: 16))
-            chunk.writeStaticString("\r\n")
-            chunk.writeBuffer(&bytes)
-            chunk.writeStaticString("\r\n")
-            self.writeToClient(chunk, context: context)
+        } catch {
+            self.badResponse(fast, "malformed chunked body from backend")
+            return
         }
+        if taken.count < bytes.readableBytes { fast.trailingGarbage = true }
+        exchange.bytesOut += taken.count
+        if case .close = fast.bodyFraming {
+            var chunk = context.channel.allocator.buffer(capacity: bytes.readableBytes + 16)
+            bytes.withUnsafeReadableBytes { LocalAnswer.writeChunk($0, into: &chunk) }
+            self.writeToClient(chunk, context: context)
+        } else if taken.count > 0 {
+            self.writeToClient(bytes.readSlice(length: taken.count)!, context: context)
+        }
+        if taken.ended { self.responseEnded(fast, context: context) }
     }
 
     func rawUpstreamReadComplete() {
@@ -676,13 +627,8 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         exchange.status = Int(status.code)
         self.logAccess(exchange, status: Int(status.code))
         let keepAlive = exchange.clientKeepAlive && !self.closeWhenIdle
-        let body = reason + "\n"
-        var bytes = context.channel.allocator.buffer(capacity: 160 + body.utf8.count)
-        bytes.writeString("HTTP/1.1 \(status.code) \(status.reasonPhrase)\r\n")
-        bytes.writeStaticString("content-type: text/plain; charset=utf-8\r\n")
-        bytes.writeString("content-length: \(body.utf8.count)\r\n")
-        bytes.writeStaticString(keepAlive ? "connection: keep-alive\r\n\r\n" : "connection: close\r\n\r\n")
-        bytes.writeString(body)
+        var bytes = context.channel.allocator.buffer(capacity: 160 + reason.utf8.count)
+        LocalAnswer.write(status: status, reason: reason, keepAlive: keepAlive, into: &bytes)
         self.writeToClient(bytes, context: context)
         self.finishExchange(keepAlive: keepAlive, context: context)
     }
