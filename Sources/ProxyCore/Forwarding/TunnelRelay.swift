@@ -35,15 +35,8 @@ final class TunnelRelay: Sendable {
         count: Int, cpus: [Int?] = [],
         makeShard: (_ index: Int, _ cpu: Int?) throws -> RelayShard = { try RelayShard(index: $0, cpu: $1) }
     ) throws {
-        var shards: [RelayShard] = []
-        do {
-            for index in 0..<max(count, 1) {
-                shards.append(try makeShard(index, index < cpus.count ? cpus[index] : nil))
-            }
-        } catch {
-            for shard in shards { shard.discard() }
-            throw error
-        }
+        let shards = try makeRelayShards(
+            count: count, make: { try makeShard($0, $0 < cpus.count ? cpus[$0] : nil) }, discard: { $0.discard() })
         self.shards = shards
         for shard in shards { shard.start() }
     }
@@ -100,47 +93,35 @@ final class RelayShard: @unchecked Sendable {
         case adopt(RelayedTunnel)
         case close(RelayedTunnel, code: UInt16)
         case stop(CheckedContinuation<Void, Never>)
+
+        var isStop: Bool {
+            if case .stop = self { return true }
+            return false
+        }
     }
 
     let index: Int
     private let cpu: Int?
-    private let epoll: Int32
-    private let wakeFD: Int32
-    /// Commands for the relay thread, and whether it stopped (its descriptors are closed then, and their numbers
-    /// may belong to someone else: nothing may signal them any more).
-    private let commands = Mutex<(queue: [Command], stopped: Bool)>(([], false))
+    /// The epoll instance, the wake-up and the command queue.
+    private let core: RelayThreadCore<Command>
+    private var epoll: Int32 { self.core.epoll }
     /// Tunnels relayed now, and since the start (read by metrics and tests from any thread).
     let live = Atomic<Int>(0)
     let adopted = Atomic<Int>(0)
 
     // Relay thread only.
-    private var tunnels: [RelayedTunnel?] = []
-    private var freeSlots: [Int] = []
+    private var tunnels = RelaySlots<RelayedTunnel>()
     private let scratch: UnsafeMutableRawBufferPointer
     private let allocator = ByteBufferAllocator()
     private var sweepInterval: UInt64 = 0
     private var nextSweep: UInt64 = .max
 
-    private static let wakeToken = UInt64.max
     private static let scratchSize = 64 * 1024
 
     init(index: Int, cpu: Int?) throws {
         self.index = index
         self.cpu = cpu
-        let epoll = cproxy_epoll_create()
-        guard epoll >= 0 else { throw IOError(errnoCode: errno, reason: "epoll_create1") }
-        let wake = cproxy_eventfd()
-        guard wake >= 0 else {
-            cproxy_close(epoll)
-            throw IOError(errnoCode: errno, reason: "eventfd")
-        }
-        guard cproxy_epoll_ctl(epoll, 1, wake, CPROXY_EV_IN, Self.wakeToken) == 0 else {
-            cproxy_close(epoll)
-            cproxy_close(wake)
-            throw IOError(errnoCode: errno, reason: "epoll_ctl")
-        }
-        self.epoll = epoll
-        self.wakeFD = wake
+        self.core = try RelayThreadCore(isStop: \.isStop)
         self.scratch = .allocate(byteCount: Self.scratchSize, alignment: 16)
     }
 
@@ -151,8 +132,7 @@ final class RelayShard: @unchecked Sendable {
     fileprivate func discard() {
         precondition(!self.isDiscarded)
         self.isDiscarded = true
-        cproxy_close(self.epoll)
-        cproxy_close(self.wakeFD)
+        self.core.discard()
         self.scratch.deallocate()
     }
 
@@ -183,14 +163,7 @@ final class RelayShard: @unchecked Sendable {
     }
 
     private func send(_ command: Command) {
-        let accepted = self.commands.withLock { commands in
-            guard !commands.stopped else { return false }
-            commands.queue.append(command)
-            // Under the lock, so the thread cannot close the eventfd between the append and the signal.
-            if commands.queue.count == 1 { cproxy_eventfd_signal(self.wakeFD) }
-            return true
-        }
-        if !accepted { self.refuse(command) }
+        if !self.core.send(command) { self.refuse(command) }
     }
 
     /// Answers a command the stopped shard will not run: a tunnel handed over now ends at once (the proxy is
@@ -214,47 +187,21 @@ final class RelayShard: @unchecked Sendable {
     // MARK: The relay thread
 
     private func run() {
-        var events = [UInt32](repeating: 0, count: 256)
-        var data = [UInt64](repeating: 0, count: 256)
-        while true {
-            let now = Self.now()
-            let timeout = self.nextSweep == .max ? -1 : Int32(clamping: (self.nextSweep &- min(now, self.nextSweep)) / 1_000_000 + 1)
-            let count = events.withUnsafeMutableBufferPointer { events in
-                data.withUnsafeMutableBufferPointer { data in
-                    cproxy_epoll_wait(self.epoll, events.baseAddress, data.baseAddress, 256, timeout)
-                }
-            }
-            var woken = false
-            if count > 0 {
-                for i in 0..<Int(count) {
-                    if data[i] == Self.wakeToken {
-                        woken = true
-                        continue
-                    }
-                    let slot = Int(data[i] >> 1)
-                    guard slot < self.tunnels.count, let tunnel = self.tunnels[slot] else { continue }
-                    self.handle(tunnel, side: Int(data[i] & 1), events: events[i])
-                }
-            }
-            if woken {
-                cproxy_eventfd_drain(self.wakeFD)
-                if !self.runCommands() { break }
-            }
-            if Self.now() >= self.nextSweep { self.sweep() }
-        }
-        cproxy_close(self.epoll)
-        cproxy_close(self.wakeFD)
+        self.core.run(
+            nextSweep: { self.nextSweep },
+            event: { token, events in
+                let slot = Int(token >> 1)
+                guard let tunnel = self.tunnels[slot] else { return }
+                self.handle(tunnel, side: Int(token & 1), events: events)
+            },
+            commands: self.runCommands,
+            refuse: self.refuse,
+            sweep: self.sweep)
         self.scratch.deallocate()
     }
 
     /// False once told to stop.
-    private func runCommands() -> Bool {
-        let commands = self.commands.withLock { commands in
-            defer { commands.queue.removeAll(keepingCapacity: true) }
-            // Told to stop: refuse what comes after (see `send`).
-            if commands.queue.contains(where: { if case .stop = $0 { true } else { false } }) { commands.stopped = true }
-            return commands.queue
-        }
+    private func runCommands(_ commands: [Command]) -> Bool {
         for command in commands {
             switch command {
             case .adopt(let tunnel):
@@ -262,11 +209,7 @@ final class RelayShard: @unchecked Sendable {
             case .close(let tunnel, let code):
                 self.closeFromProxy(tunnel, code: code)
             case .stop(let done):
-                for case let tunnel? in self.tunnels { self.finish(tunnel) }
-                // Commands queued behind the stop are answered as `send` answers them once stopped.
-                for command in commands.drop(while: { if case .stop = $0 { false } else { true } }).dropFirst() {
-                    self.refuse(command)
-                }
+                for tunnel in self.tunnels.all { self.finish(tunnel) }
                 done.resume()
                 return false
             }
@@ -275,9 +218,7 @@ final class RelayShard: @unchecked Sendable {
     }
 
     private func register(_ tunnel: RelayedTunnel) {
-        let slot = self.freeSlots.popLast() ?? self.tunnels.count
-        if slot == self.tunnels.count { self.tunnels.append(nil) }
-        self.tunnels[slot] = tunnel
+        let slot = self.tunnels.insert(tunnel)
         tunnel.slot = slot
         tunnel.lastSeen = Self.now()
         let interest = CPROXY_EV_IN | CPROXY_EV_RDHUP
@@ -419,8 +360,7 @@ final class RelayShard: @unchecked Sendable {
         self.closeSide(tunnel, 0)
         self.closeSide(tunnel, 1)
         tunnel.pending = (nil, nil)
-        self.tunnels[tunnel.slot] = nil
-        self.freeSlots.append(tunnel.slot)
+        self.tunnels.remove(tunnel.slot)
         tunnel.slot = -1
         self.live.subtract(1, ordering: .relaxed)
     }
@@ -445,7 +385,7 @@ final class RelayShard: @unchecked Sendable {
     /// one timeout and one timeout plus two sweep intervals after the last byte).
     private func sweep() {
         let now = Self.now()
-        for case let tunnel? in self.tunnels {
+        for tunnel in self.tunnels.all {
             if tunnel.active {
                 tunnel.active = false
                 tunnel.lastSeen = now
@@ -453,10 +393,8 @@ final class RelayShard: @unchecked Sendable {
                 self.finish(tunnel)
             }
         }
-        if self.freeSlots.count == self.tunnels.count {
-            // Nothing relayed: give the slots back and sleep until the next adoption.
-            self.tunnels.removeAll(keepingCapacity: false)
-            self.freeSlots.removeAll(keepingCapacity: false)
+        if self.tunnels.releaseIfEmpty() {
+            // Nothing relayed: the slots are given back; sleep until the next adoption.
             self.sweepInterval = 0
             self.nextSweep = .max
         } else {
@@ -497,5 +435,5 @@ final class RelayShard: @unchecked Sendable {
         if side == 0 { tunnel.pending.0 = buffer } else { tunnel.pending.1 = buffer }
     }
 
-    private static func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
+    private static func now() -> UInt64 { RelayThreadCore<Command>.now() }
 }
