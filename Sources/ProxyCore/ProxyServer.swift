@@ -1,3 +1,4 @@
+import CProxySys
 import Logging
 import NIOCore
 import NIOHTTP1
@@ -43,13 +44,24 @@ public final class ProxyServer: Service, Sendable {
         let relay: RelayLink?
         /// The fast path's writes that went to a socket directly (`DirectWriter`), to clients and to backends.
         var directWrites = DirectWriteCounts()
+        /// Where this loop's established keep-alive HTTP connections move (`threads.http_relay`); nil keeps them here.
+        let httpRelay: HTTPRelayLink?
 
-        init(pool: UpstreamPool, generation: LoopGeneration, relay: RelayLink? = nil) {
+        init(pool: UpstreamPool, generation: LoopGeneration, relay: RelayLink? = nil, httpRelay: HTTPRelayLink? = nil) {
             self.pool = pool
             self.generation = generation
             self.tunnelIdle = TunnelIdleSweeper(eventLoop: pool.eventLoop)
             self.relay = relay
+            self.httpRelay = httpRelay
         }
+    }
+
+    /// A loop's HTTP relay shard, the registry a moved connection keeps its place in, and the way back to this loop
+    /// for a connection the shard gives back (`adoptBack`).
+    struct HTTPRelayLink {
+        let shard: HTTPRelayShard
+        let connections: ConnectionRegistry
+        let handBack: @Sendable (_ clientFD: Int32, _ unread: ByteBuffer?, _ listener: ListenerContext) -> Void
     }
 
     /// A loop's relay shard, and the registry a relayed tunnel keeps its connection's place in.
@@ -80,6 +92,7 @@ public final class ProxyServer: Service, Sendable {
         var sweeper: RepeatedTask?
         var prober: RepeatedTask?
         var relay: TunnelRelay?
+        var httpRelay: HTTPRelay?
     }
 
     private let current: RuntimeBox
@@ -241,6 +254,16 @@ public final class ProxyServer: Service, Sendable {
     public var relayedTunnels: Int { self.started.withLock { $0?.relay?.count ?? 0 } }
     /// Tunnels handed to the relay threads since the start.
     public var relayedTunnelsTotal: Int { self.started.withLock { $0?.relay?.adoptedTotal ?? 0 } }
+    /// Keep-alive HTTP connections the HTTP relay threads serve now (`threads.http_relay`).
+    public var relayedHTTPConnections: Int { self.started.withLock { $0?.httpRelay?.count ?? 0 } }
+    /// Connections moved to the HTTP relay threads since the start, given back to NIO since the start, and requests
+    /// the relay threads answered.
+    public var httpRelayCounts: (moved: Int, givenBack: Int, requests: Int) {
+        self.started.withLock { started in
+            guard let relay = started?.httpRelay else { return (0, 0, 0) }
+            return (relay.adoptedTotal, relay.handedBackTotal, relay.requestsTotal)
+        }
+    }
 
     /// The fast path's direct writes since the start, summed over the event loops (`DirectWriter`).
     public func directWriteCounts() async -> DirectWriteCounts {
@@ -276,26 +299,49 @@ public final class ProxyServer: Service, Sendable {
             maxIdlePerBackend: config.limits.maxIdleUpstreamPerBackend
         )
         let loopPolicies = try await self.makePolicies(for: runtime)
-        // One relay thread per event loop, bound to the loop's CPU when the loops are bound.
+        // One relay thread per event loop (for tunnels, and one for keep-alive HTTP), bound to the loop's CPU when the
+        // loops are bound.
         let relay = config.threads.tunnelRelay ? try TunnelRelay(count: loopPolicies.count, cpus: self.loopCPUs) : nil
+        let httpRelay: HTTPRelay?
+        do {
+            httpRelay = config.threads.httpRelay
+                ? try HTTPRelay(
+                    count: loopPolicies.count, cpus: self.loopCPUs,
+                    generations: try self.makeRelayGenerations(for: runtime, count: loopPolicies.count))
+                : nil
+        } catch {
+            await relay?.stop()
+            throw error
+        }
         let connections = self.connections
         var loopStates: [ObjectIdentifier: NIOLoopBound<LoopState>] = [:]
         do {
             for (index, (loop, policies)) in loopPolicies.enumerated() {
                 let link = relay.map { RelayLink(shard: $0.shards[index % $0.shards.count], connections: connections) }
+                let httpLink = httpRelay.map { httpRelay in
+                    HTTPRelayLink(
+                        shard: httpRelay.shards[index % httpRelay.shards.count], connections: connections,
+                        handBack: { [weak self] fd, unread, listener in
+                            self?.adoptBack(fd, unread: unread, listener: listener, on: loop)
+                                ?? Self.dropGivenBack(fd, listener: listener, connections: connections, runtime: runtime)
+                        })
+                }
                 loopStates[ObjectIdentifier(loop)] = try await loop.submit {
                     NIOLoopBound(
                         LoopState(
                             pool: UpstreamPool(eventLoop: loop, settings: settings),
                             generation: LoopGeneration(runtime: runtime, policies: policies.value),
-                            relay: link
+                            relay: link,
+                            httpRelay: httpLink
                         ),
                         eventLoop: loop
                     )
                 }.get()
             }
         } catch {
-            await relay?.stop()  // (a loop refusing work: the group is shutting down)
+            // (a loop refusing work: the group is shutting down)
+            await relay?.stop()
+            await httpRelay?.stop()
             throw error
         }
 
@@ -339,7 +385,7 @@ public final class ProxyServer: Service, Sendable {
             self.started.withLock {
                 $0 = Started(
                     listenerChannels: channels, adminChannel: adminChannel, loopStates: loopStates, sweeper: sweeper,
-                    prober: prober, relay: relay)
+                    prober: prober, relay: relay, httpRelay: httpRelay)
             }
             self.backendServices.start(runtime, group: self.group) { [weak self] pool, backends in
                 await self?.applyDiscovered(pool: pool, backends: backends).isSuccess ?? false
@@ -347,6 +393,7 @@ public final class ProxyServer: Service, Sendable {
         } catch {
             for channel in channels { try? await channel.close() }
             await relay?.stop()
+            await httpRelay?.stop()
             throw error
         }
     }
@@ -424,8 +471,11 @@ public final class ProxyServer: Service, Sendable {
         }
         let runtime = old.next(config: config, table: table)
         let policies: [(EventLoop, NIOLoopBound<[String: RoutingPolicy]>)]
+        let httpRelay = self.started.withLock { $0?.httpRelay }
+        let relayGenerations: [HTTPRelayGeneration]
         do {
             policies = try await self.makePolicies(for: runtime)
+            relayGenerations = try httpRelay.map { try self.makeRelayGenerations(for: runtime, count: $0.shards.count) } ?? []
         } catch {
             return self.reloadFailed("\(error)")
         }
@@ -443,6 +493,9 @@ public final class ProxyServer: Service, Sendable {
                 state.value.generation = LoopGeneration(runtime: runtime, policies: loopPolicies.value)
                 state.value.pool.settings = settings
             }.get()
+        }
+        if let httpRelay {
+            for (shard, generation) in zip(httpRelay.shards, relayGenerations) { await shard.use(generation) }
         }
         runtime.metrics.countReload(succeeded: true)
         runtime.logger.info("configuration reloaded", metadata: ["generation": "\(runtime.generation)"])
@@ -473,6 +526,19 @@ public final class ProxyServer: Service, Sendable {
                 metadata: ["cpus": "\(described)"])
         } else {
             self.runtime.logger.info("event loops bound to CPUs", metadata: ["cpus": "\(described)"])
+        }
+    }
+
+    /// Builds every listener's policy for each HTTP relay shard (used by the shard's thread only, once handed over).
+    private func makeRelayGenerations(for runtime: ProxyRuntime, count: Int) throws -> [HTTPRelayGeneration] {
+        let environment = LiveRoutingEnvironment(table: runtime.table, directory: runtime.directory, drains: runtime.drains)
+        let loops = Array(self.group.makeIterator())
+        return try (0..<count).map { index in
+            var policies: [String: RoutingPolicy] = [:]
+            for listener in runtime.config.listeners {
+                policies[listener.name] = try self.policyFactory(listener, loops[index % loops.count], environment)
+            }
+            return HTTPRelayGeneration(runtime: runtime, policies: policies)
         }
     }
 
@@ -517,12 +583,13 @@ public final class ProxyServer: Service, Sendable {
         for channel in self.connections.all() {
             channel.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
         }
+        started.httpRelay?.quiesce()
         let deadline = NIODeadline.now() + grace
         while self.connections.count > 0 && NIODeadline.now() < deadline {
             try? await Task.sleep(for: .milliseconds(20))
         }
         let remaining = self.connections.all()
-        let relayed = started.relay?.count ?? 0
+        let relayed = (started.relay?.count ?? 0) + (started.httpRelay?.count ?? 0)
         if !remaining.isEmpty || relayed > 0 {
             self.runtime.logger.info(
                 "closing connections left after the grace period",
@@ -533,6 +600,7 @@ public final class ProxyServer: Service, Sendable {
         }
         // Relayed tunnels end with the grace period too; each reports its end (access log, lease) on its loop.
         await started.relay?.stop()
+        await started.httpRelay?.stop()
         for (_, state) in started.loopStates {
             try? await state.eventLoop.submit { state.value.pool.closeAll() }.get()
         }
@@ -651,67 +719,132 @@ public final class ProxyServer: Service, Sendable {
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    guard connections.add(channel) else {
-                        runtime.metrics.rejectedConnections.increment()
-                        channel.close(promise: nil)
-                        return
-                    }
-                    runtime.metrics.connectionOpened(listener: context.name)
-                    channel.closeFuture.whenComplete { _ in
-                        // A connection handed to the relay is counted closed when its tunnel ends, by the relay.
-                        if connections.remove(channel) {
-                            runtime.metrics.connectionClosed(listener: context.name)
-                        }
-                    }
-                    guard let loopState = loopStates[ObjectIdentifier(channel.eventLoop)]?.value else {
-                        preconditionFailure("no loop state for the channel's event loop")
-                    }
-                    // Limits and timeouts of the generation in force when the connection was accepted.
-                    let config = loopState.generation.runtime.config
-                    let timeouts = config.timeouts
-                    var decoderLimits = NIOHTTPDecoderLimitConfiguration()
-                    decoderLimits.maxHeaderListSize = config.limits.maxHeaderBytes
-                    decoderLimits.maxHeaderFieldSize = config.limits.maxHeaderBytes
-                    let sync = channel.pipeline.syncOperations
-                    if let sslContext {
-                        try sync.addHandler(NIOSSLServerHandler(context: sslContext))
-                    }
-                    var encoderConfiguration = HTTPResponseEncoder.Configuration()
-                    // Framing is decided by ForwardingHeaders, which knows the request method (HEAD) and the backend's
-                    // own framing; the encoder must not add its own.
-                    encoderConfiguration.automaticallySetFramingHeaders = false
-                    let headTimer = RequestHeadTimer(headerTimeout: timeouts.requestHeader, idleTimeout: timeouts.idleKeepAlive)
-                    try sync.addHandler(headTimer)
-                    // The full HTTP pipeline: built at once without the fast path, and only when the fast path hands
-                    // the connection over with it (so, until then, every read and write passes two handlers, not seven).
-                    let installFullPipeline = { (sync: ChannelPipeline.SynchronousOperations, fastPath: FastPathHandler?) throws in
-                        let handlers = DownstreamHTTPHandlers(
-                            headTimer: headTimer,
-                            fastPath: fastPath,
-                            readAhead: ReadAheadHandler(limit: ReadBuffers.readAheadLimit),
-                            encoder: HTTPResponseEncoder(configuration: encoderConfiguration),
-                            decoder: ByteToMessageHandler(
-                                HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes, limitConfiguration: decoderLimits)
-                            ),
-                            pipelining: HTTPServerPipelineHandler()
-                        )
-                        try sync.addHandler(handlers.readAhead)
-                        try sync.addHandler(handlers.encoder)
-                        try sync.addHandler(handlers.decoder)
-                        try sync.addHandler(handlers.pipelining)
-                        try sync.addHandler(ProxyHandler(listener: context, loop: loopState, httpHandlers: handlers))
-                    }
-                    if fastPath {
-                        try sync.addHandler(
-                            FastPathHandler(
-                                listener: context, loop: loopState, headTimer: headTimer, installFullPipeline: installFullPipeline))
-                    } else {
-                        try installFullPipeline(sync, nil)
-                    }
+                    try Self.initializeClient(
+                        channel, listener: context, fastPath: fastPath, sslContext: sslContext, loopStates: loopStates,
+                        runtime: runtime, connections: connections, givenBack: nil)
                 }
             }
             .bind(host: listener.address, port: port)
             .get()
+    }
+
+    /// A client connection the HTTP relay gave back to NIO (`HTTPRelayShard`): made a channel on `loop` with the
+    /// listener's pipeline, after the bytes the relay read and did not answer. It stays on NIO from then on.
+    private func adoptBack(_ fd: Int32, unread: ByteBuffer?, listener: ListenerContext, on loop: EventLoop) {
+        let connections = self.connections
+        let runtime = self.runtime
+        guard let loopStates = self.started.withLock({ $0?.loopStates }),
+            let config = runtime.config.listeners.first(where: { $0.name == listener.name })
+        else {
+            return Self.dropGivenBack(fd, listener: listener, connections: connections, runtime: runtime)
+        }
+        let initialized = Atomic<Bool>(false)
+        let fastPath = config.fastPath
+        let made = ClientBootstrap(group: loop)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.maxMessagesPerRead, value: 16)
+            .channelOption(.recvAllocator, value: ReadBuffers.clientAllocator)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelInitializer { channel in
+                initialized.store(true, ordering: .relaxed)
+                return channel.eventLoop.makeCompletedFuture {
+                    try Self.initializeClient(
+                        channel, listener: listener, fastPath: fastPath, sslContext: nil, loopStates: loopStates,
+                        runtime: runtime, connections: connections, givenBack: unread ?? ByteBuffer())
+                }
+            }
+            .withConnectedSocket(fd)
+        made.whenFailure { error in
+            runtime.logger.warning("could not take back a connection from the HTTP relay", metadata: ["error": "\(error)"])
+            // A channel that was made owns the descriptor (and closed it); otherwise it is still this one's.
+            if !initialized.load(ordering: .relaxed) {
+                Self.dropGivenBack(fd, listener: listener, connections: connections, runtime: runtime)
+            }
+        }
+    }
+
+    /// A connection given back while the proxy is stopping (or that NIO could not take): it closes.
+    private static func dropGivenBack(
+        _ fd: Int32, listener: ListenerContext, connections: ConnectionRegistry, runtime: ProxyRuntime
+    ) {
+        cproxy_close(fd)
+        connections.relayedClosed()
+        runtime.metrics.connectionClosed(listener: listener.name)
+    }
+
+    /// Sets up a client connection's pipeline: its place in the connection count, TLS, the head timer, and the fast
+    /// path or the full HTTP pipeline. `givenBack` (a connection the HTTP relay gave back, with the bytes it had read):
+    /// the connection already holds its place in the count, the bytes come first, and it does not move again.
+    private static func initializeClient(
+        _ channel: Channel, listener context: ListenerContext, fastPath: Bool, sslContext: NIOSSLContext?,
+        loopStates: [ObjectIdentifier: NIOLoopBound<LoopState>], runtime: ProxyRuntime, connections: ConnectionRegistry,
+        givenBack: ByteBuffer?
+    ) throws {
+        if givenBack != nil {
+            connections.adoptBack(channel)
+        } else {
+            guard connections.add(channel) else {
+                runtime.metrics.rejectedConnections.increment()
+                channel.close(promise: nil)
+                return
+            }
+            runtime.metrics.connectionOpened(listener: context.name)
+        }
+        channel.closeFuture.whenComplete { _ in
+            // A connection handed to the relay is counted closed when its tunnel ends, by the relay.
+            if connections.remove(channel) {
+                runtime.metrics.connectionClosed(listener: context.name)
+            }
+        }
+        guard let loopState = loopStates[ObjectIdentifier(channel.eventLoop)]?.value else {
+            preconditionFailure("no loop state for the channel's event loop")
+        }
+        // Limits and timeouts of the generation in force when the connection was accepted.
+        let config = loopState.generation.runtime.config
+        let timeouts = config.timeouts
+        var decoderLimits = NIOHTTPDecoderLimitConfiguration()
+        decoderLimits.maxHeaderListSize = config.limits.maxHeaderBytes
+        decoderLimits.maxHeaderFieldSize = config.limits.maxHeaderBytes
+        let sync = channel.pipeline.syncOperations
+        if let sslContext {
+            try sync.addHandler(NIOSSLServerHandler(context: sslContext))
+        }
+        var encoderConfiguration = HTTPResponseEncoder.Configuration()
+        // Framing is decided by ForwardingHeaders, which knows the request method (HEAD) and the backend's
+        // own framing; the encoder must not add its own.
+        encoderConfiguration.automaticallySetFramingHeaders = false
+        let headTimer = RequestHeadTimer(headerTimeout: timeouts.requestHeader, idleTimeout: timeouts.idleKeepAlive)
+        if let givenBack, givenBack.readableBytes > 0 {
+            try sync.addHandler(InjectedBytesHandler(givenBack))
+        }
+        try sync.addHandler(headTimer)
+        // The full HTTP pipeline: built at once without the fast path, and only when the fast path hands
+        // the connection over with it (so, until then, every read and write passes two handlers, not seven).
+        let installFullPipeline = { (sync: ChannelPipeline.SynchronousOperations, fastPath: FastPathHandler?) throws in
+            let handlers = DownstreamHTTPHandlers(
+                headTimer: headTimer,
+                fastPath: fastPath,
+                readAhead: ReadAheadHandler(limit: ReadBuffers.readAheadLimit),
+                encoder: HTTPResponseEncoder(configuration: encoderConfiguration),
+                decoder: ByteToMessageHandler(
+                    HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes, limitConfiguration: decoderLimits)
+                ),
+                pipelining: HTTPServerPipelineHandler()
+            )
+            try sync.addHandler(handlers.readAhead)
+            try sync.addHandler(handlers.encoder)
+            try sync.addHandler(handlers.decoder)
+            try sync.addHandler(handlers.pipelining)
+            try sync.addHandler(ProxyHandler(listener: context, loop: loopState, httpHandlers: handlers))
+        }
+        if fastPath {
+            try sync.addHandler(
+                FastPathHandler(
+                    listener: context, loop: loopState, headTimer: headTimer, mayRelay: givenBack == nil,
+                    installFullPipeline: installFullPipeline))
+        } else {
+            try installFullPipeline(sync, nil)
+        }
     }
 }
 
@@ -758,6 +891,14 @@ final class ConnectionRegistry: Sendable {
         self.state.withLock { $0.relayed -= 1 }
     }
 
+    /// A relayed connection is a channel again (the HTTP relay gave it back): it keeps its place, whatever the limit.
+    func adoptBack(_ channel: Channel) {
+        self.state.withLock { state in
+            state.relayed -= 1
+            state.channels[ObjectIdentifier(channel)] = channel
+        }
+    }
+
     /// Open client connections, relayed tunnels included.
     var count: Int { self.state.withLock { $0.channels.count + $0.relayed } }
 
@@ -782,4 +923,27 @@ final class RuntimeBox: Sendable {
 
     func get() -> ProxyRuntime { self.value.withLock { $0 } }
     func set(_ runtime: ProxyRuntime) { self.value.withLock { $0 = runtime } }
+}
+
+/// Delivers bytes read before the channel existed (a connection the HTTP relay gave back) ahead of the socket's own,
+/// once the channel is active; then leaves the pipeline.
+final class InjectedBytesHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+
+    private var bytes: ByteBuffer?
+
+    init(_ bytes: ByteBuffer) {
+        self.bytes = bytes
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        context.fireChannelActive()
+        if let bytes = self.bytes {
+            self.bytes = nil
+            context.fireChannelRead(Self.wrapInboundOut(bytes))
+            context.fireChannelReadComplete()
+        }
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+    }
 }

@@ -185,6 +185,18 @@ struct ConfigLoaderTests {
         )
     }
 
+    @Test("threads.http_relay is on unless set to false, and must be a boolean")
+    func httpRelaySwitch() throws {
+        #expect(try ConfigLoader.parse(yaml: minimal, file: "test.yaml").threads.httpRelay == true)
+        let off = try ConfigLoader.parse(yaml: minimal + "threads:\n  http_relay: false\n", file: "test.yaml")
+        #expect(off.threads.httpRelay == false)
+        #expect(
+            errors(in: minimal + "threads:\n  http_relay: sometimes\n") == [
+                error(line: 10, column: 15, path: "threads.http_relay", "expected true or false, got 'sometimes'")
+            ]
+        )
+    }
+
     @Test("an admin section without keys enables the admin listener with its defaults")
     func emptyAdminSection() throws {
         let config = try ConfigLoader.parse(yaml: minimal + "admin: {}\n", file: "test.yaml")

@@ -165,3 +165,85 @@ final class BlackholeListener: Sendable {
         try? await self.serverChannel.close()
     }
 }
+
+/// A scripted TCP backend that keeps its connections: the n-th request head on a connection gets `responses[n]`
+/// (the last one again past the end), written exactly; with `closeAfterLast` the connection closes after the last.
+/// For keep-alive connections whose later responses are unusual.
+final class SequenceOrigin: Sendable {
+    let port: Int
+    private let serverChannel: Channel
+    private let accepted: NIOLockedValueBox<Int>
+    private let received: NIOLockedValueBox<[String]>
+
+    private init(port: Int, serverChannel: Channel, accepted: NIOLockedValueBox<Int>, received: NIOLockedValueBox<[String]>) {
+        self.port = port
+        self.serverChannel = serverChannel
+        self.accepted = accepted
+        self.received = received
+    }
+
+    static func start(
+        responses: [String], closeAfterLast: Bool = false, group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton
+    ) async throws -> SequenceOrigin {
+        let accepted = NIOLockedValueBox(0)
+        let received = NIOLockedValueBox<[String]>([])
+        let scripted = responses.map { Array($0.utf8) }
+        let channel = try await ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                accepted.withLockedValue { $0 += 1 }
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(
+                        Handler(responses: scripted, closeAfterLast: closeAfterLast, received: received))
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0)
+            .get()
+        return SequenceOrigin(port: channel.localAddress!.port!, serverChannel: channel, accepted: accepted, received: received)
+    }
+
+    var acceptedConnections: Int { self.accepted.withLockedValue { $0 } }
+    /// Every request head received, in order (over all connections).
+    var requestHeads: [String] { self.received.withLockedValue { $0 } }
+
+    func stop() async {
+        try? await self.serverChannel.close()
+    }
+
+    private final class Handler: ChannelInboundHandler {
+        typealias InboundIn = ByteBuffer
+        typealias OutboundOut = ByteBuffer
+
+        let responses: [[UInt8]]
+        let closeAfterLast: Bool
+        let received: NIOLockedValueBox<[String]>
+        var buffer: [UInt8] = []
+        var answered = 0
+
+        init(responses: [[UInt8]], closeAfterLast: Bool, received: NIOLockedValueBox<[String]>) {
+            self.responses = responses
+            self.closeAfterLast = closeAfterLast
+            self.received = received
+        }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            self.buffer.append(contentsOf: Self.unwrapInboundIn(data).readableBytesView)
+            while let end = RawHTTPConnection.find([13, 10, 13, 10], in: self.buffer, from: 0) {
+                let head = String(decoding: self.buffer[..<(end + 4)], as: UTF8.self)
+                self.buffer.removeFirst(end + 4)
+                self.received.withLockedValue { $0.append(head) }
+                let response = self.responses[min(self.answered, self.responses.count - 1)]
+                self.answered += 1
+                let written = context.writeAndFlush(Self.wrapOutboundOut(ByteBuffer(bytes: response)))
+                if self.closeAfterLast, self.answered >= self.responses.count {
+                    written.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+                    return
+                }
+            }
+        }
+
+        func errorCaught(context: ChannelHandlerContext, error: Error) {
+            context.close(promise: nil)
+        }
+    }
+}

@@ -98,6 +98,15 @@ struct DirectWriter {
         return rest
     }
 
+    /// The socket's descriptor when nothing of the channel's is queued anywhere (no direct write left to NIO, NIO's
+    /// queue empty): every byte given so far is in the kernel. For moving the connection off NIO (`HTTPRelay`).
+    func descriptorIfDrained() -> Int32? {
+        guard case .direct(let fd) = self.mode, self.queuedInNIO == 0, let channel = self.channel, channel.isActive,
+            Self.nioQueueIsEmpty(channel)
+        else { return nil }
+        return fd
+    }
+
     /// The owner hands a write to NIO; `nioWriteCompleted` when that write's promise completes.
     mutating func willQueueInNIO() {
         self.queuedInNIO += 1
@@ -107,7 +116,7 @@ struct DirectWriter {
         self.queuedInNIO -= 1
     }
 
-    private static func nioQueueIsEmpty(_ channel: Channel) -> Bool {
+    static func nioQueueIsEmpty(_ channel: Channel) -> Bool {
         (try? channel.syncOptions?.getOption(.bufferedWritableBytes)) == 0
     }
 }

@@ -1,3 +1,4 @@
+import CProxySys
 import Logging
 import NIOCore
 import NIOHTTP1
@@ -48,6 +49,9 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         var bodyFraming: ResponseBodyFraming = .none
         /// The backend sent something after the response's end: its connection cannot be pooled.
         var trailingGarbage = false
+        /// A keyed or named-backend route with no rewrites and no `on_response`: the relay threads could serve this
+        /// connection's next requests the same way (`HTTPRelay`).
+        var relayable = false
 
         init(head: HTTPRequestHead, clientURI: String, backend: Backend, started: NIODeadline) {
             super.init(head: head, clientURI: clientURI, backend: backend, framing: .none, upgrade: nil, started: started)
@@ -89,9 +93,11 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
 
     /// Adds the full HTTP pipeline behind this handler (at hand-over).
     private let installFullPipeline: (ChannelPipeline.SynchronousOperations, FastPathHandler) throws -> Void
+    /// Whether the connection may move to the HTTP relay threads (not TLS, not one they gave back).
+    private let mayRelay: Bool
 
     init(
-        listener: ListenerContext, loop: ProxyServer.LoopState, headTimer: RequestHeadTimer,
+        listener: ListenerContext, loop: ProxyServer.LoopState, headTimer: RequestHeadTimer, mayRelay: Bool = true,
         installFullPipeline: @escaping (ChannelPipeline.SynchronousOperations, FastPathHandler) throws -> Void
     ) {
         self.listener = listener
@@ -101,6 +107,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         self.runtime = loop.generation.runtime
         // A TLS listener's bytes must pass its TLS handler: never written to the socket directly.
         if listener.scheme != "http" { self.direct.disable() }
+        self.mayRelay = mayRelay && listener.scheme == "http" && loop.httpRelay != nil
     }
 
     // MARK: Channel events
@@ -286,6 +293,12 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         if unchanged {
             fast.rawHead = rawHead
             fast.addedFields = ProxyHandler.ownershipFields(ownership, runtime: runtime)
+            if self.mayRelay, !policy.observesResponses {
+                switch target {
+                case .keyed, .backend: fast.relayable = true
+                case .pool: break
+                }
+            }
         }
         self.state = .proxying(fast)
         self.exchangesStarted += 1
@@ -327,15 +340,16 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         connection.rawSink = self
         let loop = self.loop
         loop.requestHeads.clear(minimumCapacity: (fast.rawHead?.readableBytes ?? 0) + 160)
-        let written = fast.rawHead?.withUnsafeReadableBytes { raw in
-            HTTP1Scan.rewriteRequestHead(
-                raw, method: exchange.head.method, added: fast.addedFields, clientIP: self.clientIP,
+        if let rawHead = fast.rawHead {
+            rawHead.withUnsafeReadableBytes { raw in
+                ForwardedRequestHead.write(
+                    raw: raw, head: exchange.head, added: fast.addedFields, clientIP: self.clientIP,
+                    scheme: self.listener.scheme, into: &loop.requestHeads)
+            }
+        } else {
+            ForwardedRequestHead.write(
+                raw: nil, head: exchange.head, added: fast.addedFields, clientIP: self.clientIP,
                 scheme: self.listener.scheme, into: &loop.requestHeads)
-        }
-        if written != true {
-            let head = ForwardingHeaders.upstreamRequestHead(
-                from: ProxyHandler.adding(fast.addedFields, to: exchange.head), framing: .none, upgrade: nil, clientIP: self.clientIP, scheme: self.listener.scheme)
-            loop.requestHeads.writeRequestHead(head)
         }
         connection.writeRawAndFlush(loop.requestHeads, reused: exchange.upstreamReused, counts: &loop.directWrites.backend)
         self.armResponseDeadline(exchange, now: now, context: context)
@@ -583,11 +597,13 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         exchange.responseEnded = true
         // One clock read for the pool's idle stamp, the request's duration and the keep-alive timer.
         let now = NIODeadline.now()
+        let keepAlive = exchange.clientKeepAlive && !exchange.closeAfter && !self.closeWhenIdle
+        var reusable: UpstreamConnection?
         if let upstream = exchange.upstream {
             // (A close-delimited body ends with the connection, which is gone by now.)
             exchange.upstream = nil
             if exchange.upstreamKeepAlive && !fast.trailingGarbage {
-                self.loop.pool.release(upstream, now: now)
+                reusable = upstream
             } else {
                 upstream.rawSink = nil
                 upstream.channel.close(promise: nil)
@@ -595,8 +611,54 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         }
         self.release(exchange)
         self.logAccess(exchange, status: exchange.status, now: now)
-        let keepAlive = exchange.clientKeepAlive && !exchange.closeAfter && !self.closeWhenIdle
+        if let upstream = reusable {
+            if keepAlive, fast.relayable, self.moveToRelay(with: upstream, context: context) { return }
+            self.loop.pool.release(upstream, now: now)
+        }
         self.finishExchange(keepAlive: keepAlive, now: now, context: context)
+    }
+
+    /// Moves the connection, with the backend connection its exchange just used, to its loop's HTTP relay thread
+    /// (`HTTPRelay`), between two exchanges: only with no bytes read ahead and nothing of either side queued in NIO,
+    /// so every byte is either answered or still in a socket. Both descriptors are duplicated and both channels
+    /// closed (NIO's close is a plain `close(2)`: the connections live on in the copies). False (nothing changed)
+    /// when any of that is not so.
+    private func moveToRelay(with upstream: UpstreamConnection, context: ChannelHandlerContext) -> Bool {
+        guard let link = self.loop.httpRelay, self.mayRelay, self.inbound == nil, !self.readPending, !self.unflushed,
+            let clientFD = self.direct.descriptorIfDrained(), upstream.channel.isActive,
+            DirectWriter.nioQueueIsEmpty(upstream.channel), let upstreamFD = TunnelHandler.descriptor(of: upstream.channel)
+        else { return false }
+        let clientCopy = cproxy_dup(clientFD)
+        let upstreamCopy = clientCopy >= 0 ? cproxy_dup(upstreamFD) : -1
+        guard upstreamCopy >= 0 else {
+            if clientCopy >= 0 { cproxy_close(clientCopy) }
+            return false
+        }
+        guard link.connections.handOff(context.channel) else {
+            cproxy_close(clientCopy)
+            cproxy_close(upstreamCopy)
+            return false
+        }
+        let connections = link.connections
+        let metrics = self.runtime.metrics
+        let listener = self.listener
+        let handBack = link.handBack
+        let relayed = RelayedHTTPConnection(
+            clientFD: clientCopy, upstreamFD: upstreamCopy, upstreamBackend: upstream.backend, listener: listener,
+            clientIP: self.clientIP,
+            handBack: { fd, unread in handBack(fd, unread, listener) },
+            closed: {
+                connections.relayedClosed()
+                metrics.connectionClosed(listener: listener.name)
+            })
+        upstream.rawSink = nil
+        upstream.channel.close(promise: nil)
+        self.state = .closed
+        self.direct.disable()
+        self.cancelDeadlineTimer()
+        context.close(promise: nil)
+        link.shard.adopt(relayed)
+        return true
     }
 
     /// The response is written (or queued): flush it, then serve the next request or close.

@@ -99,3 +99,22 @@ enum LocalAnswer {
         bytes.writeStaticString("\r\n")
     }
 }
+
+/// The request head as it goes to the backend on the raw paths (`FastPathHandler`, `HTTPRelayShard`): rewritten from
+/// the client's bytes when the byte-level rewrite takes them (`HTTP1Scan.rewriteRequestHead`), otherwise written from
+/// the parsed head through `ForwardingHeaders`, which produce the same head.
+enum ForwardedRequestHead {
+    static func write(
+        raw: UnsafeRawBufferPointer?, head: HTTPRequestHead, added: [(name: String, value: String)], clientIP: String,
+        scheme: String, into out: inout ByteBuffer
+    ) {
+        if let raw,
+            HTTP1Scan.rewriteRequestHead(raw, method: head.method, added: added, clientIP: clientIP, scheme: scheme, into: &out)
+        {
+            return
+        }
+        let upstreamHead = ForwardingHeaders.upstreamRequestHead(
+            from: ProxyHandler.adding(added, to: head), framing: .none, upgrade: nil, clientIP: clientIP, scheme: scheme)
+        out.writeRequestHead(upstreamHead)
+    }
+}

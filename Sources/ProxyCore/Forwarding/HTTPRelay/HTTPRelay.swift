@@ -1,0 +1,145 @@
+import CProxySys
+import Foundation
+import NIOCore
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Serves established keep-alive HTTP/1.1 connections on the proxy's own threads (`threads.http_relay`), owning the
+/// client's socket and its backend connection's socket instead of two NIO channels.
+///
+/// Why: on NIO's channels a keep-alive request costs about 5 µs of user CPU, a third of it in NIO's per-event work
+/// (the selector, the channel's read path, the pipeline); the same per-request work on plain epoll threads costs about
+/// 3 µs (`raw-relay`, docs/benchmarks.md). Throughput on a small machine follows CPU per request, so this is where the
+/// HTTP numbers against HAProxy and nginx are decided.
+///
+/// How a connection gets here (`FastPathHandler`): a plain (non-TLS) connection whose fast-path exchange ended cleanly
+/// on a keyed or named-backend route, with nothing read ahead and nothing queued in NIO on either side, moves with the
+/// backend connection it just used: both descriptors are duplicated and both channels closed (as tunnels move to
+/// `TunnelRelay`). From then on its shard (one thread and epoll instance per event loop) does what the fast path did
+/// per request: the head scan, the routing script (on the shard's own policy instance: a Lua state is confined to one
+/// thread), the owner lookup, the head rewrites, the body relay by its framing, the response-head deadline, the
+/// keep-alive and head timers, metrics and the access log.
+///
+/// Anything else goes back to NIO before a request is sent (`HandBack`): a head that is not plain (a body, `Upgrade`,
+/// `Expect`, anything the strict scanner refuses), a decision that is not a plain forward (a local answer, rewrites,
+/// `need_body`, `on_response`, a pool-balanced request), an owner the shared store must be asked for, a backend other
+/// than the one whose connection the shard holds, or no backend connection at all (the backend closed it). The bytes
+/// read so far are given back with the socket, and the connection then stays on NIO for its life, so a connection that
+/// keeps needing NIO does not move back and forth. A request whose backend connection turns out to be closed by the
+/// backend before any answer goes back the same way, and NIO sends it again (the stale keep-alive retry).
+final class HTTPRelay: Sendable {
+    let shards: [HTTPRelayShard]
+
+    /// Starts `count` relay threads, routing with `generations[i]` (one per shard); with `cpus`, thread `i` is bound to
+    /// `cpus[i]`. When a shard cannot be made, those made before it release their descriptors.
+    init(count: Int, cpus: [Int?] = [], generations: [HTTPRelayGeneration]) throws {
+        precondition(generations.count >= max(count, 1))
+        let shards = try makeRelayShards(
+            count: count,
+            make: { try HTTPRelayShard(index: $0, cpu: $0 < cpus.count ? cpus[$0] : nil, generation: generations[$0]) },
+            discard: { $0.discard() })
+        self.shards = shards
+        for shard in shards { shard.start() }
+    }
+
+    /// Connections the shards serve now.
+    var count: Int { self.shards.reduce(0) { $0 + $1.live.load(ordering: .relaxed) } }
+    /// Connections moved here since the start.
+    var adoptedTotal: Int { self.shards.reduce(0) { $0 + $1.adopted.load(ordering: .relaxed) } }
+    /// Connections given back to NIO since the start.
+    var handedBackTotal: Int { self.shards.reduce(0) { $0 + $1.handedBack.load(ordering: .relaxed) } }
+    /// Requests the shards answered since the start.
+    var requestsTotal: Int { self.shards.reduce(0) { $0 + $1.requests.load(ordering: .relaxed) } }
+
+    /// Shutdown begins: idle connections close now, busy ones after their response.
+    func quiesce() {
+        for shard in self.shards { shard.quiesce() }
+    }
+
+    /// Closes every connection and ends the threads.
+    func stop() async {
+        for shard in self.shards { await shard.stop() }
+    }
+}
+
+/// One configuration generation as a relay shard routes with it: the runtime, and routing policies made for the shard
+/// alone (used by its thread only, once handed over).
+final class HTTPRelayGeneration: @unchecked Sendable {
+    let runtime: ProxyRuntime
+    let policies: [String: RoutingPolicy]
+
+    init(runtime: ProxyRuntime, policies: [String: RoutingPolicy]) {
+        self.runtime = runtime
+        self.policies = policies
+    }
+}
+
+/// A keep-alive connection and the backend connection it moves with. Created on an event loop by the fast path, then
+/// owned by its shard's thread: every mutable field is touched only there.
+final class RelayedHTTPConnection: @unchecked Sendable {
+    /// Gives the client socket back to NIO with the bytes read from it and not yet answered (on the shard's thread:
+    /// the closure hops to the connection's event loop). The connection's place in the count goes with it.
+    typealias HandBack = @Sendable (_ clientFD: Int32, _ unread: ByteBuffer?) -> Void
+    /// The connection closed here (called once, on the shard's thread).
+    typealias Closed = @Sendable () -> Void
+
+    enum Phase {
+        /// Waiting for (or reading) a request head.
+        case idle
+        /// The request went to the backend; its response head has not (fully) arrived.
+        case awaitingResponse
+        /// Relaying the response body.
+        case body
+        /// The last response is written or being written; the connection closes once nothing is pending.
+        case closing
+    }
+
+    let clientFD: Int32
+    let listener: ListenerContext
+    let clientIP: String
+    var upstreamFD: Int32
+    /// The backend whose connection `upstreamFD` is.
+    var upstreamBackend: Backend?
+    let handBack: HandBack
+    var closed: Closed?
+
+    var slot = -1
+    var phase = Phase.idle
+    /// Client bytes not answered yet: the current request's head stays here (for a hand-back) until its response
+    /// starts; `headLength` says how long it is.
+    var inbound: ByteBuffer?
+    var headLength = 0
+    var scanned = 0
+    /// A response head split over reads.
+    var responseHead: ByteBuffer?
+    var toClient: ByteBuffer?
+    var toUpstream: ByteBuffer?
+    var exchange: Exchange?
+    var framing = ResponseBodyFraming.none
+    var trailingGarbage = false
+    /// The client ended its side, or shutdown asked: close after the current response.
+    var closeWhenIdle = false
+    var clientEnded = false
+    /// Uptime nanoseconds: when the current head's first byte arrived (0: none yet), when the connection became idle,
+    /// when the response head is due.
+    var headStarted: UInt64 = 0
+    var idleSince: UInt64 = 0
+    var responseDue: UInt64 = 0
+    var interest: (client: UInt32, upstream: UInt32) = (0, 0)
+
+    init(
+        clientFD: Int32, upstreamFD: Int32, upstreamBackend: Backend, listener: ListenerContext, clientIP: String,
+        handBack: @escaping HandBack, closed: @escaping Closed
+    ) {
+        self.clientFD = clientFD
+        self.upstreamFD = upstreamFD
+        self.upstreamBackend = upstreamBackend
+        self.listener = listener
+        self.clientIP = clientIP
+        self.handBack = handBack
+        self.closed = closed
+    }
+}

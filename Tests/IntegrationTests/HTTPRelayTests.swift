@@ -1,0 +1,385 @@
+import Foundation
+import NIOCore
+import NIOPosix
+import ProxyCore
+import Testing
+
+/// The HTTP relay threads (`threads.http_relay`, `HTTPRelay`): a keep-alive connection moves there after its second
+/// fast-path exchange on a keyed route, its later requests are answered there exactly as NIO's fast path answers
+/// them, and whatever the relay does not serve goes back to NIO on the same connection.
+@Suite struct HTTPRelayTests {
+    /// Every request's key is its path's first segment, in pool `main`: a route the relay serves.
+    final class PathKeyPolicy: RoutingPolicy {
+        func route(_ request: RouteRequest) throws -> RouteDecision {
+            let key = request.path.split(separator: "/").first.map(String.init) ?? "root"
+            return RouteDecision(action: .forward(.keyed(key: key, pool: "main", placement: nil)))
+        }
+
+        static let factory: RoutingPolicyFactory = { _, _, _ in PathKeyPolicy() }
+    }
+
+    /// Sends `GET path` twice on `connection` (the exchanges after which a connection moves) and reads the answers.
+    private func warmUp(_ connection: RawHTTPConnection, _ path: String = "/echo") async throws {
+        for _ in 0..<2 {
+            try await connection.send("GET \(path) HTTP/1.1\r\nHost: test\r\n\r\n")
+            #expect(try await connection.readResponse().status < 500)
+        }
+    }
+
+    private func waitUntilRelayed(_ proxy: ProxyHarness, _ count: Int = 1) async -> Bool {
+        await WSSupport.waitUntil(timeout: .seconds(3)) { proxy.server.relayedHTTPConnections == count }
+    }
+
+    /// The `requests_total` counter of the test listener for one status class.
+    private func requestsCounted(_ proxy: ProxyHarness, _ klass: String) -> Double? {
+        let text = proxy.server.runtime.metrics.prometheusText()
+        let line = text.split(separator: "\n").first {
+            $0.hasPrefix("ott_proxy_requests_total") && $0.contains("code=\"\(klass)\"") && $0.contains("listener=\"test\"")
+        }
+        return line?.split(separator: " ").last.flatMap { Double($0) }
+    }
+
+    @Test func aKeepAliveConnectionMovesAfterAnExchangeAndIsServedThere() async throws {
+        try await withOrigin { origin in
+            try await withProxy(backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory) { proxy in
+                let connection = try await RawHTTPConnection.connect(port: proxy.port)
+                for index in 0..<2 {
+                    try await connection.send("GET /echo?n=\(index) HTTP/1.1\r\nHost: test\r\n\r\n")
+                    #expect(try await connection.readResponse().status == 200)
+                    // (One exchange is not enough: a connection that serves one request does not pay for moving.)
+                    if index == 0 { #expect(proxy.server.relayedHTTPConnections == 0) }
+                }
+                #expect(await self.waitUntilRelayed(proxy))
+                #expect(proxy.server.openConnections == 1)
+                for index in 2..<5 {
+                    try await connection.send("GET /echo?n=\(index) HTTP/1.1\r\nHost: test\r\n\r\n")
+                    let response = try await connection.readResponse()
+                    #expect(response.status == 200)
+                    #expect(response.header("x-origin-uri") == "/echo?n=\(index)")
+                    #expect(response.header("via") == "1.1 ott-proxy")
+                }
+                let counts = proxy.server.httpRelayCounts
+                #expect(counts.moved == 1)
+                #expect(counts.givenBack == 0)
+                #expect(counts.requests == 3)
+                // The backend saw the forwarded head the fast path sends, on the one connection it moved with.
+                let forwarded = try #require(origin.lastRequest)
+                #expect(forwarded.head.uri == "/echo?n=4")
+                #expect(forwarded.head.headers["x-forwarded-for"] == ["127.0.0.1"])
+                #expect(forwarded.head.headers["x-forwarded-proto"] == ["http"])
+                #expect(forwarded.head.headers["x-forwarded-host"] == ["test"])
+                #expect(forwarded.head.headers["via"] == ["1.1 ott-proxy"])
+                #expect(origin.acceptedConnections == 1)
+                #expect(self.requestsCounted(proxy, "2xx") == 5)
+                // The key's lease was held per request and given back each time.
+                #expect(proxy.server.runtime.directory.liveCount(of: "echo") == 0)
+                // The client leaves: the relay closes both sides and the connection leaves the count.
+                await connection.close()
+                #expect(await WSSupport.waitUntil(timeout: .seconds(3)) {
+                    proxy.server.relayedHTTPConnections == 0 && proxy.server.openConnections == 0
+                })
+            }
+        }
+    }
+
+    /// Responses a real server may send, as the fourth response on a keep-alive connection (the third and fourth are
+    /// answered by the relay): the client receives exactly the bytes it receives without the relay.
+    @Test(arguments: [
+        ("GET", "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nKeep-Alive: timeout=5\r\nContent-Length: 5\r\n\r\nhello", false),
+        ("GET", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3;x=y\r\nabc\r\n0\r\nX-T: 1\r\n\r\n", false),
+        ("GET", "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nclose-delimited body", true),
+        ("GET", "HTTP/1.0 200 OK\r\n\r\nold server", true),
+        ("GET", "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", false),
+        ("HEAD", "HTTP/1.1 200 OK\r\nContent-Length: 1024\r\n\r\n", false),
+        ("GET", "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+        ("GET", "HTTP/1.1 200 OK\r\nConnection: x-private\r\nX-Private: 1\r\nContent-Length: 2\r\n\r\nok", false),
+        ("GET", "HTTP/1.1 299 Custom Thing\r\nVia: 1.0 upstream\r\nContent-Length: 2\r\n\r\nok", false),
+        ("GET", "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", true),
+        ("GET", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", true),
+        ("GET", "NOT HTTP\r\n\r\n", true),
+    ])
+    func theRelayAnswersWithTheFastPathsBytes(_ method: String, _ response: String, _ closes: Bool) async throws {
+        let warmUp = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        var received: [Bool: [UInt8]] = [:]
+        for relay in [true, false] {
+            let origin = try await SequenceOrigin.start(responses: [warmUp, warmUp, warmUp, response], closeAfterLast: closes)
+            defer { Task { await origin.stop() } }
+            try await withProxy(
+                backends: [(id: "raw", port: origin.port)], policyFactory: PathKeyPolicy.factory,
+                configure: { $0.threads.httpRelay = relay }
+            ) { proxy in
+                let connection = try await RawHTTPConnection.connect(port: proxy.port)
+                defer { Task { await connection.close() } }
+                for _ in 0..<3 {
+                    try await connection.send("GET /k/x HTTP/1.1\r\nHost: test\r\n\r\n")
+                    #expect(try await connection.readResponse().bodyText == "ok")
+                }
+                try await connection.send("\(method) /k/x HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                received[relay] = try await connection.readUntilClosed()
+                let counts = proxy.server.httpRelayCounts
+                if relay {
+                    #expect(counts.moved == 1)
+                    #expect(counts.givenBack == 0)
+                    #expect(counts.requests == 2)
+                } else {
+                    #expect(counts.moved == 0)
+                }
+            }
+        }
+        let relayed = try #require(received[true])
+        let direct = try #require(received[false])
+        #expect(!relayed.isEmpty)
+        #expect(String(decoding: relayed, as: UTF8.self) == String(decoding: direct, as: UTF8.self))
+    }
+
+    /// A request the relay does not serve (a body) goes back to NIO on the same connection, in order, and the
+    /// connection stays there.
+    @Test func aRequestWithABodyGoesBackToNIO() async throws {
+        try await withOrigin { origin in
+            try await withProxy(backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory) { proxy in
+                let connection = try await RawHTTPConnection.connect(port: proxy.port)
+                defer { Task { await connection.close() } }
+                for index in 0..<3 {
+                    try await connection.send("GET /echo?n=\(index) HTTP/1.1\r\nHost: test\r\n\r\n")
+                    #expect(try await connection.readResponse().status == 200)
+                }
+                #expect(await self.waitUntilRelayed(proxy))
+                // The body and the request behind it arrive together: both are given back, in order.
+                try await connection.send(
+                    "POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhelloGET /echo?after HTTP/1.1\r\nHost: test\r\n\r\n")
+                let posted = try await connection.readResponse()
+                #expect(posted.status == 200)
+                #expect(posted.bodyText == "hello")
+                #expect(try await connection.readResponse().header("x-origin-uri") == "/echo?after")
+                let counts = proxy.server.httpRelayCounts
+                #expect(counts.moved == 1)
+                #expect(counts.givenBack == 1)
+                #expect(counts.requests == 1)
+                // It stays on NIO: more plain requests do not move it again.
+                for index in 0..<3 {
+                    try await connection.send("GET /echo?again=\(index) HTTP/1.1\r\nHost: test\r\n\r\n")
+                    #expect(try await connection.readResponse().status == 200)
+                }
+                #expect(proxy.server.relayedHTTPConnections == 0)
+                #expect(proxy.server.httpRelayCounts.moved == 1)
+                #expect(proxy.server.openConnections == 1)
+            }
+        }
+    }
+
+    /// A key owned by another backend than the one whose connection the relay holds: the request goes back to NIO,
+    /// which sends it to the key's owner.
+    @Test func aKeyOnAnotherBackendGoesBackToNIO() async throws {
+        let origins = try await NamedOrigins.start()
+        defer { Task { await origins.stop() } }
+        let ids = ["a", "b", "c"]
+        let first = "k0"
+        let owner = NamedOrigins.rendezvous(first, among: ids)
+        let other = try #require((1..<100).map { "k\($0)" }.first { NamedOrigins.rendezvous($0, among: ids) != owner })
+        try await withProxy(backends: origins.backends, policyFactory: PathKeyPolicy.factory) { proxy in
+            let connection = try await RawHTTPConnection.connect(port: proxy.port)
+            defer { Task { await connection.close() } }
+            for index in 0..<3 {
+                try await connection.send("GET /\(first)/\(index) HTTP/1.1\r\nHost: test\r\n\(NamedOrigins.markerHeader): m\(index)\r\n\r\n")
+                #expect(try await connection.readResponse().status == 404)  // (the origins answer 404 to this path)
+            }
+            #expect(proxy.server.httpRelayCounts.requests == 1)
+            try await connection.send("GET /\(other)/x HTTP/1.1\r\nHost: test\r\n\(NamedOrigins.markerHeader): moved\r\n\r\n")
+            #expect(try await connection.readResponse().status == 404)
+            #expect(origins.receivers(of: "m0") == [owner])
+            #expect(origins.receivers(of: "m2") == [owner])
+            #expect(origins.receivers(of: "moved") == [NamedOrigins.rendezvous(other, among: ids)])
+            #expect(proxy.server.httpRelayCounts.givenBack == 1)
+        }
+    }
+
+    /// The backend closes the connection the relay holds just as a request is sent on it: the request goes back to
+    /// NIO with the connection and is sent again on a fresh backend connection; the client never sees the race.
+    @Test func aBackendConnectionClosedUnderARequestIsRetriedThroughNIO() async throws {
+        let origin = try await RawOrigin.start(
+            response: "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", closeAfterResponse: false, closeOnNextRequest: true)
+        defer { Task { await origin.stop() } }
+        try await withProxy(backends: [(id: "raw", port: origin.port)], policyFactory: PathKeyPolicy.factory) { proxy in
+            let connection = try await RawHTTPConnection.connect(port: proxy.port)
+            defer { Task { await connection.close() } }
+            for index in 0..<2 {
+                try await connection.send("GET /k/\(index) HTTP/1.1\r\nHost: test\r\n\r\n")
+                #expect(try await connection.readResponse().bodyText == "ok")
+            }
+            #expect(await self.waitUntilRelayed(proxy))
+            for index in 2..<4 {
+                try await connection.send("GET /k/\(index) HTTP/1.1\r\nHost: test\r\n\r\n")
+                let response = try await connection.readResponse()
+                #expect(response.status == 200)
+                #expect(response.bodyText == "ok")
+            }
+            #expect(proxy.server.httpRelayCounts.givenBack == 1)
+            // The two that moved on and the two fresh ones the retries were sent on (the first closed on the second
+            // request and was replaced while still on NIO).
+            #expect(origin.acceptedConnections == 4)
+        }
+    }
+
+    /// The backend closes the idle connection the relay holds: the relay notices, and the next request goes to NIO.
+    @Test func aBackendClosingTheIdleConnectionSendsTheNextRequestToNIO() async throws {
+        let ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        let origin = try await SequenceOrigin.start(responses: [ok, ok, ok], closeAfterLast: true)
+        defer { Task { await origin.stop() } }
+        try await withProxy(backends: [(id: "raw", port: origin.port)], policyFactory: PathKeyPolicy.factory) { proxy in
+            let connection = try await RawHTTPConnection.connect(port: proxy.port)
+            defer { Task { await connection.close() } }
+            try await self.warmUp(connection, "/k/0")
+            #expect(await self.waitUntilRelayed(proxy))
+            // The third answer is the backend's last on that connection: it closes it, idle, in the relay.
+            try await connection.send("GET /k/1 HTTP/1.1\r\nHost: test\r\n\r\n")
+            #expect(try await connection.readResponse().bodyText == "ok")
+            try await Task.sleep(for: .milliseconds(200))
+            try await connection.send("GET /k/2 HTTP/1.1\r\nHost: test\r\n\r\n")
+            #expect(try await connection.readResponse().bodyText == "ok")
+            #expect(proxy.server.httpRelayCounts.requests == 1)
+            #expect(proxy.server.httpRelayCounts.givenBack == 1)
+            #expect(origin.acceptedConnections == 2)
+        }
+    }
+
+    /// A response head later than `upstream_response_header` gets the relay's own 504, on a kept-alive connection.
+    @Test func aLateResponseHeadGets504FromTheRelay() async throws {
+        try await withOrigin { origin in
+            try await withProxy(
+                backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory,
+                configure: { $0.timeouts.upstreamResponseHeader = .milliseconds(300) }
+            ) { proxy in
+                let connection = try await RawHTTPConnection.connect(port: proxy.port)
+                defer { Task { await connection.close() } }
+                try await self.warmUp(connection)
+                #expect(await self.waitUntilRelayed(proxy))
+                let started = ContinuousClock.now
+                try await connection.send("GET /slow/2000 HTTP/1.1\r\nHost: test\r\n\r\n")
+                let late = try await connection.readResponse()
+                let waited = ContinuousClock.now - started
+                #expect(late.status == 504)
+                #expect(late.bodyText == "gateway timeout: backend did not answer in time\n")
+                #expect(late.header("connection") == "keep-alive")
+                #expect(waited >= .milliseconds(300) && waited < .milliseconds(1500))
+                #expect(proxy.server.httpRelayCounts.requests == 1)
+                #expect(self.requestsCounted(proxy, "5xx") == 1)
+                // The backend connection is gone with the late answer: the next request is NIO's, and it is answered.
+                try await connection.send("GET /echo?next HTTP/1.1\r\nHost: test\r\n\r\n")
+                #expect(try await connection.readResponse().header("x-origin-uri") == "/echo?next")
+            }
+        }
+    }
+
+    /// The keep-alive idle timeout and the request-head timeout hold on relayed connections as on NIO's.
+    @Test func idleAndSlowHeadTimeoutsCloseRelayedConnections() async throws {
+        try await withOrigin { origin in
+            try await withProxy(
+                backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory,
+                configure: {
+                    // (Long enough that a test task starved by a busy machine still sees the connection moved.)
+                    $0.timeouts.idleKeepAlive = .milliseconds(1500)
+                    $0.timeouts.requestHeader = .milliseconds(300)
+                }
+            ) { proxy in
+                // Idle: closed silently.
+                let idle = try await RawHTTPConnection.connect(port: proxy.port)
+                try await self.warmUp(idle)
+                let idleSince = ContinuousClock.now
+                #expect(await self.waitUntilRelayed(proxy))
+                let rest = try await idle.readUntilClosed(timeout: .seconds(5))
+                #expect(rest.isEmpty)
+                #expect(ContinuousClock.now - idleSince >= .milliseconds(1000))
+                // A head that does not complete in time: 408, then closed.
+                let slow = try await RawHTTPConnection.connect(port: proxy.port)
+                try await self.warmUp(slow)
+                #expect(await self.waitUntilRelayed(proxy))
+                try await slow.send("GET /echo HTTP/1.1\r\nHost: te")
+                let answer = String(decoding: try await slow.readUntilClosed(timeout: .seconds(3)), as: UTF8.self)
+                #expect(answer.hasPrefix("HTTP/1.1 408 Request Timeout\r\n"))
+                #expect(await WSSupport.waitUntil(timeout: .seconds(3)) { proxy.server.openConnections == 0 })
+            }
+        }
+    }
+
+    /// Shutdown: an idle relayed connection closes at once, a busy one after its response, which says so.
+    @Test func shutdownClosesIdleRelayedConnectionsAndFinishesBusyOnes() async throws {
+        try await withOrigin { origin in
+            let proxy = try await ProxyHarness.start(
+                backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory,
+                configure: { $0.timeouts.shutdownGrace = .seconds(5) })
+            let idle = try await RawHTTPConnection.connect(port: proxy.port)
+            let busy = try await RawHTTPConnection.connect(port: proxy.port)
+            for connection in [idle, busy] {
+                try await self.warmUp(connection)
+            }
+            #expect(await self.waitUntilRelayed(proxy, 2))
+            try await busy.send("GET /slow/600 HTTP/1.1\r\nHost: test\r\n\r\n")
+            try await Task.sleep(for: .milliseconds(100))
+            let started = ContinuousClock.now
+            async let stopped: Void = proxy.stop()
+            #expect(try await idle.readUntilClosed(timeout: .seconds(2)).isEmpty)
+            let response = try await busy.readResponse(timeout: .seconds(3))
+            #expect(response.status == 200)
+            #expect(response.bodyText == "slow\n")
+            #expect(response.header("connection") == "close")
+            await stopped
+            #expect(ContinuousClock.now - started < .seconds(3))
+        }
+    }
+
+    /// A reload reaches the relay threads: their next request routes with the new script's decision.
+    @Test func aReloadChangesTheRelaysRouting() async throws {
+        let origins = try await NamedOrigins.start()
+        defer { Task { await origins.stop() } }
+        let directory = try ScriptDirectory()
+        defer { directory.remove() }
+        let owner = NamedOrigins.rendezvous("k", among: ["a", "b", "c"])
+        let target = ["a", "b", "c"].first { $0 != owner }!
+        let script = try directory.write("route.lua", #"function route(req) return { key = "k", pool = "main" } end"#)
+        try await withProxy(
+            backends: origins.backends, policyFactory: LuaSupport.factory(),
+            configure: { $0.listeners[0].routing = RoutingScriptConfig(script: script) }
+        ) { proxy in
+            let connection = try await RawHTTPConnection.connect(port: proxy.port)
+            defer { Task { await connection.close() } }
+            for index in 0..<3 {
+                try await connection.send("GET /x HTTP/1.1\r\nHost: test\r\n\(NamedOrigins.markerHeader): before\(index)\r\n\r\n")
+                _ = try await connection.readResponse()
+            }
+            #expect(origins.receivers(of: "before2") == [owner])
+            #expect(proxy.server.httpRelayCounts.requests == 1)
+            try directory.write("route.lua", #"function route(req) return { backend = "\#(target)" } end"#)
+            var config = proxy.server.runtime.config
+            config.listeners[0].routing = RoutingScriptConfig(script: script)
+            guard case .success = await proxy.server.reload(config) else {
+                Issue.record("reload failed")
+                return
+            }
+            try await connection.send("GET /x HTTP/1.1\r\nHost: test\r\n\(NamedOrigins.markerHeader): after\r\n\r\n")
+            _ = try await connection.readResponse()
+            #expect(origins.receivers(of: "after") == [target])
+            #expect(proxy.server.httpRelayCounts.givenBack == 1)
+        }
+    }
+
+    /// A large body passes the relay intact, also when the client reads it slower than the backend sends it.
+    @Test func aLargeBodyPassesIntact() async throws {
+        try await withOrigin { origin in
+            try await withProxy(backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory) { proxy in
+                let connection = try await RawHTTPConnection.connect(port: proxy.port)
+                defer { Task { await connection.close() } }
+                try await self.warmUp(connection)
+                #expect(await self.waitUntilRelayed(proxy))
+                let size = 8 * 1024 * 1024
+                try await connection.send("GET /download/\(size) HTTP/1.1\r\nHost: test\r\n\r\n")
+                let response = try await connection.readResponse(timeout: .seconds(20))
+                #expect(response.status == 200)
+                #expect(response.body.count == size)
+                #expect(proxy.server.httpRelayCounts.requests == 1)
+                try await connection.send("GET /echo?after HTTP/1.1\r\nHost: test\r\n\r\n")
+                #expect(try await connection.readResponse().header("x-origin-uri") == "/echo?after")
+                #expect(proxy.server.httpRelayCounts.requests == 2)
+            }
+        }
+    }
+}
