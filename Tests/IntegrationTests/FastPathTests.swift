@@ -135,6 +135,8 @@ import Testing
         ("GET /echo HTTP/1.1\r\n\r\n", 400),  // no Host: the full path's answer
         ("GET /echo HTTP/1.1\r\nHost: test\r\nX: caf\u{e9}\r\n\r\n", 200),  // obs-text in a value
         ("GET /continue HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok", 100),
+        // A head over `max_header_bytes` (32 KiB), sent in one write: refused as one that arrives slowly is.
+        ("GET /echo HTTP/1.1\r\nHost: test\r\nX-Big: \(String(repeating: "x", count: 40_000))\r\n\r\n", 431),
         ("GARBAGE\r\n\r\n", 400),
     ])
     func unusualRequestsAreHandedOverAndAnswered(_ request: String, _ status: Int) async throws {

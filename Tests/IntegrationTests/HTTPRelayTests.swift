@@ -167,6 +167,48 @@ import Testing
         }
     }
 
+    /// Requests the relay leaves to NIO, each on a connection the relay serves: each is answered as NIO answers it
+    /// (the relay gives the bytes back with the connection).
+    @Test(arguments: [
+        ("GET /echo HTTP/1.0\r\nHost: test\r\n\r\n", 200),
+        ("GET /echo HTTP/1.1\r\n\r\n", 400),  // no Host: the full path's answer
+        ("GET /echo HTTP/1.1\r\nHost: test\r\nX: caf\u{e9}\r\n\r\n", 200),  // obs-text in a value
+        ("GET /continue HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok", 100),
+        ("GET /echo HTTP/1.1\r\nHost: test\r\nX-Big: \(String(repeating: "x", count: 40_000))\r\n\r\n", 431),
+        ("GARBAGE\r\n\r\n", 400),
+    ])
+    func unusualRequestsAreGivenBackAndAnswered(_ request: String, _ status: Int) async throws {
+        try await withOrigin { origin in
+            try await withProxy(backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory) { proxy in
+                let connection = try await RawHTTPConnection.connect(port: proxy.port)
+                defer { Task { await connection.close() } }
+                try await self.warmUp(connection)
+                #expect(await self.waitUntilRelayed(proxy))
+                try await connection.send(request)
+                #expect(try await connection.readResponse().status == status)
+                #expect(proxy.server.httpRelayCounts.givenBack == 1)
+            }
+        }
+    }
+
+    /// Requests sent back to back (pipelined) are answered in order by the relay.
+    @Test func pipelinedRequestsAreAnsweredInOrder() async throws {
+        try await withOrigin { origin in
+            try await withProxy(backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory) { proxy in
+                let connection = try await RawHTTPConnection.connect(port: proxy.port)
+                defer { Task { await connection.close() } }
+                try await self.warmUp(connection)
+                #expect(await self.waitUntilRelayed(proxy))
+                try await connection.send((0..<5).map { "GET /echo?p=\($0) HTTP/1.1\r\nHost: test\r\n\r\n" }.joined())
+                for index in 0..<5 {
+                    #expect(try await connection.readResponse().header("x-origin-uri") == "/echo?p=\(index)")
+                }
+                #expect(proxy.server.httpRelayCounts.requests == 5)
+                #expect(proxy.server.httpRelayCounts.givenBack == 0)
+            }
+        }
+    }
+
     /// A key owned by another backend than the one whose connection the relay holds: the request goes back to NIO,
     /// which sends it to the key's owner.
     @Test func aKeyOnAnotherBackendGoesBackToNIO() async throws {

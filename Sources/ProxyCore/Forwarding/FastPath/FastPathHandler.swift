@@ -215,7 +215,8 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
                 }
                 return
             }
-            let head = buffer.withUnsafeReadableBytes {
+            // A head over the limit that arrived whole is the full parser's to refuse (431), as one that did not.
+            let head = end > self.runtime.config.limits.maxHeaderBytes ? nil : buffer.withUnsafeReadableBytes {
                 HTTP1Scan.parseRequestHead(UnsafeRawBufferPointer(rebasing: $0[..<end]), plainOnly: true)
             }
             guard let head, self.forward(head, headLength: end, context: context) else {

@@ -258,7 +258,7 @@ final class HTTPRelayShard: @unchecked Sendable {
                 }
                 return
             }
-            let head = buffer.withUnsafeReadableBytes {
+            let head = end > config.limits.maxHeaderBytes ? nil : buffer.withUnsafeReadableBytes {
                 HTTP1Scan.parseRequestHead(UnsafeRawBufferPointer(rebasing: $0[..<end]), plainOnly: true)
             }
             guard let head, self.forward(head, headLength: end, connection) else {
