@@ -39,6 +39,15 @@ import Testing
         return line?.split(separator: " ").last.flatMap { Double($0) }
     }
 
+    /// A gauge without labels, or the sum of a labelled one.
+    private func gauge(_ proxy: ProxyHarness, _ name: String) -> Double? {
+        let lines = proxy.server.runtime.metrics.prometheusText().split(separator: "\n").filter {
+            $0.hasPrefix(name + " ") || $0.hasPrefix(name + "{")
+        }
+        guard !lines.isEmpty else { return nil }
+        return lines.compactMap { $0.split(separator: " ").last.flatMap { Double($0) } }.reduce(0, +)
+    }
+
     @Test func aKeepAliveConnectionMovesAfterAnExchangeAndIsServedThere() async throws {
         try await withOrigin { origin in
             try await withProxy(backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory) { proxy in
@@ -71,6 +80,7 @@ import Testing
                 #expect(forwarded.head.headers["via"] == ["1.1 ott-proxy"])
                 #expect(origin.acceptedConnections == 1)
                 #expect(self.requestsCounted(proxy, "2xx") == 5)
+                #expect(self.gauge(proxy, "ott_proxy_http_relayed_connections") == 1)
                 // The key's lease was held per request and given back each time.
                 #expect(proxy.server.runtime.directory.liveCount(of: "echo") == 0)
                 // The client leaves: the relay closes both sides and the connection leaves the count.
@@ -78,6 +88,8 @@ import Testing
                 #expect(await WSSupport.waitUntil(timeout: .seconds(3)) {
                     proxy.server.relayedHTTPConnections == 0 && proxy.server.openConnections == 0
                 })
+                #expect(self.gauge(proxy, "ott_proxy_http_relayed_connections") == 0)
+                #expect(self.gauge(proxy, "ott_proxy_client_connections") == 0)
             }
         }
     }
@@ -163,6 +175,8 @@ import Testing
                 #expect(proxy.server.relayedHTTPConnections == 0)
                 #expect(proxy.server.httpRelayCounts.moved == 1)
                 #expect(proxy.server.openConnections == 1)
+                #expect(self.gauge(proxy, "ott_proxy_http_relayed_connections") == 0)
+                #expect(self.gauge(proxy, "ott_proxy_client_connections") == 1)
             }
         }
     }

@@ -10,6 +10,8 @@ public final class ProxyMetrics: Sendable {
     let tunnelsOpen: Gauge
     /// Of those, the ones the relay threads carry (`threads.tunnel_relay`).
     let tunnelsRelayed: Gauge
+    /// Client connections the HTTP relay threads serve (`threads.http_relay`).
+    let httpRelayed: Gauge
     let requestDuration: DurationHistogram
     /// Connections the fast path handed over to the full HTTP pipeline.
     let fastPathHandoffs: Counter
@@ -59,6 +61,10 @@ public final class ProxyMetrics: Sendable {
             descriptor: Self.named(
                 "tunnels_relayed", unit: "",
                 help: "Open upgraded connections carried by the relay threads (threads.tunnel_relay) rather than NIO channels."))
+        self.httpRelayed = registry.makeGauge(
+            descriptor: Self.named(
+                "http_relayed_connections", unit: "",
+                help: "Open keep-alive HTTP client connections served by the HTTP relay threads (threads.http_relay) rather than NIO channels."))
         self.requestDuration = registry.makeDurationHistogram(
             descriptor: Self.named("request_duration", unit: "seconds", help: "Time from the first byte of the request head to the response end."),
             buckets: [.milliseconds(1), .milliseconds(5), .milliseconds(25), .milliseconds(100), .milliseconds(500),

@@ -647,11 +647,16 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         let relayed = RelayedHTTPConnection(
             clientFD: clientCopy, upstreamFD: upstreamCopy, upstreamBackend: upstream.backend, listener: listener,
             clientIP: self.clientIP,
-            handBack: { fd, unread in handBack(fd, unread, listener) },
+            handBack: { fd, unread in
+                metrics.httpRelayed.decrement()
+                handBack(fd, unread, listener)
+            },
             closed: {
+                metrics.httpRelayed.decrement()
                 connections.relayedClosed()
                 metrics.connectionClosed(listener: listener.name)
             })
+        metrics.httpRelayed.increment()
         upstream.rawSink = nil
         upstream.channel.close(promise: nil)
         self.state = .closed
