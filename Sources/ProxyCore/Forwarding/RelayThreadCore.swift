@@ -55,23 +55,24 @@ final class RelayThreadCore<Command: Sendable>: @unchecked Sendable {  // the qu
         }
     }
 
-    /// Runs the loop on the calling thread: `event` for each ready descriptor (its token and events), `commands` with
+    /// Runs the loop on the calling thread, taking up to `batch` ready descriptors per `epoll_wait`: `event` for each
+    /// ready descriptor (its token and events), `commands` with
     /// what was queued up to and including a stop (which must end the loop: the handler returns false), `refuse` with
     /// what was queued behind a stop (answered as `send` answers it once stopped), `sweep` whenever `nextSweep`
     /// (uptime nanoseconds, `.max` for never) has passed. Closes the descriptors when it ends.
     func run(
-        nextSweep: () -> UInt64, event: (_ token: UInt64, _ events: UInt32) -> Void, commands: ([Command]) -> Bool,
+        batch: Int = 256, nextSweep: () -> UInt64, event: (_ token: UInt64, _ events: UInt32) -> Void, commands: ([Command]) -> Bool,
         refuse: (Command) -> Void, sweep: () -> Void
     ) {
-        var events = [UInt32](repeating: 0, count: 256)
-        var data = [UInt64](repeating: 0, count: 256)
+        var events = [UInt32](repeating: 0, count: batch)
+        var data = [UInt64](repeating: 0, count: batch)
         while true {
             let now = Self.now()
             let next = nextSweep()
             let timeout = next == .max ? -1 : Int32(clamping: (next &- min(now, next)) / 1_000_000 + 1)
             let count = events.withUnsafeMutableBufferPointer { events in
                 data.withUnsafeMutableBufferPointer { data in
-                    cproxy_epoll_wait(self.epoll, events.baseAddress, data.baseAddress, 256, timeout)
+                    cproxy_epoll_wait(self.epoll, events.baseAddress, data.baseAddress, Int32(batch), timeout)
                 }
             }
             var woken = false

@@ -130,8 +130,11 @@ final class HTTPRelayShard: @unchecked Sendable {
     // MARK: The relay thread
 
     private func run() {
+        // 64 ready descriptors per wait, as NIO's selector takes: against 256, p99 latency was lower in 6 of 6
+        // interleaved keep-alive rounds (2.01–2.53 against 2.34–2.64 ms) at the same throughput (docs/benchmarks.md,
+        // "Eleventh session").
         self.core.run(
-            nextSweep: { self.nextSweep },
+            batch: 64, nextSweep: { self.nextSweep },
             event: { token, events in
                 let slot = Int(token >> 1)
                 guard let connection = self.connections[slot] else { return }
