@@ -288,6 +288,35 @@ struct RedisOwnershipTests {
         }
     }
 
+    @Test("(f) a keep-alive connection on the HTTP relay follows its room when another proxy claims it elsewhere")
+    func relayedConnectionFollowsAMovedRoom() async throws {
+        try await RedisCluster.with { cluster in
+            let proxy = cluster.proxies[0]
+            // The room's first request waits for its claim in Redis, which NIO's full path serves (the connection
+            // then stays there): claimed first, on a connection of its own.
+            let owner = try await cluster.backend(ofRoom: "kept", via: 0)
+            let connection = try await RawHTTPConnection.connect(port: proxy.port)
+            defer { Task { await connection.close() } }
+            func get() async throws -> String? {
+                try await connection.send("GET /rooms/kept HTTP/1.1\r\nHost: test\r\n\r\n")
+                let response = try await connection.readResponse()
+                #expect(response.status == 200)
+                return response.header("x-backend")
+            }
+            // Two on NIO's fast path (the connection moves after the second), the third on the relay.
+            for _ in 0..<3 { #expect(try await get() == owner) }
+            #expect(proxy.server.httpRelayCounts.requests == 1)
+            // Another proxy claims the room for another backend: the change reaches this proxy by pub/sub, and the
+            // relay, which holds a connection to the old owner, gives the next request to NIO for the new one.
+            let other = try #require(["r1", "r2", "r3"].first { $0 != owner })
+            cluster.proxies[1].directory.claim(key: "room:kept", pool: "main", backend: other, idleTTL: .seconds(60))
+            #expect(await WSSupport.waitUntil { proxy.directory.owner(of: "room:kept")?.backend == other })
+            #expect(try await get() == other)
+            #expect(proxy.server.httpRelayCounts.givenBack == 1)
+            #expect(try await cluster.redisOwner(ofRoom: "kept")?.contains("|\(other)|") == true)
+        }
+    }
+
     @Test("release deletes only the owner this proxy knew, never a newer one claimed elsewhere")
     func releaseIsCompareAndDelete() async throws {
         let redis = try await RedisServerProcess.start()
