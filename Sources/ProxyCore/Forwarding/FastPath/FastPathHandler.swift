@@ -26,6 +26,10 @@ import NIOHTTP1
 /// What `ProxyHandler` does per exchange is done here too, with the same messages and metrics: connection and lease
 /// accounting, the response-head deadline, the stale keep-alive retry, `502`/`504` answers, back-pressure, the access
 /// log and request metrics, `on_response` claims, and closing after the response when the client or a shutdown asks.
+///
+/// With `threads.http_relay`, a connection whose exchange ended cleanly on a keyed or named-backend route moves, from
+/// its second exchange on, to an HTTP relay thread with its backend connection (`moveToRelay`, `HTTPRelay`), which
+/// serves its later plain requests the same way; one the relay gives back comes through here again, for good.
 final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawUpstreamSink, ResponseDeadlineWatcher {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
