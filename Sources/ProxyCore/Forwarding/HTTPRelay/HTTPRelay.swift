@@ -118,6 +118,8 @@ final class RelayedHTTPConnection: @unchecked Sendable {
     var toClient: ByteBuffer?
     var toUpstream: ByteBuffer?
     var exchange: Exchange?
+    /// The generation the exchange in flight was routed with: its lease is given back to that one's directory.
+    var exchangeRuntime: ProxyRuntime?
     var framing = ResponseBodyFraming.none
     var trailingGarbage = false
     /// The client ended its side, or shutdown asked: close after the current response.

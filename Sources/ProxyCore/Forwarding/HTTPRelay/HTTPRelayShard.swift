@@ -314,6 +314,7 @@ final class HTTPRelayShard: @unchecked Sendable {
                 clientIP: connection.clientIP, scheme: connection.listener.scheme, into: &self.out)
         }
         connection.exchange = exchange
+        connection.exchangeRuntime = runtime
         connection.headLength = headLength
         connection.scanned = 0
         connection.phase = .awaitingResponse
@@ -560,7 +561,8 @@ final class HTTPRelayShard: @unchecked Sendable {
     private func endExchange(_ connection: Connection, status: Int) {
         guard let exchange = connection.exchange else { return }
         connection.exchange = nil
-        let runtime = self.generation.runtime
+        let runtime = connection.exchangeRuntime ?? self.generation.runtime
+        connection.exchangeRuntime = nil
         exchange.backend.release()
         if let key = exchange.key { runtime.directory.releaseLease(key: key) }
         let now = NIODeadline.now()
@@ -593,8 +595,10 @@ final class HTTPRelayShard: @unchecked Sendable {
     private func undo(_ connection: Connection) {
         guard let exchange = connection.exchange else { return }
         connection.exchange = nil
+        let runtime = connection.exchangeRuntime ?? self.generation.runtime
+        connection.exchangeRuntime = nil
         exchange.backend.release()
-        if let key = exchange.key { self.generation.runtime.directory.releaseLease(key: key) }
+        if let key = exchange.key { runtime.directory.releaseLease(key: key) }
         connection.phase = .idle
         connection.scanned = 0
     }
