@@ -426,6 +426,30 @@ import Testing
         }
     }
 
+    /// A relayed connection idle for `upstream_idle` lets its backend connection go, as the pool closes an idle one:
+    /// idle clients do not hold backend sockets, and the next request is NIO's, on a new backend connection.
+    @Test func anIdleRelayedConnectionLetsItsBackendConnectionGo() async throws {
+        let ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        let origin = try await SequenceOrigin.start(responses: [ok])
+        defer { Task { await origin.stop() } }
+        try await withProxy(
+            backends: [(id: "raw", port: origin.port)], policyFactory: PathKeyPolicy.factory,
+            configure: { $0.timeouts.upstreamIdle = .milliseconds(300) }
+        ) { proxy in
+            let connection = try await RawHTTPConnection.connect(port: proxy.port)
+            defer { Task { await connection.close() } }
+            try await self.warmUp(connection, "/k/0")
+            #expect(await self.waitUntilRelayed(proxy))
+            try await Task.sleep(for: .milliseconds(700))
+            #expect(proxy.server.relayedHTTPConnections == 1)  // the client connection stays
+            try await connection.send("GET /k/1 HTTP/1.1\r\nHost: test\r\n\r\n")
+            #expect(try await connection.readResponse().bodyText == "ok")
+            #expect(proxy.server.httpRelayCounts.givenBack == 1)
+            #expect(proxy.server.httpRelayCounts.requests == 0)
+            #expect(origin.acceptedConnections == 2)
+        }
+    }
+
     /// Shutdown: an idle relayed connection closes at once, a busy one after its response, which says so.
     @Test func shutdownClosesIdleRelayedConnectionsAndFinishesBusyOnes() async throws {
         try await withOrigin { origin in

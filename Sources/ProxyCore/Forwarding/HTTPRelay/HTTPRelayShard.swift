@@ -659,18 +659,26 @@ final class HTTPRelayShard: @unchecked Sendable {
     // MARK: Timers
 
     /// Every 100 ms while connections are served: idle keep-alive connections past `idle_keep_alive` close, heads
-    /// slower than `request_header` get a 408, responses whose head is later than `upstream_response_header` a 504.
+    /// slower than `request_header` get a 408, responses whose head is later than `upstream_response_header` a 504,
+    /// and a connection idle for `upstream_idle` lets its backend connection go (as an idle pooled one would be
+    /// closed): an idle client does not hold a backend socket, its next request goes to NIO.
     private func sweep() {
         let now = Self.now()
         let timeouts = self.generation.runtime.config.timeouts
         let idle = UInt64(max(timeouts.idleKeepAlive.nanoseconds, 0))
         let head = UInt64(max(timeouts.requestHeader.nanoseconds, 0))
+        let upstreamIdle = UInt64(max(timeouts.upstreamIdle.nanoseconds, 0))
         for connection in self.connections.all {
             switch connection.phase {
             case .idle where connection.headStarted != 0:
                 if now &- connection.headStarted >= head { self.headTimedOut(connection) }
             case .idle:
-                if now &- connection.idleSince >= idle { self.finish(connection) }
+                if now &- connection.idleSince >= idle {
+                    self.finish(connection)
+                } else if connection.upstreamFD >= 0, now &- connection.idleSince >= upstreamIdle {
+                    self.closeUpstream(connection)
+                    self.refresh(connection)
+                }
             case .awaitingResponse:
                 if now >= connection.responseDue {
                     self.generation.runtime.metrics.countUpstreamError(.responseTimeout)
