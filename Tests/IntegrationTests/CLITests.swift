@@ -222,4 +222,53 @@ import Testing
             await connection.close()
         }
     }
+
+    /// `admin.token_env` reads the process environment of `ott-proxy run` (the unit tests use a stand-in for it).
+    @Test func adminTokenComesFromTheEnvironmentVariableNamed() async throws {
+        let port = try await Self.freePort()
+        let adminPort = try await Self.freePort()
+        let file = try Self.temporaryFile(
+            """
+            listeners:
+              - name: public
+                address: 127.0.0.1
+                port: \(port)
+                pool: rooms
+            pools:
+              rooms:
+                backends:
+                  - id: a
+                    address: 127.0.0.1:9
+            admin:
+              port: \(adminPort)
+              token_env: OTT_PROXY_TEST_ADMIN_TOKEN
+              metrics_open: false
+
+            """,
+            name: "token.yaml"
+        )
+        defer { try? FileManager.default.removeItem(at: file.deletingLastPathComponent()) }
+        let process = Process()
+        process.executableURL = try Self.executable()
+        process.arguments = ["run", "--config", file.path]
+        var environment = ProcessInfo.processInfo.environment
+        environment["OTT_PROXY_TEST_ADMIN_TOKEN"] = "from-env"
+        process.environment = environment
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        defer {
+            process.terminate()
+            process.waitUntilExit()
+        }
+        func metricsStatus(_ headers: [(String, String)]) async -> Int? {
+            guard let connection = try? await RawHTTPConnection.connect(port: adminPort) else { return nil }
+            defer { Task { await connection.close() } }
+            return try? await connection.request("GET", "/metrics", headers: headers + [("Connection", "close")]).status
+        }
+        #expect(await WSSupport.waitUntil(timeout: .seconds(10)) { await metricsStatus([]) != nil })
+        #expect(await metricsStatus([]) == 401)
+        #expect(await metricsStatus([("Authorization", "Bearer wrong")]) == 401)
+        #expect(await metricsStatus([("Authorization", "Bearer from-env")]) == 200)
+    }
 }

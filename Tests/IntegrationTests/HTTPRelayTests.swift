@@ -372,20 +372,22 @@ import Testing
         try await withOrigin { origin in
             try await withProxy(
                 backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory,
-                configure: { $0.timeouts.upstreamResponseHeader = .milliseconds(300) }
+                // Long enough that the quick requests around the late one are answered in time on a loaded machine
+                // (the whole suite runs in parallel on two cores).
+                configure: { $0.timeouts.upstreamResponseHeader = .seconds(1) }
             ) { proxy in
                 let connection = try await RawHTTPConnection.connect(port: proxy.port)
                 defer { Task { await connection.close() } }
                 try await self.warmUp(connection)
                 #expect(await self.waitUntilRelayed(proxy))
                 let started = ContinuousClock.now
-                try await connection.send("GET /slow/2000 HTTP/1.1\r\nHost: test\r\n\r\n")
+                try await connection.send("GET /slow/4000 HTTP/1.1\r\nHost: test\r\n\r\n")
                 let late = try await connection.readResponse()
                 let waited = ContinuousClock.now - started
                 #expect(late.status == 504)
                 #expect(late.bodyText == "gateway timeout: backend did not answer in time\n")
                 #expect(late.header("connection") == "keep-alive")
-                #expect(waited >= .milliseconds(300) && waited < .milliseconds(1500))
+                #expect(waited >= .seconds(1) && waited < .seconds(3))
                 #expect(proxy.server.httpRelayCounts.requests == 1)
                 #expect(self.requestsCounted(proxy, "5xx") == 1)
                 // The backend connection is gone with the late answer: the next request is NIO's, and it is answered.
@@ -440,13 +442,15 @@ import Testing
             defer { Task { await connection.close() } }
             try await self.warmUp(connection, "/k/0")
             #expect(await self.waitUntilRelayed(proxy))
+            // (On a loaded machine the pool may already have replaced the warm-up's connection: count from here.)
+            let accepted = origin.acceptedConnections
             try await Task.sleep(for: .milliseconds(700))
             #expect(proxy.server.relayedHTTPConnections == 1)  // the client connection stays
             try await connection.send("GET /k/1 HTTP/1.1\r\nHost: test\r\n\r\n")
             #expect(try await connection.readResponse().bodyText == "ok")
             #expect(proxy.server.httpRelayCounts.givenBack == 1)
             #expect(proxy.server.httpRelayCounts.requests == 0)
-            #expect(origin.acceptedConnections == 2)
+            #expect(origin.acceptedConnections == accepted + 1)
         }
     }
 

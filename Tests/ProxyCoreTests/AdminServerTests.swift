@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import NIOHTTP1
+import Synchronization
 import Testing
 
 @testable import ProxyCore
@@ -10,8 +11,18 @@ struct AdminServerTests {
     private static let plain = "text/plain; charset=utf-8"
     private static let unauthorized = "unauthorized: bearer token required\n"
 
-    private func server(_ config: AdminConfig) -> AdminServer {
-        AdminServer(config: config, metrics: ProxyMetrics(listeners: ["l"]), connections: ConnectionRegistry(limit: 10))
+    private func server(_ config: AdminConfig, environment: Environment = Environment()) -> AdminServer {
+        AdminServer(
+            config: config, metrics: ProxyMetrics(listeners: ["l"]), connections: ConnectionRegistry(limit: 10),
+            environment: { environment.value($0) })
+    }
+
+    /// A stand-in for the process environment: tests run in parallel with others that start processes, and
+    /// `setenv` while `Process.run` copies the environment crashed the test process once.
+    final class Environment: Sendable {
+        private let values = Mutex<[String: String]>([:])
+        func set(_ name: String, _ value: String?) { self.values.withLock { $0[name] = value } }
+        func value(_ name: String) -> String? { self.values.withLock { $0[name] } }
     }
 
     private func bearer(_ token: String) -> HTTPHeaders {
@@ -100,31 +111,31 @@ struct AdminServerTests {
 
     @Test("the token can come from the environment variable named by token_env")
     func tokenFromEnvironment() {
-        let name = "OTT_PROXY_TEST_ADMIN_TOKEN_\(UUID().uuidString.replacingOccurrences(of: "-", with: "_"))"
-        let admin = server(AdminConfig(tokenEnv: name, metricsOpen: false))
+        let name = "OTT_PROXY_ADMIN_TOKEN"
+        let environment = Environment()
+        let admin = server(AdminConfig(tokenEnv: name, metricsOpen: false), environment: environment)
 
         // Unset: no token, so everything is open.
         #expect(admin.token == nil)
         #expect(admin.respond(method: .GET, path: "/metrics", headers: [:]).0 == .ok)
 
-        setenv(name, "from-env", 1)
-        defer { unsetenv(name) }
+        environment.set(name, "from-env")
         #expect(admin.token == "from-env")
         #expect(admin.respond(method: .GET, path: "/metrics", headers: [:]).0 == .unauthorized)
         #expect(admin.respond(method: .GET, path: "/metrics", headers: bearer("wrong")).0 == .unauthorized)
         #expect(admin.respond(method: .GET, path: "/metrics", headers: bearer("from-env")).0 == .ok)
 
         // Empty counts as unset.
-        setenv(name, "", 1)
+        environment.set(name, "")
         #expect(admin.token == nil)
     }
 
     @Test("an inline token wins over token_env")
     func inlineTokenWins() {
-        let name = "OTT_PROXY_TEST_ADMIN_TOKEN_\(UUID().uuidString.replacingOccurrences(of: "-", with: "_"))"
-        setenv(name, "from-env", 1)
-        defer { unsetenv(name) }
-        let admin = server(AdminConfig(token: "inline", tokenEnv: name, metricsOpen: false))
+        let name = "OTT_PROXY_ADMIN_TOKEN"
+        let environment = Environment()
+        environment.set(name, "from-env")
+        let admin = server(AdminConfig(token: "inline", tokenEnv: name, metricsOpen: false), environment: environment)
         #expect(admin.token == "inline")
         #expect(admin.respond(method: .GET, path: "/metrics", headers: bearer("inline")).0 == .ok)
         #expect(admin.respond(method: .GET, path: "/metrics", headers: bearer("from-env")).0 == .unauthorized)

@@ -13,17 +13,27 @@ struct AdminServer: Sendable {
     let proxy: ProxyServer?
     let metrics: ProxyMetrics
     let connections: ConnectionRegistry
+    /// Reads an environment variable (`token_env`): the process environment, or a stand-in in tests (which must not
+    /// call `setenv`: other tests may be starting processes, and `Process.run` copies the environment unlocked).
+    let environment: @Sendable (String) -> String?
+
+    static let processEnvironment: @Sendable (String) -> String? = { ProcessInfo.processInfo.environment[$0] }
 
     init(config: AdminConfig, proxy: ProxyServer, connections: ConnectionRegistry) {
         self.config = config
+        self.environment = Self.processEnvironment
         self.proxy = proxy
         self.metrics = proxy.runtime.metrics
         self.connections = connections
     }
 
     /// Without a proxy (unit tests of the pure answers); `POST /reload` then reports that it cannot reload.
-    init(config: AdminConfig, metrics: ProxyMetrics, connections: ConnectionRegistry) {
+    init(
+        config: AdminConfig, metrics: ProxyMetrics, connections: ConnectionRegistry,
+        environment: @escaping @Sendable (String) -> String? = AdminServer.processEnvironment
+    ) {
         self.config = config
+        self.environment = environment
         self.proxy = nil
         self.metrics = metrics
         self.connections = connections
@@ -37,7 +47,7 @@ struct AdminServer: Sendable {
 
     var token: String? {
         if let token = self.config.token { return token }
-        if let name = self.config.tokenEnv, let value = ProcessInfo.processInfo.environment[name], !value.isEmpty {
+        if let name = self.config.tokenEnv, let value = self.environment(name), !value.isEmpty {
             return value
         }
         return nil
