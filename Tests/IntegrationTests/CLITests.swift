@@ -161,26 +161,35 @@ import Testing
         #expect(outcome.stdout.contains("--config"))
     }
 
+    /// A configuration for `ott-proxy run`: one listener on `port` and a backend nobody listens on, then `rest`.
+    static func runConfig(port: Int, _ rest: String) -> String {
+        """
+        listeners:
+          - name: public
+            address: 127.0.0.1
+            port: \(port)
+            pool: rooms
+        pools:
+          rooms:
+            backends:
+              - id: a
+                address: 127.0.0.1:9
+
+        """ + rest
+    }
+
     @Test func runStopsGracefullyOnSIGTERM() async throws {
         let port = try await Self.freePort()
         let file = try Self.temporaryFile(
-            """
-            listeners:
-              - name: public
-                address: 127.0.0.1
-                port: \(port)
-                pool: rooms
-            pools:
-              rooms:
-                backends:
-                  - id: a
-                    address: 127.0.0.1:9
-            timeouts:
-              shutdown_grace: 2s
-            logging:
-              level: info
+            Self.runConfig(
+                port: port,
+                """
+                timeouts:
+                  shutdown_grace: 2s
+                logging:
+                  level: info
 
-            """,
+                """),
             name: "run.yaml"
         )
         defer { try? FileManager.default.removeItem(at: file.deletingLastPathComponent()) }
@@ -228,23 +237,15 @@ import Testing
         let port = try await Self.freePort()
         let adminPort = try await Self.freePort()
         let file = try Self.temporaryFile(
-            """
-            listeners:
-              - name: public
-                address: 127.0.0.1
-                port: \(port)
-                pool: rooms
-            pools:
-              rooms:
-                backends:
-                  - id: a
-                    address: 127.0.0.1:9
-            admin:
-              port: \(adminPort)
-              token_env: OTT_PROXY_TEST_ADMIN_TOKEN
-              metrics_open: false
+            Self.runConfig(
+                port: port,
+                """
+                admin:
+                  port: \(adminPort)
+                  token_env: OTT_PROXY_TEST_ADMIN_TOKEN
+                  metrics_open: false
 
-            """,
+                """),
             name: "token.yaml"
         )
         defer { try? FileManager.default.removeItem(at: file.deletingLastPathComponent()) }
