@@ -3,6 +3,7 @@ import Foundation
 import NIOCore
 import NIOPosix
 import ProxyCore
+import Synchronization
 import Testing
 
 /// The HTTP relay threads (`threads.http_relay`, `HTTPRelay`): a keep-alive connection moves there after its second
@@ -202,6 +203,45 @@ import Testing
                 try await connection.send(request)
                 #expect(try await connection.readResponse().status == status)
                 #expect(proxy.server.httpRelayCounts.givenBack == 1)
+            }
+        }
+    }
+
+    /// A policy with `on_response` (as the OTT preset has): the relay serves its keyed requests too, and hands it
+    /// every response head before the client gets it; a claim made there is in force for the next request.
+    @Test func aPolicyThatSeesResponsesIsServedAndSeesEveryHead() async throws {
+        final class Seen: Sendable {
+            let statuses = Mutex<[Int]>([])
+        }
+        final class ObservingPolicy: RoutingPolicy {
+            let seen: Seen
+            init(seen: Seen) { self.seen = seen }
+            func route(_ request: RouteRequest) throws -> RouteDecision {
+                RouteDecision(action: .forward(.keyed(key: "room", pool: "main", placement: nil)))
+            }
+            var observesResponses: Bool { true }
+            func onResponse(_ request: RouteRequest, _ response: RouteResponse) throws -> ResponseAction? {
+                self.seen.statuses.withLock { $0.append(response.status) }
+                return request.path.hasSuffix("claim") ? .claim("claimed-here") : nil
+            }
+        }
+        let seen = Seen()
+        try await withOrigin { origin in
+            try await withProxy(
+                backends: [(id: "a", port: origin.port)], policyFactory: { _, _, _ in ObservingPolicy(seen: seen) }
+            ) { proxy in
+                let connection = try await RawHTTPConnection.connect(port: proxy.port)
+                defer { Task { await connection.close() } }
+                try await self.warmUp(connection)
+                #expect(await self.waitUntilRelayed(proxy))
+                try await connection.send("GET /status/404 HTTP/1.1\r\nHost: test\r\n\r\n")
+                #expect(try await connection.readResponse().status == 404)
+                #expect(proxy.server.runtime.directory.owner(of: "claimed-here") == nil)
+                try await connection.send("GET /echo/claim HTTP/1.1\r\nHost: test\r\n\r\n")
+                _ = try await connection.readResponse()
+                #expect(proxy.server.runtime.directory.owner(of: "claimed-here")?.backend == "a")
+                #expect(proxy.server.httpRelayCounts.requests == 2)
+                #expect(seen.statuses.withLock { $0 } == [200, 200, 404, 404])
             }
         }
     }

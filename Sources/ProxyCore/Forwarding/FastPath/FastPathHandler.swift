@@ -53,8 +53,8 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         var bodyFraming: ResponseBodyFraming = .none
         /// The backend sent something after the response's end: its connection cannot be pooled.
         var trailingGarbage = false
-        /// A keyed or named-backend route with no rewrites and no `on_response`: the relay threads could serve this
-        /// connection's next requests the same way (`HTTPRelay`).
+        /// A keyed or named-backend route with no rewrites: the relay threads could serve this connection's next
+        /// requests the same way (`HTTPRelay`).
         var relayable = false
 
         init(head: HTTPRequestHead, clientURI: String, backend: Backend, started: NIODeadline) {
@@ -298,7 +298,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         if unchanged {
             fast.rawHead = rawHead
             fast.addedFields = ProxyHandler.ownershipFields(ownership, runtime: runtime)
-            if self.mayRelay, !policy.observesResponses {
+            if self.mayRelay {
                 switch target {
                 case .keyed, .backend: fast.relayable = true
                 case .pool: break

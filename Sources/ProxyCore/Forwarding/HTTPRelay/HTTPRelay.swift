@@ -25,7 +25,7 @@ import Glibc
 ///
 /// Anything else goes back to NIO before a request is sent (`HandBack`): a head that is not plain (a body, `Upgrade`,
 /// `Expect`, anything the strict scanner refuses), a decision that is not a plain forward (a local answer, rewrites,
-/// `need_body`, `on_response`, a pool-balanced request), an owner the shared store must be asked for, a backend other
+/// `need_body`, a response body for `on_response`, a pool-balanced request), an owner the shared store must be asked for, a backend other
 /// than the one whose connection the shard holds, or no backend connection at all (the backend closed it). The bytes
 /// read so far are given back with the socket, and the connection then stays on NIO for its life, so a connection that
 /// keeps needing NIO does not move back and forth. A request whose backend connection turns out to be closed by the
@@ -120,6 +120,8 @@ final class RelayedHTTPConnection: @unchecked Sendable {
     var exchange: Exchange?
     /// The generation the exchange in flight was routed with: its lease is given back to that one's directory.
     var exchangeRuntime: ProxyRuntime?
+    /// The exchange's policy and request when the policy sees response heads (`on_response`).
+    var observer: (policy: RoutingPolicy, request: RouteRequest)?
     var framing = ResponseBodyFraming.none
     var trailingGarbage = false
     /// The client ended its side, or shutdown asked: close after the current response.

@@ -276,7 +276,7 @@ final class HTTPRelayShard: @unchecked Sendable {
         guard !self.quiescing, connection.upstreamFD >= 0, let held = connection.upstreamBackend else { return false }
         let generation = self.generation
         let runtime = generation.runtime
-        guard let policy = generation.policies[connection.listener.name], !policy.observesResponses else { return false }
+        guard let policy = generation.policies[connection.listener.name] else { return false }
         let request = ProxyHandler.routeRequest(
             for: head, isUpgrade: false, listener: connection.listener, clientIP: connection.clientIP)
         guard let decision = try? policy.route(request), case .forward(let target) = decision.action, !decision.responseBody,
@@ -315,6 +315,9 @@ final class HTTPRelayShard: @unchecked Sendable {
         }
         connection.exchange = exchange
         connection.exchangeRuntime = runtime
+        // A policy that sees responses gets each head before the client does (a claim made there is in force for the
+        // client's next request), as on the fast path; a decision that wants the body went to NIO above.
+        connection.observer = policy.observesResponses ? (policy, request) : nil
         connection.headLength = headLength
         connection.scanned = 0
         connection.phase = .awaitingResponse
@@ -423,7 +426,7 @@ final class HTTPRelayShard: @unchecked Sendable {
             let headBytes = UnsafeRawBufferPointer(rebasing: rest[..<end])
             let clientKeepAlive = exchange.clientKeepAlive && !connection.closeWhenIdle && !self.quiescing
             self.out.reserveCapacity(minimumWritableBytes: end + 64 + min(rest.count - end, Self.coalescedBodyLimit))
-            if let summary = HTTP1Scan.rewriteResponseHead(
+            if connection.observer == nil, let summary = HTTP1Scan.rewriteResponseHead(
                 headBytes, requestMethod: exchange.head.method, clientKeepAlive: clientKeepAlive, into: &self.out)
             {
                 exchange.status = summary.status
@@ -453,6 +456,11 @@ final class HTTPRelayShard: @unchecked Sendable {
                 }
                 exchange.status = Int(head.status.code)
                 exchange.upstreamKeepAlive = head.isKeepAlive
+                if let observed = connection.observer {
+                    ProxyHandler.observeResponse(
+                        policy: observed.policy, request: observed.request, head: head, body: nil, exchange: exchange,
+                        runtime: connection.exchangeRuntime ?? self.generation.runtime)
+                }
                 let (responseHead, closeAfter) = ForwardingHeaders.downstreamResponseHead(
                     from: head, requestMethod: exchange.head.method, keepAlive: clientKeepAlive, clientVersion: .http1_1)
                 exchange.closeAfter = closeAfter
@@ -563,6 +571,7 @@ final class HTTPRelayShard: @unchecked Sendable {
         connection.exchange = nil
         let runtime = connection.exchangeRuntime ?? self.generation.runtime
         connection.exchangeRuntime = nil
+        connection.observer = nil
         exchange.backend.release()
         if let key = exchange.key { runtime.directory.releaseLease(key: key) }
         let now = NIODeadline.now()
@@ -597,6 +606,7 @@ final class HTTPRelayShard: @unchecked Sendable {
         connection.exchange = nil
         let runtime = connection.exchangeRuntime ?? self.generation.runtime
         connection.exchangeRuntime = nil
+        connection.observer = nil
         exchange.backend.release()
         if let key = exchange.key { runtime.directory.releaseLease(key: key) }
         connection.phase = .idle
