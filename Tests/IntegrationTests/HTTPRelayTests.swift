@@ -6,8 +6,8 @@ import ProxyCore
 import Synchronization
 import Testing
 
-/// The HTTP relay threads (`threads.http_relay`, `HTTPRelay`): a keep-alive connection moves there after its second
-/// fast-path exchange on a keyed route, its later requests are answered there exactly as NIO's fast path answers
+/// The HTTP relay threads (`threads.http_relay`, `HTTPRelay`): a keep-alive connection moves there after two fast-path
+/// exchanges in a row on keyed routes, its later requests are answered there exactly as NIO's fast path answers
 /// them, and whatever the relay does not serve goes back to NIO on the same connection.
 @Suite struct HTTPRelayTests {
     /// Every request's key is its path's first segment, in pool `main`: a route the relay serves.

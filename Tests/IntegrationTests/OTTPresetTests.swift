@@ -410,6 +410,9 @@ import Testing
                 #expect(reply.status < 500, "\(path): \(reply.status)")
             }
             #expect(try await handoffs() == 0)
+            // Room requests between pages: the connection does not move to the HTTP relay only to come back (it moves
+            // after two relayable exchanges in a row).
+            #expect(cluster.proxy.httpRelayCounts.moved == 0)
             let created = try await Self.send(
                 connection, "POST", "/api/room/create", json: #"{"name":"fastcreated","isTemporary":true}"#)
             #expect(created.status == 201 || created.status == 200, "\(created.status) \(created.text)")
@@ -418,6 +421,20 @@ import Testing
             let joined = try await Self.send(connection, "GET", "/api/room/fastcreated")
             #expect(joined.status == 200)
             #expect(joined.servedBy == created.servedBy)
+
+            // Room requests in a row on another connection: it moves to the HTTP relay after the second, which
+            // serves the rest (the preset's `on_response` sees their heads there).
+            let api = try await RawHTTPConnection.connect(port: cluster.port)
+            defer { Task { await api.close() } }
+            var servedBy: Set<String> = []
+            for _ in 0..<5 {
+                let reply = try await Self.send(api, "GET", "/api/room/fastcreated")
+                #expect(reply.status == 200)
+                servedBy.insert(reply.servedBy ?? "?")
+            }
+            #expect(servedBy == [created.servedBy ?? ""])
+            #expect(cluster.proxy.httpRelayCounts.moved == 1)
+            #expect(cluster.proxy.httpRelayCounts.requests == 3)
         }
     }
 

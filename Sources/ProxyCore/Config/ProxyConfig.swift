@@ -363,10 +363,10 @@ public struct ThreadsConfig: Sendable, Equatable {
     /// How new connections reach the event loops.
     public var accept: Accept
     /// Established keep-alive HTTP connections move off their NIO channels to relay threads of their own, one per
-    /// event loop, which serve their further requests on the sockets' descriptors (`HTTPRelay`): about 40 % less user
-    /// CPU per request. A connection moves after a fast-path exchange on a keyed or named-backend route, with its backend
-    /// connection; any request the relay does not serve goes back to NIO. Plain (non-TLS) listeners with the fast path
-    /// only.
+    /// event loop, which serve their further requests on the sockets' descriptors (`HTTPRelay`): about a third less
+    /// user CPU per request. A connection moves after two fast-path exchanges in a row on keyed or named-backend
+    /// routes, with its backend connection; any request the relay does not serve goes back to NIO. Plain (non-TLS)
+    /// listeners with the fast path only.
     public var httpRelay: Bool
 
     /// How a listener accepts connections when there is more than one event loop.

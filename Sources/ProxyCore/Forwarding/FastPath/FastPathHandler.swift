@@ -27,9 +27,9 @@ import NIOHTTP1
 /// accounting, the response-head deadline, the stale keep-alive retry, `502`/`504` answers, back-pressure, the access
 /// log and request metrics, `on_response` claims, and closing after the response when the client or a shutdown asks.
 ///
-/// With `threads.http_relay`, a connection whose exchange ended cleanly on a keyed or named-backend route moves, from
-/// its second exchange on, to an HTTP relay thread with its backend connection (`moveToRelay`, `HTTPRelay`), which
-/// serves its later plain requests the same way; one the relay gives back comes through here again, for good.
+/// With `threads.http_relay`, a connection whose last two exchanges ended cleanly on keyed or named-backend routes
+/// moves to an HTTP relay thread with its backend connection (`moveToRelay`, `HTTPRelay`), which serves its later
+/// plain requests the same way; one the relay gives back comes through here again, for good.
 final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawUpstreamSink, ResponseDeadlineWatcher {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
@@ -92,6 +92,10 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
     /// Bytes were handed to NIO without a flush (only while direct writes are off).
     private var unflushed = false
     private var exchangesStarted = 0
+    /// Relayable exchanges in a row (`FastExchange.relayable`): a connection moves to the HTTP relay after two, so one
+    /// that mixes pool-balanced requests in (a browser loading pages between room requests) stays here instead of
+    /// moving and coming back.
+    private var relayableStreak = 0
     /// This listener's request counters (`ProxyMetrics` is shared by every generation, so they stay valid).
     private lazy var requestCounters = self.runtime.metrics.requestCounters(listener: self.listener.name)
 
@@ -616,8 +620,9 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         }
         self.release(exchange)
         self.logAccess(exchange, status: exchange.status, now: now)
+        self.relayableStreak = fast.relayable ? self.relayableStreak + 1 : 0
         if let upstream = reusable {
-            if keepAlive, fast.relayable, self.moveToRelay(with: upstream, context: context) { return }
+            if keepAlive, self.relayableStreak >= 2, self.moveToRelay(with: upstream, context: context) { return }
             self.loop.pool.release(upstream, now: now)
         }
         self.finishExchange(keepAlive: keepAlive, now: now, context: context)

@@ -15,8 +15,8 @@ import Glibc
 /// 3 µs (`raw-relay`, docs/benchmarks.md). Throughput on a small machine follows CPU per request, so this is where the
 /// HTTP numbers against HAProxy and nginx are decided.
 ///
-/// How a connection gets here (`FastPathHandler`): a plain (non-TLS) connection whose fast-path exchange ended cleanly
-/// on a keyed or named-backend route, with nothing read ahead and nothing queued in NIO on either side, moves with the
+/// How a connection gets here (`FastPathHandler`): a plain (non-TLS) connection whose last two fast-path exchanges ended
+/// cleanly on keyed or named-backend routes, with nothing read ahead and nothing queued in NIO on either side, moves with the
 /// backend connection it just used: both descriptors are duplicated and both channels closed (as tunnels move to
 /// `TunnelRelay`). From then on its shard (one thread and epoll instance per event loop) does what the fast path did
 /// per request: the head scan, the routing script (on the shard's own policy instance: a Lua state is confined to one
