@@ -20,6 +20,25 @@ import Testing
         static let factory: RoutingPolicyFactory = { _, _, _ in PathKeyPolicy() }
     }
 
+    /// A `TestOrigin`, a proxy in front of it routing by path key (adjusted by `configure`), and a client connection
+    /// the HTTP relay serves (moved after two requests).
+    private func withRelayedConnection(
+        configure: (inout ProxyConfig) -> Void = { _ in },
+        _ body: (TestOrigin, ProxyHarness, RawHTTPConnection) async throws -> Void
+    ) async throws {
+        try await withOrigin { origin in
+            try await withProxy(
+                backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory, configure: configure
+            ) { proxy in
+                let connection = try await RawHTTPConnection.connect(port: proxy.port)
+                defer { Task { await connection.close() } }
+                try await self.warmUp(connection)
+                #expect(await self.waitUntilRelayed(proxy))
+                try await body(origin, proxy, connection)
+            }
+        }
+    }
+
     /// Sends `GET path` twice on `connection` (the exchanges after which a connection moves) and reads the answers.
     private func warmUp(_ connection: RawHTTPConnection, _ path: String = "/echo") async throws {
         for _ in 0..<2 {
@@ -194,16 +213,10 @@ import Testing
         ("GARBAGE\r\n\r\n", 400),
     ])
     func unusualRequestsAreGivenBackAndAnswered(_ request: String, _ status: Int) async throws {
-        try await withOrigin { origin in
-            try await withProxy(backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory) { proxy in
-                let connection = try await RawHTTPConnection.connect(port: proxy.port)
-                defer { Task { await connection.close() } }
-                try await self.warmUp(connection)
-                #expect(await self.waitUntilRelayed(proxy))
-                try await connection.send(request)
-                #expect(try await connection.readResponse().status == status)
-                #expect(proxy.server.httpRelayCounts.givenBack == 1)
-            }
+        try await self.withRelayedConnection { _, proxy, connection in
+            try await connection.send(request)
+            #expect(try await connection.readResponse().status == status)
+            #expect(proxy.server.httpRelayCounts.givenBack == 1)
         }
     }
 
@@ -316,19 +329,13 @@ import Testing
 
     /// Requests sent back to back (pipelined) are answered in order by the relay.
     @Test func pipelinedRequestsAreAnsweredInOrder() async throws {
-        try await withOrigin { origin in
-            try await withProxy(backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory) { proxy in
-                let connection = try await RawHTTPConnection.connect(port: proxy.port)
-                defer { Task { await connection.close() } }
-                try await self.warmUp(connection)
-                #expect(await self.waitUntilRelayed(proxy))
-                try await connection.send((0..<5).map { "GET /echo?p=\($0) HTTP/1.1\r\nHost: test\r\n\r\n" }.joined())
-                for index in 0..<5 {
-                    #expect(try await connection.readResponse().header("x-origin-uri") == "/echo?p=\(index)")
-                }
-                #expect(proxy.server.httpRelayCounts.requests == 5)
-                #expect(proxy.server.httpRelayCounts.givenBack == 0)
+        try await self.withRelayedConnection { _, proxy, connection in
+            try await connection.send((0..<5).map { "GET /echo?p=\($0) HTTP/1.1\r\nHost: test\r\n\r\n" }.joined())
+            for index in 0..<5 {
+                #expect(try await connection.readResponse().header("x-origin-uri") == "/echo?p=\(index)")
             }
+            #expect(proxy.server.httpRelayCounts.requests == 5)
+            #expect(proxy.server.httpRelayCounts.givenBack == 0)
         }
     }
 
@@ -409,31 +416,23 @@ import Testing
 
     /// A response head later than `upstream_response_header` gets the relay's own 504, on a kept-alive connection.
     @Test func aLateResponseHeadGets504FromTheRelay() async throws {
-        try await withOrigin { origin in
-            try await withProxy(
-                backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory,
-                // Long enough that the quick requests around the late one are answered in time on a loaded machine
-                // (the whole suite runs in parallel on two cores).
-                configure: { $0.timeouts.upstreamResponseHeader = .seconds(1) }
-            ) { proxy in
-                let connection = try await RawHTTPConnection.connect(port: proxy.port)
-                defer { Task { await connection.close() } }
-                try await self.warmUp(connection)
-                #expect(await self.waitUntilRelayed(proxy))
-                let started = ContinuousClock.now
-                try await connection.send("GET /slow/4000 HTTP/1.1\r\nHost: test\r\n\r\n")
-                let late = try await connection.readResponse()
-                let waited = ContinuousClock.now - started
-                #expect(late.status == 504)
-                #expect(late.bodyText == "gateway timeout: backend did not answer in time\n")
-                #expect(late.header("connection") == "keep-alive")
-                #expect(waited >= .seconds(1) && waited < .seconds(3))
-                #expect(proxy.server.httpRelayCounts.requests == 1)
-                #expect(self.requestsCounted(proxy, "5xx") == 1)
-                // The backend connection is gone with the late answer: the next request is NIO's, and it is answered.
-                try await connection.send("GET /echo?next HTTP/1.1\r\nHost: test\r\n\r\n")
-                #expect(try await connection.readResponse().header("x-origin-uri") == "/echo?next")
-            }
+        // Long enough that the quick requests around the late one are answered in time on a loaded machine (the whole
+        // suite runs in parallel on two cores).
+        try await self.withRelayedConnection(configure: { $0.timeouts.upstreamResponseHeader = .seconds(1) }) {
+            _, proxy, connection in
+            let started = ContinuousClock.now
+            try await connection.send("GET /slow/4000 HTTP/1.1\r\nHost: test\r\n\r\n")
+            let late = try await connection.readResponse()
+            let waited = ContinuousClock.now - started
+            #expect(late.status == 504)
+            #expect(late.bodyText == "gateway timeout: backend did not answer in time\n")
+            #expect(late.header("connection") == "keep-alive")
+            #expect(waited >= .seconds(1) && waited < .seconds(3))
+            #expect(proxy.server.httpRelayCounts.requests == 1)
+            #expect(self.requestsCounted(proxy, "5xx") == 1)
+            // The backend connection is gone with the late answer: the next request is NIO's, and it is answered.
+            try await connection.send("GET /echo?next HTTP/1.1\r\nHost: test\r\n\r\n")
+            #expect(try await connection.readResponse().header("x-origin-uri") == "/echo?next")
         }
     }
 
@@ -555,24 +554,18 @@ import Testing
         }
     }
 
-    /// A large body passes the relay intact, also when the client reads it slower than the backend sends it.
+    /// A large body (8 MiB, more than the sockets between hold at once) passes the relay intact.
     @Test func aLargeBodyPassesIntact() async throws {
-        try await withOrigin { origin in
-            try await withProxy(backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory) { proxy in
-                let connection = try await RawHTTPConnection.connect(port: proxy.port)
-                defer { Task { await connection.close() } }
-                try await self.warmUp(connection)
-                #expect(await self.waitUntilRelayed(proxy))
-                let size = 8 * 1024 * 1024
-                try await connection.send("GET /download/\(size) HTTP/1.1\r\nHost: test\r\n\r\n")
-                let response = try await connection.readResponse(timeout: .seconds(20))
-                #expect(response.status == 200)
-                #expect(response.body.count == size)
-                #expect(proxy.server.httpRelayCounts.requests == 1)
-                try await connection.send("GET /echo?after HTTP/1.1\r\nHost: test\r\n\r\n")
-                #expect(try await connection.readResponse().header("x-origin-uri") == "/echo?after")
-                #expect(proxy.server.httpRelayCounts.requests == 2)
-            }
+        try await self.withRelayedConnection { _, proxy, connection in
+            let size = 8 * 1024 * 1024
+            try await connection.send("GET /download/\(size) HTTP/1.1\r\nHost: test\r\n\r\n")
+            let response = try await connection.readResponse(timeout: .seconds(20))
+            #expect(response.status == 200)
+            #expect(response.body.count == size)
+            #expect(proxy.server.httpRelayCounts.requests == 1)
+            try await connection.send("GET /echo?after HTTP/1.1\r\nHost: test\r\n\r\n")
+            #expect(try await connection.readResponse().header("x-origin-uri") == "/echo?after")
+            #expect(proxy.server.httpRelayCounts.requests == 2)
         }
     }
 }

@@ -138,11 +138,7 @@ final class HTTPRelayShard: @unchecked Sendable {
             event: { token, events in
                 let slot = Int(token >> 1)
                 guard let connection = self.connections[slot] else { return }
-                if token & 1 == 0 {
-                    self.clientEvent(connection, events)
-                } else {
-                    self.upstreamEvent(connection, events)
-                }
+                self.event(connection, upstream: token & 1 == 1, events)
             },
             commands: self.runCommands,
             refuse: self.refuse,
@@ -197,22 +193,32 @@ final class HTTPRelayShard: @unchecked Sendable {
         if self.nextSweep == .max { self.nextSweep = now + Self.sweepInterval }
     }
 
-    // MARK: Client side
-
-    private func clientEvent(_ connection: Connection, _ events: UInt32) {
+    /// One side's readiness: an error or a hang-up of a side not read ends that side (the client's: the connection),
+    /// writability flushes what waits for it, readability reads.
+    private func event(_ connection: Connection, upstream: Bool, _ events: UInt32) {
+        if upstream, connection.upstreamFD < 0 { return }  // (closed earlier in this batch)
         if events & CPROXY_EV_ERR != 0 {
-            return self.abort(connection)
+            return self.sideEnded(connection, upstream: upstream)
         }
         if events & CPROXY_EV_OUT != 0 {
-            guard self.flush(connection, toUpstream: false) else { return }
+            guard self.flush(connection, toUpstream: upstream) else { return }
         }
-        guard connection.slot >= 0 else { return }
-        if connection.interest.client & CPROXY_EV_IN != 0 {
-            if events & (CPROXY_EV_IN | CPROXY_EV_HUP | CPROXY_EV_RDHUP) != 0 { self.clientReadable(connection) }
+        guard connection.slot >= 0, !upstream || connection.upstreamFD >= 0 else { return }
+        let interest = upstream ? connection.interest.upstream : connection.interest.client
+        if interest & CPROXY_EV_IN != 0 {
+            if events & (CPROXY_EV_IN | CPROXY_EV_HUP | CPROXY_EV_RDHUP) != 0 {
+                if upstream { self.upstreamReadable(connection) } else { self.clientReadable(connection) }
+            }
         } else if events & CPROXY_EV_HUP != 0 {
-            self.abort(connection)
+            self.sideEnded(connection, upstream: upstream)
         }
     }
+
+    private func sideEnded(_ connection: Connection, upstream: Bool) {
+        if upstream { self.upstreamClosed(connection) } else { self.abort(connection) }
+    }
+
+    // MARK: Client side
 
     private func clientReadable(_ connection: Connection) {
         let count = read(connection.clientFD, self.scratch.baseAddress, self.scratch.count)
@@ -332,22 +338,6 @@ final class HTTPRelayShard: @unchecked Sendable {
     }
 
     // MARK: Backend side
-
-    private func upstreamEvent(_ connection: Connection, _ events: UInt32) {
-        guard connection.upstreamFD >= 0 else { return }
-        if events & CPROXY_EV_ERR != 0 {
-            return self.upstreamClosed(connection)
-        }
-        if events & CPROXY_EV_OUT != 0 {
-            guard self.flush(connection, toUpstream: true) else { return }
-        }
-        guard connection.slot >= 0, connection.upstreamFD >= 0 else { return }
-        if connection.interest.upstream & CPROXY_EV_IN != 0 {
-            if events & (CPROXY_EV_IN | CPROXY_EV_HUP | CPROXY_EV_RDHUP) != 0 { self.upstreamReadable(connection) }
-        } else if events & CPROXY_EV_HUP != 0 {
-            self.upstreamClosed(connection)
-        }
-    }
 
     private func upstreamReadable(_ connection: Connection) {
         let count = read(connection.upstreamFD, self.scratch.baseAddress, self.scratch.count)
