@@ -377,7 +377,10 @@ struct HealthTests {
         func ids() -> Set<String> { Set(server.runtime.table.pools["app"]?.backends.map(\.id) ?? []) }
 
         #expect(await eventually { ids() == [firstID] })
-        for _ in 0..<3 { #expect(try await get(port: port).body == "first") }
+        for _ in 0..<3 {
+            let response = try await get(port: port)
+            #expect(response.body == "first", "status \(response.status): \(response.body)")
+        }
         let firstBackend = try #require(server.runtime.table.backends[firstID])
         firstBackend.recordConnectFailure()
         #expect(firstBackend.status.consecutiveFailures == 1)
