@@ -655,7 +655,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         let handBack = link.handBack
         let relayed = RelayedHTTPConnection(
             clientFD: clientCopy, upstreamFD: upstreamCopy, upstreamBackend: upstream.backend, listener: listener,
-            clientIP: self.clientIP,
+            clientIP: self.clientIP, requestCounters: self.requestCounters,
             handBack: { fd, unread in
                 metrics.httpRelayed.decrement()
                 handBack(fd, unread, listener)

@@ -100,6 +100,8 @@ final class RelayedHTTPConnection: @unchecked Sendable {
     let clientFD: Int32
     let listener: ListenerContext
     let clientIP: String
+    /// This listener's request counters (`ProxyMetrics` is shared by every generation, so they stay valid).
+    let requestCounters: ProxyMetrics.RequestCounters?
     var upstreamFD: Int32
     /// The backend whose connection `upstreamFD` is.
     var upstreamBackend: Backend?
@@ -136,9 +138,10 @@ final class RelayedHTTPConnection: @unchecked Sendable {
 
     init(
         clientFD: Int32, upstreamFD: Int32, upstreamBackend: Backend, listener: ListenerContext, clientIP: String,
-        handBack: @escaping HandBack, closed: @escaping Closed
+        requestCounters: ProxyMetrics.RequestCounters?, handBack: @escaping HandBack, closed: @escaping Closed
     ) {
         self.clientFD = clientFD
+        self.requestCounters = requestCounters
         self.upstreamFD = upstreamFD
         self.upstreamBackend = upstreamBackend
         self.listener = listener

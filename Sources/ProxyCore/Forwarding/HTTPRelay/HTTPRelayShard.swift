@@ -45,7 +45,6 @@ final class HTTPRelayShard: @unchecked Sendable {
 
     // Relay thread only.
     private var generation: HTTPRelayGeneration
-    private var requestCounters: [String: ProxyMetrics.RequestCounters] = [:]
     private var connections = RelaySlots<Connection>()
     private var quiescing = false
     private let scratch: UnsafeMutableRawBufferPointer
@@ -565,7 +564,7 @@ final class HTTPRelayShard: @unchecked Sendable {
         exchange.backend.release()
         if let key = exchange.key { runtime.directory.releaseLease(key: key) }
         let now = NIODeadline.now()
-        self.counters(for: connection.listener.name, runtime)?.count(status: status)
+        connection.requestCounters?.count(status: status)
         runtime.metrics.requestDuration.recordNanoseconds((now - exchange.started).nanoseconds)
         ProxyHandler.logAccess(
             runtime: runtime, listener: connection.listener, clientIP: connection.clientIP, exchange: exchange, status: status)
@@ -801,13 +800,6 @@ final class HTTPRelayShard: @unchecked Sendable {
         } else {
             _ = cproxy_epoll_ctl(self.epoll, old == 0 ? 1 : 3, fd, new, token)
         }
-    }
-
-    private func counters(for listener: String, _ runtime: ProxyRuntime) -> ProxyMetrics.RequestCounters? {
-        if let counters = self.requestCounters[listener] { return counters }
-        let counters = runtime.metrics.requestCounters(listener: listener)
-        self.requestCounters[listener] = counters
-        return counters
     }
 
     /// The same backend as the one whose connection is held: the same object, or (after a reload made new ones) the
