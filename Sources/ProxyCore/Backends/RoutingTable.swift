@@ -44,6 +44,17 @@ public enum TargetResolution {
 }
 
 extension ProxyRuntime {
+    /// The backend when `resolve` (with the lease) answers at once, for the raw paths (`FastPathHandler`,
+    /// `HTTPRelayShard`): nil for everything they leave to the full path (a pending shared store, no backend, a
+    /// malformed decision), which resolves and answers again.
+    func resolveNow(_ target: RouteTarget, on eventLoop: EventLoop?) -> (backend: Backend, ownership: Ownership?)? {
+        switch self.resolve(target, on: eventLoop, acquiringLease: true) {
+        case .backend(let backend): return (backend, nil)
+        case .owned(let backend, let ownership): return (backend, ownership)
+        case .pending, .noBackend, .unknownPool, .unknownBackend, .unknownPlacement: return nil
+        }
+    }
+
     /// The backend a forwarding target names. Stateless targets are balanced over usable backends (so this advances
     /// the pool's cursor); a key goes to its owner in the ownership directory, placed and claimed once when nobody
     /// validly owns it. An explicitly named backend is returned whatever its health (the script chose it).

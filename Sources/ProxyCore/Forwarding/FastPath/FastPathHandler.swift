@@ -268,17 +268,8 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         let request = ProxyHandler.routeRequest(for: head, isUpgrade: false, listener: self.listener, clientIP: self.clientIP)
         guard let decision = try? policy.route(request), case .forward(let target) = decision.action, !decision.responseBody
         else { return false }
-        let backend: Backend
-        let ownership: Ownership?
         // A keyed answer comes with its lease (released in `release` when the exchange ends).
-        switch runtime.resolve(target, on: context.eventLoop, acquiringLease: true) {
-        case .backend(let resolved):
-            (backend, ownership) = (resolved, nil)
-        case .owned(let resolved, let owned):
-            (backend, ownership) = (resolved, owned)
-        case .pending, .noBackend, .unknownPool, .unknownBackend, .unknownPlacement:
-            return false
-        }
+        guard let (backend, ownership) = runtime.resolveNow(target, on: context.eventLoop) else { return false }
 
         self.runtime = runtime
         let rawHead = self.inbound!.readSlice(length: headLength)

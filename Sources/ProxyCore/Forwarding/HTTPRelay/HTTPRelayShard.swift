@@ -289,16 +289,7 @@ final class HTTPRelayShard: @unchecked Sendable {
         else { return false }
         // A pool-balanced request may go to any backend: it is NIO's (resolving it here would move the pool's cursor).
         if case .pool = target { return false }
-        let backend: Backend
-        let ownership: Ownership?
-        switch runtime.resolve(target, on: nil, acquiringLease: true) {
-        case .backend(let resolved):
-            (backend, ownership) = (resolved, nil)
-        case .owned(let resolved, let owned):
-            (backend, ownership) = (resolved, owned)
-        case .pending, .noBackend, .unknownPool, .unknownBackend, .unknownPlacement:
-            return false
-        }
+        guard let (backend, ownership) = runtime.resolveNow(target, on: nil) else { return false }
         guard Self.sameBackend(backend, held) else {
             if let key = ownership?.key { runtime.directory.releaseLease(key: key) }
             return false
@@ -556,13 +547,7 @@ final class HTTPRelayShard: @unchecked Sendable {
 
     /// Gives back what an exchange held and records it (metrics, access log).
     private func endExchange(_ connection: Connection, status: Int) {
-        guard let exchange = connection.exchange else { return }
-        connection.exchange = nil
-        let runtime = connection.exchangeRuntime ?? self.generation.runtime
-        connection.exchangeRuntime = nil
-        connection.observer = nil
-        exchange.backend.release()
-        if let key = exchange.key { runtime.directory.releaseLease(key: key) }
+        guard let (exchange, runtime) = self.releaseExchange(connection) else { return }
         let now = NIODeadline.now()
         connection.requestCounters?.count(status: status)
         runtime.metrics.requestDuration.recordNanoseconds((now - exchange.started).nanoseconds)
@@ -591,15 +576,22 @@ final class HTTPRelayShard: @unchecked Sendable {
 
     /// Undoes a request that was routed but not answered (it goes to NIO, which routes it again).
     private func undo(_ connection: Connection) {
-        guard let exchange = connection.exchange else { return }
-        connection.exchange = nil
+        guard self.releaseExchange(connection) != nil else { return }
+        connection.phase = .idle
+        connection.scanned = 0
+    }
+
+    /// Takes the exchange in flight off the connection and gives back what it held (its backend slot, its key's lease,
+    /// to the generation it was routed with); nil when there is none.
+    private func releaseExchange(_ connection: Connection) -> (Exchange, ProxyRuntime)? {
+        guard let exchange = connection.exchange else { return nil }
         let runtime = connection.exchangeRuntime ?? self.generation.runtime
+        connection.exchange = nil
         connection.exchangeRuntime = nil
         connection.observer = nil
         exchange.backend.release()
         if let key = exchange.key { runtime.directory.releaseLease(key: key) }
-        connection.phase = .idle
-        connection.scanned = 0
+        return (exchange, runtime)
     }
 
     /// The current request's head is answered: drop it from `inbound`.
