@@ -204,14 +204,7 @@ import Testing
 
     /// Requests the relay leaves to NIO, each on a connection the relay serves: each is answered as NIO answers it
     /// (the relay gives the bytes back with the connection).
-    @Test(arguments: [
-        ("GET /echo HTTP/1.0\r\nHost: test\r\n\r\n", 200),
-        ("GET /echo HTTP/1.1\r\n\r\n", 400),  // no Host: the full path's answer
-        ("GET /echo HTTP/1.1\r\nHost: test\r\nX: caf\u{e9}\r\n\r\n", 200),  // obs-text in a value
-        ("GET /continue HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok", 100),
-        ("GET /echo HTTP/1.1\r\nHost: test\r\nX-Big: \(String(repeating: "x", count: 40_000))\r\n\r\n", 431),
-        ("GARBAGE\r\n\r\n", 400),
-    ])
+    @Test(arguments: UnusualRequests.cases)
     func unusualRequestsAreGivenBackAndAnswered(_ request: String, _ status: Int) async throws {
         try await self.withRelayedConnection { _, proxy, connection in
             try await connection.send(request)
