@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NIOPosix
+import RedisTestSupport
 import Testing
 
 /// The built `ott-proxy` executable, run as a subprocess.
@@ -33,21 +34,18 @@ import Testing
 
     struct Outcome {
         var status: Int32
-        var reason: Process.TerminationReason
+        var reason: SpawnedProcess.TerminationReason
         var stdout: String
         var stderr: String
     }
 
     /// Runs the executable to completion (killing it after `timeout`).
     static func run(_ arguments: [String], timeout: Duration = .seconds(20)) async throws -> Outcome {
-        let process = Process()
-        process.executableURL = try self.executable()
-        process.arguments = arguments
-        process.currentDirectoryURL = self.packageRoot
         let out = Pipe()
         let err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
+        let process = SpawnedProcess(
+            executable: try self.executable().path, arguments: arguments, currentDirectory: self.packageRoot.path,
+            standardOutput: .pipe(out), standardError: .pipe(err))
         try process.run()
         // Drain both pipes concurrently so a chatty child cannot block on a full pipe.
         async let stdout = Self.readToEnd(out)
@@ -194,12 +192,9 @@ import Testing
         )
         defer { try? FileManager.default.removeItem(at: file.deletingLastPathComponent()) }
 
-        let process = Process()
-        process.executableURL = try Self.executable()
-        process.arguments = ["run", "--config", file.path]
         let err = Pipe()
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = err
+        let process = SpawnedProcess(
+            executable: try Self.executable().path, arguments: ["run", "--config", file.path], standardError: .pipe(err))
         try process.run()
         async let stderr = Self.readToEnd(err)
 
@@ -249,14 +244,10 @@ import Testing
             name: "token.yaml"
         )
         defer { try? FileManager.default.removeItem(at: file.deletingLastPathComponent()) }
-        let process = Process()
-        process.executableURL = try Self.executable()
-        process.arguments = ["run", "--config", file.path]
         var environment = ProcessInfo.processInfo.environment
         environment["OTT_PROXY_TEST_ADMIN_TOKEN"] = "from-env"
-        process.environment = environment
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
+        let process = SpawnedProcess(
+            executable: try Self.executable().path, arguments: ["run", "--config", file.path], environment: environment)
         try process.run()
         defer {
             process.terminate()

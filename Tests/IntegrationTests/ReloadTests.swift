@@ -4,6 +4,7 @@ import Logging
 import NIOCore
 import NIOPosix
 import ProxyCore
+import RedisTestSupport
 import Testing
 
 /// Reloading a configuration whose listener runs a Lua script: in process (`reload()`, admin `POST /reload`) and in
@@ -232,11 +233,7 @@ import Testing
         for attempt in 0..<6 {
             let port = try await CLITests.freePort()
             let configPath = try directory.write("proxy.yaml", Self.configYAML(listenerPort: port, backends: [a], admin: false))
-            let process = Process()
-            process.executableURL = try CLITests.executable()
-            process.arguments = ["run", "--config", configPath]
-            process.standardOutput = FileHandle.nullDevice
-            process.standardError = FileHandle.nullDevice
+            let process = SpawnedProcess(executable: try CLITests.executable().path, arguments: ["run", "--config", configPath])
             try process.run()
             let accepting = await WSSupport.waitUntil(timeout: .seconds(10)) {
                 guard process.isRunning, let connection = try? await RawHTTPConnection.connect(port: port) else { return false }
@@ -274,12 +271,9 @@ import Testing
         try directory.write("route.lua", Self.script(routingTo: "a"))
         let configPath = try directory.write("proxy.yaml", Self.configYAML(listenerPort: port, backends: [a, b], admin: false))
 
-        let process = Process()
-        process.executableURL = try CLITests.executable()
-        process.arguments = ["run", "--config", configPath]
         let err = Pipe()
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = err
+        let process = SpawnedProcess(
+            executable: try CLITests.executable().path, arguments: ["run", "--config", configPath], standardError: .pipe(err))
         try process.run()
         async let stderr = CLITests.readToEnd(err)
         defer {

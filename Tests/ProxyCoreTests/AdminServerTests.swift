@@ -17,8 +17,7 @@ struct AdminServerTests {
             environment: { environment.value($0) })
     }
 
-    /// A stand-in for the process environment: tests run in parallel with others that start processes, and
-    /// `setenv` while `Process.run` copies the environment crashed the test process once.
+    /// A stand-in for the process environment: `setenv` would change it for every test running in parallel.
     final class Environment: Sendable {
         private let values = Mutex<[String: String]>([:])
         func set(_ name: String, _ value: String?) { self.values.withLock { $0[name] = value } }

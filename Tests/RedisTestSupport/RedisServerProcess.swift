@@ -35,7 +35,7 @@ public final class RedisServerProcess: @unchecked Sendable {
     public let tls: Bool
     public let directory: URL
     private let lock = NSLock()
-    private var process: Process?
+    private var process: SpawnedProcess?
 
     /// `redis://[:password@]127.0.0.1:<port>`
     public var url: String {
@@ -113,12 +113,7 @@ public final class RedisServerProcess: @unchecked Sendable {
         ]
         if let password { arguments += ["--requirepass", password] }
         arguments += self.extraArguments
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = arguments
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
+        let process = SpawnedProcess(executable: executable, arguments: arguments)
         try process.run()
         self.lock.withLock { self.process = process }
 
@@ -136,15 +131,13 @@ public final class RedisServerProcess: @unchecked Sendable {
     private func tlsArguments() throws -> [String] {
         let key = self.directory.appendingPathComponent("key.pem")
         if !FileManager.default.fileExists(atPath: self.certificateFile.path) {
-            let openssl = Process()
-            openssl.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-            openssl.arguments = [
-                "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                "-keyout", key.path, "-out", self.certificateFile.path,
-            ]
-            openssl.standardOutput = FileHandle.nullDevice
-            openssl.standardError = FileHandle.nullDevice
+            let openssl = SpawnedProcess(
+                executable: "/usr/bin/env",
+                arguments: [
+                    "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", key.path, "-out", self.certificateFile.path,
+                ])
             try openssl.run()
             openssl.waitUntilExit()
             guard openssl.terminationStatus == 0 else { throw Failure.didNotStart("openssl could not make a certificate") }
@@ -170,7 +163,7 @@ public final class RedisServerProcess: @unchecked Sendable {
 
     /// Kills the server (SIGKILL) and waits until it has exited.
     public func stop() async {
-        guard let process = self.lock.withLock({ () -> Process? in
+        guard let process = self.lock.withLock({ () -> SpawnedProcess? in
             defer { self.process = nil }
             return self.process
         }) else { return }

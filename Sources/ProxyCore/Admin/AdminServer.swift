@@ -13,8 +13,8 @@ struct AdminServer: Sendable {
     let proxy: ProxyServer?
     let metrics: ProxyMetrics
     let connections: ConnectionRegistry
-    /// Reads an environment variable (`token_env`): the process environment, or a stand-in in tests (which must not
-    /// call `setenv`: other tests may be starting processes, and `Process.run` copies the environment unlocked).
+    /// Reads an environment variable (`token_env`): the process environment, or a stand-in in tests (so they need not
+    /// change the environment of a process whose other tests run in parallel).
     let environment: @Sendable (String) -> String?
 
     static let processEnvironment: @Sendable (String) -> String? = { ProcessInfo.processInfo.environment[$0] }
