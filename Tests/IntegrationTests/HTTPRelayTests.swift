@@ -552,6 +552,48 @@ import Testing
     }
 
     /// A large body (8 MiB, more than the sockets between hold at once) passes the relay intact.
+    /// A request behind a response the client has not taken in full waits for it: when it goes back to NIO, the
+    /// bytes still waiting for the client go out first (before, they were dropped with the relay's copy of the
+    /// connection, cutting the response short).
+    @Test func aRequestBehindAnUnreadResponseWaitsForIt() async throws {
+        try await withOrigin { origin in
+            try await withProxy(backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory) { proxy in
+                // A slow client with little room to receive: the relay's writes to it are often taken in part, so a
+                // download's end may be reached with bytes still waiting for the client (not every time: the test
+                // makes twenty tries, each on a new connection; before the fix, about half of the runs failed). The
+                // POST behind it goes to NIO (it has a body), after the download's last byte.
+                for attempt in 1...20 {
+                    let connection = try await RawHTTPConnection.connect(port: proxy.port, receiveBuffer: 4096)
+                    defer { Task { await connection.close() } }
+                    try await self.warmUp(connection)
+                    #expect(await self.waitUntilRelayed(proxy))
+                    let size = 4 * 1024 * 1024
+                    try await connection.send(
+                        "GET /download/\(size) HTTP/1.1\r\nHost: test\r\n\r\n"
+                            + "POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello")
+                    let throttle = Task {
+                        while !Task.isCancelled {
+                            try? await connection.channel.setOption(ChannelOptions.autoRead, value: false)
+                            try? await Task.sleep(for: .milliseconds(2))
+                            try? await connection.channel.setOption(ChannelOptions.autoRead, value: true)
+                            connection.channel.read()
+                            try? await Task.sleep(for: .milliseconds(1))
+                        }
+                    }
+                    defer { throttle.cancel() }
+                    let download = try await connection.readResponse(timeout: .seconds(10))
+                    #expect(download.status == 200, "attempt \(attempt)")
+                    #expect(download.body.count == size, "attempt \(attempt)")
+                    let posted = try await connection.readResponse(timeout: .seconds(10))
+                    #expect(posted.bodyText == "hello", "attempt \(attempt)")
+                    #expect(proxy.server.httpRelayCounts.requests == attempt)
+                    #expect(proxy.server.httpRelayCounts.givenBack == attempt)
+                    await connection.close()
+                }
+            }
+        }
+    }
+
     @Test func aLargeBodyPassesIntact() async throws {
         try await self.withRelayedConnection { _, proxy, connection in
             let size = 8 * 1024 * 1024

@@ -62,7 +62,7 @@ final class RelayThreadCore<Command: Sendable>: @unchecked Sendable {  // the qu
     /// (uptime nanoseconds, `.max` for never) has passed. Closes the descriptors when it ends.
     func run(
         batch: Int = 256, nextSweep: () -> UInt64, event: (_ token: UInt64, _ events: UInt32) -> Void, commands: ([Command]) -> Bool,
-        refuse: (Command) -> Void, sweep: () -> Void
+        refuse: (Command) -> Void, sweep: () -> Void, batchEnded: () -> Void = {}
     ) {
         var events = [UInt32](repeating: 0, count: batch)
         var data = [UInt64](repeating: 0, count: batch)
@@ -100,6 +100,7 @@ final class RelayThreadCore<Command: Sendable>: @unchecked Sendable {  // the qu
                 if !commands(queued) { break }
             }
             if Self.now() >= nextSweep() { sweep() }
+            batchEnded()
         }
         cproxy_close(self.epoll)
         cproxy_close(self.wakeFD)

@@ -29,9 +29,14 @@ final class RawHTTPConnection: Sendable {
         self.state = state
     }
 
-    static func connect(port: Int, group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> RawHTTPConnection {
+    /// - Parameter receiveBuffer: the socket's `SO_RCVBUF`, set before it connects (so the window it offers is small).
+    static func connect(
+        port: Int, group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton, receiveBuffer: Int? = nil
+    ) async throws -> RawHTTPConnection {
         let state = NIOLockedValueBox<(buffer: [UInt8], closed: Bool)>(([], false))
-        let channel = try await ClientBootstrap(group: group)
+        var bootstrap = ClientBootstrap(group: group)
+        if let receiveBuffer { bootstrap = bootstrap.channelOption(.socketOption(.so_rcvbuf), value: receiveBuffer) }
+        let channel = try await bootstrap
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(Collector(state: state))

@@ -118,6 +118,9 @@ final class RelayedHTTPConnection: @unchecked Sendable {
     /// A response head split over reads.
     var responseHead: ByteBuffer?
     var toClient: ByteBuffer?
+    /// Where the bytes for the client held until the end of the shard's current batch are in its buffer
+    /// (`HTTPRelayShard.held`).
+    var heldForClient: Range<Int>?
     var toUpstream: ByteBuffer?
     var exchange: Exchange?
     /// The generation the exchange in flight was routed with: its lease is given back to that one's directory.
