@@ -43,6 +43,15 @@ int cproxy_bind_current_thread(int32_t cpu) {
     return sched_setaffinity(0, sizeof(set), &set);
 }
 
+#include <sys/prctl.h>
+
+void cproxy_name_current_thread(const char *name) {
+    char cut[16];
+    strncpy(cut, name, sizeof(cut) - 1);
+    cut[sizeof(cut) - 1] = 0;
+    (void)prctl(PR_SET_NAME, (unsigned long)cut, 0, 0, 0);
+}
+
 #include <fcntl.h>
 #include <linux/inet_diag.h>
 #include <linux/netlink.h>
@@ -218,6 +227,7 @@ long cproxy_send(int fd, const void *bytes, unsigned long count) { errno = ENOSY
 long cproxy_send_nowait(int fd, const void *bytes, unsigned long count) { return -ENOSYS; }
 int cproxy_allowed_cpus(int32_t *cpus, int32_t capacity) { (void)cpus; (void)capacity; return -1; }
 int cproxy_bind_current_thread(int32_t cpu) { (void)cpu; errno = ENOSYS; return -1; }
+void cproxy_name_current_thread(const char *name) { (void)name; }
 int cproxy_count_listeners(const void *address, uint32_t length) { (void)address; (void)length; return -ENOSYS; }
 
 #endif

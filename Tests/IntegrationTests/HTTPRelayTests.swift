@@ -573,9 +573,9 @@ import Testing
                             + "POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello")
                     let throttle = Task {
                         while !Task.isCancelled {
-                            try? await connection.channel.setOption(ChannelOptions.autoRead, value: false)
+                            try? await connection.channel.setOption(ChannelOptions.autoRead, value: false).get()
                             try? await Task.sleep(for: .milliseconds(2))
-                            try? await connection.channel.setOption(ChannelOptions.autoRead, value: true)
+                            try? await connection.channel.setOption(ChannelOptions.autoRead, value: true).get()
                             connection.channel.read()
                             try? await Task.sleep(for: .milliseconds(1))
                         }
@@ -591,6 +591,18 @@ import Testing
                     await connection.close()
                 }
             }
+        }
+    }
+
+    /// The relay threads carry names the kernel shows (`top -H`, `perf`): "ott-http-N" and "ott-tunnel-N".
+    @Test func relayThreadsAreNamed() async throws {
+        try await self.withRelayedConnection { _, _, _ in
+            let names = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []).compactMap {
+                try? String(contentsOfFile: "/proc/self/task/\($0)/comm", encoding: .utf8)
+                    .trimmingCharacters(in: .whitespacesAndNewlines)
+            }
+            #expect(names.contains("ott-http-0"))
+            #expect(names.contains("ott-tunnel-0"))
         }
     }
 

@@ -13,6 +13,10 @@ int cproxy_allowed_cpus(int32_t *cpus, int32_t capacity);
 /* Binds the calling thread to one CPU; 0 on success, -1 (errno set) when the kernel refuses. */
 int cproxy_bind_current_thread(int32_t cpu);
 
+/* Names the calling thread as the kernel shows it (top -H, perf, /proc/PID/task/TID/comm): at most 15 bytes, longer
+ * names are cut. */
+void cproxy_name_current_thread(const char *name);
+
 /* epoll, level-triggered. The event bits, so Swift need not import the kernel's enum. */
 #define CPROXY_EV_IN 0x001u
 #define CPROXY_EV_OUT 0x004u

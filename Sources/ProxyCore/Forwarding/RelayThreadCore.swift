@@ -1,4 +1,5 @@
 import CProxySys
+import Foundation
 import NIOCore
 import Synchronization
 
@@ -108,6 +109,19 @@ final class RelayThreadCore<Command: Sendable>: @unchecked Sendable {  // the qu
 
     /// Uptime nanoseconds, the clock `NIODeadline` reads.
     static func now() -> UInt64 { NIODeadline.now().uptimeNanoseconds }
+
+    /// Starts a relay thread named `name` (the name `top -H`, `perf` and `/proc/PID/task/*/comm` show, cut to 15
+    /// bytes; Foundation's `Thread.name`, set before the start, did not reach the kernel on Linux: the threads showed
+    /// as "oot.default-qos"), bound to `cpu` when given, running `body`.
+    static func startThread(name: String, cpu: Int?, _ body: @escaping @Sendable () -> Void) {
+        let thread = Thread {
+            cproxy_name_current_thread(name)
+            if let cpu { _ = CPUPinning.bindCurrentThread(to: cpu) }
+            body()
+        }
+        thread.name = name
+        thread.start()
+    }
 }
 
 /// Makes a relay's shards, one per index; when one cannot be made (no descriptors left for its epoll instance or

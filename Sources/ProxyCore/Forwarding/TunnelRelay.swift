@@ -137,12 +137,7 @@ final class RelayShard: @unchecked Sendable {
     }
 
     fileprivate func start() {
-        let thread = Thread { [self] in
-            if let cpu = self.cpu { _ = CPUPinning.bindCurrentThread(to: cpu) }
-            self.run()
-        }
-        thread.name = "ott-relay-\(self.index)"
-        thread.start()
+        RelayThreadCore<Command>.startThread(name: "ott-tunnel-\(self.index)", cpu: self.cpu) { [self] in self.run() }
     }
 
     /// Takes over a tunnel; from here on the shard owns its descriptors.

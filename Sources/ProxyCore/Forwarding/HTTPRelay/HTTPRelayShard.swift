@@ -78,12 +78,7 @@ final class HTTPRelayShard: @unchecked Sendable {
     }
 
     func start() {
-        let thread = Thread { [self] in
-            if let cpu = self.cpu { _ = CPUPinning.bindCurrentThread(to: cpu) }
-            self.run()
-        }
-        thread.name = "ott-http-\(self.index)"
-        thread.start()
+        RelayThreadCore<Command>.startThread(name: "ott-http-\(self.index)", cpu: self.cpu) { [self] in self.run() }
     }
 
     // MARK: Commands (any thread)
