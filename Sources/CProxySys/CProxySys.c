@@ -44,6 +44,20 @@ int cproxy_bind_current_thread(int32_t cpu) {
 }
 
 #include <sys/prctl.h>
+#include <sys/resource.h>
+
+int cproxy_open_files_limit(uint64_t raise_to, uint64_t *soft, uint64_t *hard) {
+    struct rlimit limit;
+    if (getrlimit(RLIMIT_NOFILE, &limit) != 0) return -1;
+    if (raise_to > limit.rlim_cur) {
+        struct rlimit raised = limit;
+        raised.rlim_cur = (limit.rlim_max == RLIM_INFINITY || raise_to < limit.rlim_max) ? raise_to : limit.rlim_max;
+        if (raised.rlim_cur > limit.rlim_cur && setrlimit(RLIMIT_NOFILE, &raised) == 0) limit = raised;
+    }
+    *soft = limit.rlim_cur;
+    *hard = limit.rlim_max;
+    return 0;
+}
 
 void cproxy_name_current_thread(const char *name) {
     char cut[16];
@@ -228,6 +242,7 @@ long cproxy_send_nowait(int fd, const void *bytes, unsigned long count) { return
 int cproxy_allowed_cpus(int32_t *cpus, int32_t capacity) { (void)cpus; (void)capacity; return -1; }
 int cproxy_bind_current_thread(int32_t cpu) { (void)cpu; errno = ENOSYS; return -1; }
 void cproxy_name_current_thread(const char *name) { (void)name; }
+int cproxy_open_files_limit(uint64_t raise_to, uint64_t *soft, uint64_t *hard) { errno = ENOSYS; return -1; }
 int cproxy_count_listeners(const void *address, uint32_t length) { (void)address; (void)length; return -ENOSYS; }
 
 #endif

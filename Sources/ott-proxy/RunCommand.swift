@@ -31,6 +31,7 @@ func serve(
     extraServices: [any Service] = []
 ) async throws {
     let logger = Logger(label: "ott-proxy")
+    adjustOpenFilesLimit(for: config, logger: logger)
     // Trapped before any listener opens: a SIGTERM or SIGINT that arrives while the proxy is still starting (a
     // listener may already accept) ends it gracefully once it has started, instead of killing it by the default action.
     let earlySignals = await UnixSignalsSequence(trapping: .sigterm, .sigint)
@@ -64,6 +65,22 @@ func serve(
         }
         try await tasks.next()
         tasks.cancelAll()
+    }
+}
+
+/// Raises the soft open-file limit to what `config` may need (within the hard limit) and warns when that is short
+/// (`OpenFilesLimit`).
+func adjustOpenFilesLimit(for config: ProxyConfig, logger: Logger) {
+    let needed = OpenFilesLimit.needed(for: config, loops: config.threads.resolvedCount)
+    guard let (before, after) = OpenFilesLimit.raise(to: needed) else { return }
+    if after.soft > before.soft {
+        logger.info(
+            "open-file limit raised", metadata: ["from": "\(before.soft)", "to": "\(after.soft)", "needed": "\(needed)"])
+    }
+    if let warning = OpenFilesLimit.shortfall(
+        limit: after.soft, needed: needed, maxConnections: config.limits.maxConnections)
+    {
+        logger.warning("\(warning)")
     }
 }
 

@@ -160,6 +160,16 @@ import Testing
     }
 
     /// A configuration for `ott-proxy run`: one listener on `port` and a backend nobody listens on, then `rest`.
+    /// Waits (up to 10 s) until `process` accepts connections on `port`; false when it ended or never did.
+    static func waitUntilListening(_ process: SpawnedProcess, port: Int) async -> Bool {
+        await WSSupport.waitUntil(timeout: .seconds(10)) {
+            guard process.isRunning else { return false }
+            guard let connection = try? await RawHTTPConnection.connect(port: port) else { return false }
+            await connection.close()
+            return true
+        }
+    }
+
     static func runConfig(port: Int, _ rest: String) -> String {
         """
         listeners:
@@ -198,13 +208,7 @@ import Testing
         try process.run()
         async let stderr = Self.readToEnd(err)
 
-        // Wait until it accepts connections.
-        let listening = await WSSupport.waitUntil(timeout: .seconds(10)) {
-            guard process.isRunning else { return false }
-            guard let connection = try? await RawHTTPConnection.connect(port: port) else { return false }
-            await connection.close()
-            return true
-        }
+        let listening = await Self.waitUntilListening(process, port: port)
         #expect(listening, "ott-proxy run never listened on \(port)")
 
         let signalled = ContinuousClock.now
@@ -225,6 +229,74 @@ import Testing
             let connection = try await RawHTTPConnection.connect(port: port)
             await connection.close()
         }
+    }
+
+    /// `ott-proxy run` under the shell's `ulimitCommand`: the "Max open files" line of its /proc/PID/limits while it
+    /// runs, and its log. One loop and 1,000 connections: it may need 2 × 1,000 + 64 pooled + 256 = 2,320 descriptors.
+    private func runUnderOpenFilesLimit(_ ulimitCommand: String) async throws -> (limits: String, log: String) {
+        let port = try await Self.freePort()
+        let file = try Self.temporaryFile(
+            Self.runConfig(
+                port: port,
+                """
+                limits:
+                  max_connections: 1000
+                threads:
+                  count: 1
+                logging:
+                  level: info
+
+                """),
+            name: "run.yaml"
+        )
+        defer { try? FileManager.default.removeItem(at: file.deletingLastPathComponent()) }
+        let err = Pipe()
+        let process = SpawnedProcess(
+            executable: "/bin/sh",
+            arguments: ["-c", "\(ulimitCommand) && exec \"$0\" run --config \"$1\"", try Self.executable().path, file.path],
+            standardError: .pipe(err))
+        try process.run()
+        async let stderr = Self.readToEnd(err)
+        let listening = await Self.waitUntilListening(process, port: port)
+        let limits = (try? String(contentsOfFile: "/proc/\(process.processIdentifier)/limits", encoding: .utf8)) ?? ""
+        process.terminate()
+        if !(await WSSupport.waitUntil(timeout: .seconds(5)) { !process.isRunning }) {
+            kill(process.processIdentifier, SIGKILL)
+        }
+        process.waitUntilExit()
+        let log = String(decoding: await stderr, as: UTF8.self)
+        #expect(listening, "ott-proxy run never listened; log: \(log)")
+        let line = limits.split(separator: "\n").first { $0.hasPrefix("Max open files") }.map(String.init) ?? ""
+        return (line, log)
+    }
+
+    /// A soft limit below what the configuration needs is raised to it (the hard limit allows it), and logged.
+    @Test func runRaisesTheOpenFilesLimitToWhatItNeeds() async throws {
+        let hard = Self.hardOpenFiles()
+        try #require(hard >= 2320, "the test needs a hard open-file limit of at least 2,320 (it is \(hard))")
+        let (limits, log) = try await self.runUnderOpenFilesLimit("ulimit -Sn 512")
+        let fields = limits.split(separator: " ", omittingEmptySubsequences: true)
+        // "Max open files <soft> <hard> files"
+        #expect(fields.count >= 5 && fields[3] == "2320", "limits: \(limits); log: \(log)")
+        #expect(log.contains("open-file limit raised"), "log: \(log)")
+        #expect(log.contains("from=512"), "log: \(log)")
+        #expect(!log.contains("is below the"), "log: \(log)")
+    }
+
+    /// A hard limit below what the configuration needs cannot be raised: the proxy runs, and says what fits.
+    @Test func runWarnsWhenTheHardOpenFilesLimitIsShort() async throws {
+        let (limits, log) = try await self.runUnderOpenFilesLimit("ulimit -n 600")
+        let fields = limits.split(separator: " ", omittingEmptySubsequences: true)
+        #expect(fields.count >= 5 && fields[3] == "600", "limits: \(limits); log: \(log)")
+        #expect(log.contains("the open-file limit (600) is below the 2320 descriptors"), "log: \(log)")
+        #expect(log.contains("about 172 connections fit"), "log: \(log)")
+    }
+
+    /// The hard open-file limit of this (test) process.
+    private static func hardOpenFiles() -> Int {
+        var limit = rlimit()
+        guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return 0 }
+        return Int(clamping: limit.rlim_max)
     }
 
     /// `admin.token_env` reads the process environment of `ott-proxy run` (the unit tests use a stand-in for it).

@@ -13,6 +13,10 @@ int cproxy_allowed_cpus(int32_t *cpus, int32_t capacity);
 /* Binds the calling thread to one CPU; 0 on success, -1 (errno set) when the kernel refuses. */
 int cproxy_bind_current_thread(int32_t cpu);
 
+/* The open-file limit (RLIMIT_NOFILE): reads the soft and hard limits, and with `raise_to` > soft, raises the soft
+ * limit to min(raise_to, hard) first. 0, or -1 (errno set) when the kernel refuses. */
+int cproxy_open_files_limit(uint64_t raise_to, uint64_t *soft, uint64_t *hard);
+
 /* Names the calling thread as the kernel shows it (top -H, perf, /proc/PID/task/TID/comm): at most 15 bytes, longer
  * names are cut. */
 void cproxy_name_current_thread(const char *name);
