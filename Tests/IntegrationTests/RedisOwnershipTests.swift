@@ -292,8 +292,8 @@ struct RedisOwnershipTests {
     func relayedConnectionFollowsAMovedRoom() async throws {
         try await RedisCluster.with { cluster in
             let proxy = cluster.proxies[0]
-            // The room's first request waits for its claim in Redis, which NIO's full path serves (the connection
-            // then stays there): claimed first, on a connection of its own.
+            // Claimed first, on a connection of its own (the connection below then moves after two requests; (g) is
+            // the one whose first request waits for the claim).
             let owner = try await cluster.backend(ofRoom: "kept", via: 0)
             let connection = try await RawHTTPConnection.connect(port: proxy.port)
             defer { Task { await connection.close() } }
@@ -314,6 +314,58 @@ struct RedisOwnershipTests {
             #expect(try await get() == other)
             #expect(proxy.server.httpRelayCounts.givenBack == 1)
             #expect(try await cluster.redisOwner(ofRoom: "kept")?.contains("|\(other)|") == true)
+        }
+    }
+
+    @Test("(g) a connection whose first room request waits for the room's claim in Redis stays on the fast path and moves to the HTTP relay")
+    func aRequestWaitingForRedisStaysOnTheFastPath() async throws {
+        try await RedisCluster.with { cluster in
+            let proxy = cluster.proxies[0]
+            func handoffs() -> Double {
+                let line = proxy.server.runtime.metrics.prometheusText().split(separator: "\n").first {
+                    $0.hasPrefix("ott_proxy_fast_path_handoffs_total")
+                }
+                return line?.split(separator: " ").last.flatMap { Double($0) } ?? 0
+            }
+            let before = handoffs()
+            let connection = try await RawHTTPConnection.connect(port: proxy.port)
+            defer { Task { await connection.close() } }
+            // A room no proxy has seen: the first request waits for the claim in Redis.
+            var backends: [String] = []
+            for index in 0..<3 {
+                try await connection.send("GET /rooms/waited?n=\(index) HTTP/1.1\r\nHost: test\r\n\r\n")
+                let response = try await connection.readResponse()
+                #expect(response.status == 200)
+                backends.append(response.header("x-backend") ?? "?")
+            }
+            #expect(Set(backends).count == 1, "\(backends)")
+            #expect(try await cluster.redisOwner(ofRoom: "waited")?.contains("|\(backends[0])|") == true)
+            // Before, the wait handed the connection to NIO's full pipeline for its life: no relay, one hand-off.
+            #expect(handoffs() == before)
+            #expect(proxy.server.httpRelayCounts.moved == 1)
+            #expect(proxy.server.httpRelayCounts.requests == 1)
+        }
+    }
+
+    @Test("(h) a client that leaves while its room's claim waits in Redis leaves nothing held")
+    func aClientLeavingWhileItsRequestWaitsHoldsNothing() async throws {
+        try await RedisCluster.with { cluster in
+            let proxy = cluster.proxies[0]
+            // Redis stops answering: the request's claim waits.
+            #expect(cluster.redis.signal(SIGSTOP))
+            let connection = try await RawHTTPConnection.connect(port: proxy.port)
+            try await connection.send("GET /rooms/left HTTP/1.1\r\nHost: test\r\n\r\n")
+            try await Task.sleep(for: .milliseconds(200))
+            await connection.close()
+            #expect(await WSSupport.waitUntil { proxy.server.openConnections == 0 })
+            #expect(cluster.redis.signal(SIGCONT))
+            // Whatever the claim's outcome, the request that waited for it holds no lease, and the room still works.
+            let next = try await RawHTTPConnection.connect(port: proxy.port)
+            defer { Task { await next.close() } }
+            try await next.send("GET /rooms/left HTTP/1.1\r\nHost: test\r\n\r\n")
+            let response = try await next.readResponse(timeout: .seconds(5))
+            #expect(response.status == 200)
+            #expect(await WSSupport.waitUntil { proxy.directory.liveCount(of: "room:left") == 0 })
         }
     }
 

@@ -37,6 +37,14 @@ public final class RedisServerProcess: @unchecked Sendable {
     private let lock = NSLock()
     private var process: SpawnedProcess?
 
+    /// Sends `signal` to the server (`SIGSTOP` and `SIGCONT` make it stop answering for a while); false when it is
+    /// not running.
+    @discardableResult
+    public func signal(_ signal: Int32) -> Bool {
+        guard let process = self.lock.withLock({ self.process }), process.isRunning else { return false }
+        return kill(process.processIdentifier, signal) == 0
+    }
+
     /// `redis://[:password@]127.0.0.1:<port>`
     public var url: String {
         let scheme = self.tls ? "rediss" : "redis"

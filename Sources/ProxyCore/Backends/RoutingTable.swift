@@ -44,9 +44,9 @@ public enum TargetResolution {
 }
 
 extension ProxyRuntime {
-    /// The backend when `resolve` (with the lease) answers at once, for the raw paths (`FastPathHandler`,
-    /// `HTTPRelayShard`): nil for everything they leave to the full path (a pending shared store, no backend, a
-    /// malformed decision), which resolves and answers again.
+    /// The backend when `resolve` (with the lease) answers at once, for the HTTP relay (`HTTPRelayShard`): nil for
+    /// everything it gives back to NIO (a pending shared store, no backend, a malformed decision), which resolves and
+    /// answers again. (The fast path switches over `resolve` itself: it waits for a pending store.)
     func resolveNow(_ target: RouteTarget, on eventLoop: EventLoop?) -> (backend: Backend, ownership: Ownership?)? {
         switch self.resolve(target, on: eventLoop, acquiringLease: true) {
         case .backend(let backend): return (backend, nil)

@@ -19,8 +19,9 @@ import NIOHTTP1
 /// given every byte held here; from then on it is a pass-through for the connection's life. That covers a head that
 /// is not a plain HTTP/1.1 request without a body (a body, `Upgrade`, `Expect`, HTTP/1.0, obs-text, anything
 /// malformed: the full parser answers those), a decision that wants the response body, a decision other than a
-/// forward that resolves at once (a local answer, `needBody`, a fan-out, a shared store still being asked), and a
-/// failing script. The policy then runs a second time for that request, as it does after `needBody`: routing scripts
+/// forward (a local answer, `needBody`, a fan-out), a forward the runtime cannot resolve (no backend, a malformed
+/// decision, no owner from the shared store), and a failing script. A forward whose key the shared store (Redis) is
+/// still being asked about waits here (`waitForOwner`), as on the full path. The policy then runs a second time for that request, as it does after `needBody`: routing scripts
 /// are documented to be deterministic per request (docs/routing-api.md).
 ///
 /// What `ProxyHandler` does per exchange is done here too, with the same messages and metrics: connection and lease
@@ -64,8 +65,21 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
 
     private enum State {
         case idle
+        /// A shared ownership store (Redis) is being asked who owns the request's key; the head waits in `inbound`.
+        case resolving(Resolution)
         case proxying(FastExchange)
         case closed
+    }
+
+    /// Tells one resolution's answer from a later one's.
+    private final class Resolution {}
+
+    /// A request is being resolved or served: what the client sends meanwhile is bounded (`read`).
+    private var isBusy: Bool {
+        switch self.state {
+        case .resolving, .proxying: return true
+        case .idle, .closed: return false
+        }
     }
 
     /// Largest body copied behind its head into one buffer (see `readResponseHeads`).
@@ -152,8 +166,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
     func read(context: ChannelHandlerContext) {
         // Reading goes on while a request is in flight (holding it would cost two `epoll_ctl` calls per request), but
         // what a client sends behind it is bounded: past one head's worth of bytes, the rest waits in the socket.
-        if !self.passthrough, case .proxying = self.state,
-            (self.inbound?.readableBytes ?? 0) > self.runtime.config.limits.maxHeaderBytes
+        if !self.passthrough, self.isBusy, (self.inbound?.readableBytes ?? 0) > self.runtime.config.limits.maxHeaderBytes
         {
             self.readPending = true
         } else {
@@ -269,8 +282,64 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         guard let decision = try? policy.route(request), case .forward(let target) = decision.action, !decision.responseBody
         else { return false }
         // A keyed answer comes with its lease (released in `release` when the exchange ends).
-        guard let (backend, ownership) = runtime.resolveNow(target, on: context.eventLoop) else { return false }
+        let route = Route(head: head, headLength: headLength, decision: decision, request: request, policy: policy, target: target)
+        switch runtime.resolve(target, on: context.eventLoop, acquiringLease: true) {
+        case .backend(let backend):
+            self.begin(route, backend: backend, ownership: nil, runtime: runtime, started: nil, context: context)
+        case .owned(let backend, let ownership):
+            self.begin(route, backend: backend, ownership: ownership, runtime: runtime, started: nil, context: context)
+        case .pending(let future):
+            self.waitForOwner(future, for: route, runtime: runtime)
+        case .noBackend, .unknownPool, .unknownBackend, .unknownPlacement:
+            return false  // the full pipeline answers these
+        }
+        return true
+    }
 
+    /// What `forward` routed, for `begin`.
+    private struct Route {
+        let head: HTTPRequestHead
+        let headLength: Int
+        let decision: RouteDecision
+        let request: RouteRequest
+        let policy: RoutingPolicy
+        let target: RouteTarget
+    }
+
+    /// The shared store is asked who owns the key (Redis, on a key this proxy does not know yet): the request waits
+    /// here, as it does in `ProxyHandler`, and goes on on the fast path when the owner is known, so the connection can
+    /// still move to the HTTP relay later. No owner (or the store failing) hands the connection to the full pipeline,
+    /// which routes the request again and answers it.
+    private func waitForOwner(_ future: EventLoopFuture<Ownership?>, for route: Route, runtime: ProxyRuntime) {
+        let started = self.headTimer.headStartedAt ?? .now()
+        self.headTimer.handle(.headReceived)
+        let resolution = Resolution()
+        self.state = .resolving(resolution)
+        future.assumeIsolated().whenComplete { [self] result in
+            guard case .resolving(let current) = self.state, current === resolution, let context = self.context else { return }
+            self.state = .idle
+            guard case .success(let ownership?) = result, let backend = runtime.table.backends[ownership.backend] else {
+                self.handOff(context: context)
+                if self.closeWhenIdle {
+                    // The quiesce (or the client's end) came while the request waited: the full pipeline, which has
+                    // seen the request now, closes after answering it.
+                    context.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
+                }
+                return
+            }
+            // A resolution that waited holds no lease yet (`ProxyHandler` takes it the same way).
+            runtime.directory.acquireLease(key: ownership.key)
+            self.begin(route, backend: backend, ownership: ownership, runtime: runtime, started: started, context: context)
+        }
+    }
+
+    /// Starts the exchange `forward` routed, on `backend`.
+    private func begin(
+        _ route: Route, backend: Backend, ownership: Ownership?, runtime: ProxyRuntime, started: NIODeadline?,
+        context: ChannelHandlerContext
+    ) {
+        let (head, headLength, decision, request, policy, target) =
+            (route.head, route.headLength, route.decision, route.request, route.policy, route.target)
         self.runtime = runtime
         let rawHead = self.inbound!.readSlice(length: headLength)
         self.scannedHeadBytes = 0
@@ -282,7 +351,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         let forwardedHead =
             unchanged ? head : ProxyHandler.forwardedHead(head, decision: decision, ownership: ownership, runtime: runtime)
         let fast = FastExchange(
-            head: forwardedHead, clientURI: head.uri, backend: backend, started: self.headTimer.headStartedAt ?? .now())
+            head: forwardedHead, clientURI: head.uri, backend: backend, started: started ?? self.headTimer.headStartedAt ?? .now())
         self.headTimer.handle(.headReceived)
         fast.key = ownership?.key
         fast.requestEnded = true
@@ -304,7 +373,6 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         self.exchangesStarted += 1
         if self.exchangesStarted > 1 { self.direct.prepare(context.channel) }
         self.connectUpstream(fast, allowPooled: true)
-        return true
     }
 
     // MARK: Upstream
