@@ -152,6 +152,26 @@ import Glibc
         await rig.stop()
     }
 
+    /// What the backend sends is held for the end of the relay's batch when a read is small and sent at once when it
+    /// is large (over 16 KiB): writes of both sizes followed at once by the backend's end reach the client whole, in
+    /// order, before the end.
+    @Test(arguments: [UInt64(11), 12, 13, 14])
+    func smallAndLargeWritesBeforeTheEndArriveInOrder(_ seed: UInt64) async throws {
+        let rig = try Rig(webSocket: false)
+        let small = Self.pattern(100, seed: seed)
+        let large = Self.pattern(40 * 1024, seed: seed + 100)
+        let tail = Self.pattern(300, seed: seed + 200)
+        let expected = small + large + tail + small
+        for part in [small, large, tail, small] { #expect(Self.write(rig.backend, part)) }
+        shutdown(rig.backend, Int32(SHUT_WR))
+        let received = await Self.read(rig.client, count: expected.count)
+        #expect(received.bytes.count == expected.count)
+        #expect(received.bytes == expected)
+        #expect(await Self.seesEnd(rig.client))
+        #expect(await waitFor { rig.closed.withLock { $0 } }?.1 == expected.count)
+        await rig.stop()
+    }
+
     @Test func aSlowReaderHoldsTheOtherSideBackAndLosesNothing() async throws {
         let rig = try Rig(webSocket: false)
         // Built (and compared below) off the concurrency pool: in a debug build that is a second of work, which would
