@@ -21,8 +21,9 @@ import NIOHTTP1
 /// malformed: the full parser answers those), a decision that wants the response body, a decision other than a
 /// forward (a local answer, `needBody`, a fan-out), a forward the runtime cannot resolve (no backend, a malformed
 /// decision, no owner from the shared store), and a failing script. A forward whose key the shared store (Redis) is
-/// still being asked about waits here (`waitForOwner`), as on the full path. The policy then runs a second time for that request, as it does after `needBody`: routing scripts
-/// are documented to be deterministic per request (docs/routing-api.md).
+/// still being asked about waits here (`waitForOwner`), as on the full path. After a hand-over the policy runs a
+/// second time for that request, as it does after `needBody`: routing scripts are documented to be deterministic per
+/// request (docs/routing-api.md).
 ///
 /// What `ProxyHandler` does per exchange is done here too, with the same messages and metrics: connection and lease
 /// accounting, the response-head deadline, the stale keep-alive retry, `502`/`504` answers, back-pressure, the access
