@@ -152,9 +152,8 @@ import Glibc
         await rig.stop()
     }
 
-    /// What the backend sends is held for the end of the relay's batch when a read is small and sent at once when it
-    /// is large (over 16 KiB): writes of both sizes followed at once by the backend's end reach the client whole, in
-    /// order, before the end.
+    /// Small and large writes from the backend, followed at once by its end, reach the client whole, in order, before
+    /// the end.
     @Test(arguments: [UInt64(11), 12, 13, 14])
     func smallAndLargeWritesBeforeTheEndArriveInOrder(_ seed: UInt64) async throws {
         let rig = try Rig(webSocket: false)

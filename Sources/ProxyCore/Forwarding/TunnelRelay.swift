@@ -67,8 +67,6 @@ final class RelayedTunnel: @unchecked Sendable {
     fileprivate var fromBackend = 0
     /// Bytes read from one side that the other has not taken yet (index 0: to the client, 1: to the backend).
     fileprivate var pending: (ByteBuffer?, ByteBuffer?) = (nil, nil)
-    /// Where the bytes for the client held until the end of the shard's batch are in its buffer (`RelayShard.held`).
-    fileprivate var heldForClient: Range<Int>?
     /// Interest registered with epoll per side (0: client, 1: backend).
     fileprivate var interest: (UInt32, UInt32) = (0, 0)
     fileprivate var open: (Bool, Bool) = (true, true)
@@ -117,13 +115,8 @@ final class RelayShard: @unchecked Sendable {
     private let allocator = ByteBufferAllocator()
     private var sweepInterval: UInt64 = 0
     private var nextSweep: UInt64 = .max
-    /// Bytes for clients written at the end of the batch (see `writeHeld()`), and the tunnels they belong to.
-    private var held = ByteBufferAllocator().buffer(capacity: 64 * 1024)
-    private var heldTunnels: [RelayedTunnel] = []
 
     private static let scratchSize = 64 * 1024
-    /// Largest read held for the end of the batch; a larger one is sent at once.
-    private static let heldLimit = 16 * 1024
 
     init(index: Int, cpu: Int?) throws {
         self.index = index
@@ -198,8 +191,7 @@ final class RelayShard: @unchecked Sendable {
             },
             commands: self.runCommands,
             refuse: self.refuse,
-            sweep: self.sweep,
-            batchEnded: self.writeHeld)
+            sweep: self.sweep)
         self.scratch.deallocate()
     }
 
@@ -270,21 +262,6 @@ final class RelayShard: @unchecked Sendable {
                 } else {
                     tunnel.fromBackend &+= count
                     tunnel.tracker?.consume(bytes)
-                    if self.hold(bytes, for: tunnel) {
-                        if count < scratch.count { return }
-                        continue
-                    }
-                    // What is held goes first; what it leaves for the client's socket to take, this goes behind.
-                    guard self.writeHeld(tunnel) else {
-                        self.finish(tunnel)
-                        return
-                    }
-                    if var waiting = tunnel.pending.0 {
-                        waiting.writeBytes(bytes)
-                        tunnel.pending.0 = waiting
-                        self.refresh(tunnel)
-                        return
-                    }
                 }
                 var written = cproxy_send(target, bytes.baseAddress, UInt(count))
                 if written < 0 {
@@ -345,10 +322,6 @@ final class RelayShard: @unchecked Sendable {
 
     /// `side` ended its stream: the tunnel ends (reported now); the other side gets what is pending for it first.
     private func sideEnded(_ tunnel: RelayedTunnel, side: Int) {
-        if side == 1, !self.writeHeld(tunnel) {
-            self.finish(tunnel)
-            return
-        }
         self.report(tunnel)
         self.closeSide(tunnel, side)
         guard self.pending(tunnel, to: 1 - side) != nil else {
@@ -361,7 +334,7 @@ final class RelayShard: @unchecked Sendable {
 
     private func closeFromProxy(_ tunnel: RelayedTunnel, code: UInt16) {
         guard tunnel.slot >= 0, tunnel.open.0, !tunnel.draining else { return }
-        guard let tracker = tunnel.tracker, tracker.atFrameBoundary, self.writeHeld(tunnel) else {
+        guard let tracker = tunnel.tracker, tracker.atFrameBoundary else {
             self.finish(tunnel)
             return
         }
@@ -378,7 +351,6 @@ final class RelayShard: @unchecked Sendable {
     /// Closes both sides (those still open) and frees the slot; reports the end if not yet done.
     private func finish(_ tunnel: RelayedTunnel) {
         guard tunnel.slot >= 0 else { return }
-        _ = self.writeHeld(tunnel)  // (best effort: what the backend sent before the end still goes out)
         self.report(tunnel)
         self.closeSide(tunnel, 0)
         self.closeSide(tunnel, 1)
@@ -423,66 +395,6 @@ final class RelayShard: @unchecked Sendable {
         } else {
             self.nextSweep = now + self.sweepInterval
         }
-    }
-
-    // MARK: Writes held for the end of the batch
-
-    /// Keeps `bytes`, read from the backend, for the tunnel's client until the end of the batch (`writeHeld()`);
-    /// false (nothing kept) when they must be sent at once: too large, behind bytes the client has not taken, or not
-    /// next to what this tunnel already holds.
-    private func hold(_ bytes: UnsafeRawBufferPointer, for tunnel: RelayedTunnel) -> Bool {
-        guard bytes.count <= Self.heldLimit, tunnel.pending.0 == nil, tunnel.open.0 else { return false }
-        if let range = tunnel.heldForClient {
-            guard range.upperBound == self.held.writerIndex else { return false }
-            self.held.writeBytes(bytes)
-            tunnel.heldForClient = range.lowerBound..<self.held.writerIndex
-        } else {
-            let start = self.held.writerIndex
-            self.held.writeBytes(bytes)
-            tunnel.heldForClient = start..<self.held.writerIndex
-            self.heldTunnels.append(tunnel)
-        }
-        return true
-    }
-
-    /// Sends what is held for the tunnel's client; what the socket does not take becomes pending for it. False when
-    /// the client's socket failed.
-    private func writeHeld(_ tunnel: RelayedTunnel) -> Bool {
-        guard let range = tunnel.heldForClient else { return true }
-        tunnel.heldForClient = nil
-        guard tunnel.open.0 else { return true }
-        var written = 0
-        while written < range.count {
-            let sent = self.held.withUnsafeReadableBytes { raw in
-                cproxy_send(tunnel.clientFD, raw.baseAddress! + range.lowerBound + written, UInt(range.count - written))
-            }
-            if sent < 0 {
-                if errno == EINTR { continue }
-                guard errno == EAGAIN || errno == EWOULDBLOCK else { return false }
-                break
-            }
-            written += sent
-        }
-        if written < range.count {
-            var rest = self.allocator.buffer(capacity: range.count - written)
-            _ = self.held.withUnsafeReadableBytes { raw in
-                rest.writeBytes(UnsafeRawBufferPointer(rebasing: raw[(range.lowerBound + written)..<range.upperBound]))
-            }
-            tunnel.pending.0 = rest
-            self.refresh(tunnel)
-        }
-        return true
-    }
-
-    /// The end of a batch: what was held for clients is written now, for the same reason as in the HTTP relay
-    /// (`HTTPRelayShard.writeHeld()`): a client serving many tunnels is woken once per batch, not once per write.
-    private func writeHeld() {
-        guard !self.heldTunnels.isEmpty else { return }
-        for tunnel in self.heldTunnels where tunnel.slot >= 0 && tunnel.heldForClient != nil {
-            if !self.writeHeld(tunnel) { self.finish(tunnel) }
-        }
-        self.heldTunnels.removeAll(keepingCapacity: true)
-        self.held.clear()
     }
 
     // MARK: Small helpers
