@@ -561,9 +561,8 @@ import Testing
             try await withProxy(backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory) { proxy in
                 // A slow client with little room to receive: the relay's writes to it are often taken in part, so a
                 // download's end may be reached with bytes still waiting for the client (not every time: the test
-                // makes eight tries, each on a new connection; before the fix, about four runs in nine failed; twenty
-                // tries made the suite's slowest test under the parallel run). The POST behind it goes to NIO (it has
-                // a body), after the download's last byte.
+                // makes eight tries, each on a new connection; before the fix, about four runs in nine failed). The
+                // POST behind it goes to NIO (it has a body), after the download's last byte.
                 for attempt in 1...8 {
                     let connection = try await RawHTTPConnection.connect(port: proxy.port, receiveBuffer: 4096)
                     defer { Task { await connection.close() } }
