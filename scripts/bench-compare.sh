@@ -96,7 +96,7 @@ LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # -------------------------------------------------------------------------------------------------- configurations
 # HAProxy's cpu-map binds its threads to the first two CPUs this script may run on (bench_cpu_map); nginx and
-# ott-proxy find theirs themselves.
+# ott-proxy find theirs themselves. bench_affinity_check verifies the outcome once they run.
 HAPROXY_CPU_MAP="" NGINX_CPU_AFFINITY="" OTT_THREADS="threads: { count: 2 }"
 if [ "$AFFINITY" = auto ]; then
     HAPROXY_CPU_MAP="$(bench_cpu_map)"
@@ -217,6 +217,16 @@ proxy_pids() {
     local p=${PID[$1]}
     if [ "$1" = nginx ]; then echo "$p$(pgrep -P "$p" | sed 's/^/,/' | tr -d '\n')"; else echo "$p"; fi
 }
+
+# What each proxy's working threads may really run on, checked against AFFINITY (a setting a proxy ignores without a
+# word, as HAProxy 2.6 does with `cpu-map 1/1 0`, would otherwise compare a bound proxy with an unbound one).
+AFFINITY_SEEN=()
+for t in haproxy nginx ott-proxy; do
+    if [ "$t" = nginx ]; then line="$(bench_affinity nginx $(pgrep -P "${PID[nginx]}"))"; else line="$(bench_affinity "$t" "${PID[$t]}")"; fi
+    bench_affinity_check "$AFFINITY" "$line"
+    AFFINITY_SEEN+=("$line")
+done
+echo "==> threads and the CPUs they may run on: $(IFS=';'; echo "${AFFINITY_SEEN[*]}")"
 
 # CPU time (utime + stime, clock ticks) used so far by every process of a proxy; empty for the origin target.
 cpu_ticks() { # target
@@ -345,6 +355,7 @@ END_TIME=$(date +%s)
     echo "swift=$(swift --version 2>&1 | head -1)"
     echo "fd_limit=$FD_LIMIT"
     echo "affinity=$AFFINITY"
+    echo "affinity_seen=$(IFS=';'; echo "${AFFINITY_SEEN[*]}")"
     echo "load_before=$LOAD_BEFORE"
     echo "load_after=$(cut -d' ' -f1-3 /proc/loadavg)"
     echo "elapsed_s=$((END_TIME - START_TIME))"

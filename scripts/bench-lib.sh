@@ -26,11 +26,42 @@ http {
 CONF
 }
 
-# bench_cpu_map: HAProxy's cpu-map lines binding its two threads to the first two CPUs this script may run on.
+# bench_cpu_map: HAProxy's cpu-map line binding its two threads one per CPU, to the first two CPUs this script may run
+# on. It must be the `auto:` form: HAProxy 2.6.12 (Debian 12) accepts `cpu-map 1/1 0` + `cpu-map 1/2 1` without a word
+# and leaves both threads on every CPU (checked with taskset; sessions 1-12 of docs/benchmarks.md compared against an
+# unbound HAProxy because of it). bench_affinity below checks what each process really got.
 bench_cpu_map() {
-    local a b
-    read -r a b <<<"$(python3 -c 'import os; c = sorted(os.sched_getaffinity(0)); print(f"{c[0]}-{c[0]}" if len(c) < 2 else f"{c[0]} {c[1]}")')"
-    printf 'cpu-map 1/1 %s\n    cpu-map 1/2 %s' "$a" "${b:-$a}"
+    python3 -c 'import os; c = sorted(os.sched_getaffinity(0)); print(f"cpu-map auto:1/1-2 {c[0]} {c[1]}" if len(c) > 1 else "")'
+}
+
+# bench_affinity NAME PID... : one line per thread or process that does the work, with the CPUs it may run on, e.g.
+# "haproxy 1201:0 1207:1". For ott-proxy only the threads that carry traffic count (its event loops and relays).
+bench_affinity() {
+    local name=$1 out="" pid tid comm
+    shift
+    for pid in "$@"; do
+        for tid in $(ls "/proc/$pid/task"); do
+            comm="$(cat "/proc/$pid/task/$tid/comm" 2>/dev/null)" || continue
+            if [ "$name" = ott-proxy ]; then case "$comm" in NIO-ELT-* | ott-http-* | ott-tunnel-*) ;; *) continue ;; esac; fi
+            out+=" $tid:$(taskset -pc "$tid" | sed 's/.*: //')"
+        done
+    done
+    echo "$name$out"
+}
+
+# bench_affinity_check MODE LINE: with MODE auto, every thread in LINE (bench_affinity's output) must be bound to one
+# CPU; with none, none may be. Exits with an error naming the process otherwise.
+bench_affinity_check() {
+    local mode=$1 line=$2 item cpus
+    for item in ${line#* }; do
+        cpus="${item#*:}"
+        if [ "$mode" = auto ] && [[ "$cpus" == *[,-]* ]]; then
+            echo "error: AFFINITY=auto but ${line%% *} thread ${item%%:*} may run on CPUs $cpus" >&2; exit 1
+        fi
+        if [ "$mode" = none ] && [[ "$cpus" != *[,-]* ]] && [ "$(nproc)" -gt 1 ]; then
+            echo "error: AFFINITY=none but ${line%% *} thread ${item%%:*} is bound to CPU $cpus" >&2; exit 1
+        fi
+    done
 }
 
 # bench_haproxy_conf CPU_MAP MAXCONN HTTP_PORT ORIGIN_A ORIGIN_B [WS_PORT WS_A WS_B]: key = 3rd field of the path,

@@ -122,9 +122,12 @@ def section(data, facts, commands, configs_dir, charts_rel):
         L.append("**CPU affinity.** Each proxy's 2 threads or workers are bound one per CPU, by its own setting: "
                  "HAProxy `cpu-map`, nginx `worker_cpu_affinity auto`, ott-proxy `threads.cpu_affinity: auto` "
                  "(`AFFINITY=auto`, the default; `AFFINITY=none` leaves them to the kernel). Origins, load generators "
-                 "and the NIO relay are not bound.")
+                 "and the NIO relay are not bound. Checked after start (thread:CPUs, as `taskset` reports them): "
+                 f"{facts.get('affinity_seen', '?')}. Runs before session 13 did not check, and HAProxy's threads were "
+                 "in fact unbound in them (see \"Thirteenth session\").")
     else:
-        L.append("**CPU affinity.** None: the kernel places every thread (`AFFINITY=none`).")
+        L.append("**CPU affinity.** None: the kernel places every thread (`AFFINITY=none`). Checked after start "
+                 f"(thread:CPUs): {facts.get('affinity_seen', '?')}.")
     L.append("")
     L.append(f"**Noise.** The machine is shared with other developers' builds: load average "
              f"{facts.get('load_before', '?')} before the run, {facts.get('load_after', '?')} after it (1/5/15 min), "
