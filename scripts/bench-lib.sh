@@ -28,14 +28,15 @@ CONF
 
 # bench_cpu_map: HAProxy's cpu-map line binding its two threads one per CPU, to the first two CPUs this script may run
 # on. It must be the `auto:` form: HAProxy 2.6.12 (Debian 12) accepts `cpu-map 1/1 0` + `cpu-map 1/2 1` without a word
-# and leaves both threads on every CPU (checked with taskset; sessions 1-12 of docs/benchmarks.md compared against an
-# unbound HAProxy because of it). bench_affinity below checks what each process really got.
+# and leaves both threads on every CPU (checked with taskset; the "bound" runs of sessions 5-12 in docs/benchmarks.md
+# compared against an unbound HAProxy because of it). bench_affinity below checks what each process really got.
 bench_cpu_map() {
     python3 -c 'import os; c = sorted(os.sched_getaffinity(0)); print(f"cpu-map auto:1/1-2 {c[0]} {c[1]}" if len(c) > 1 else "")'
 }
 
-# bench_affinity NAME PID... : one line per thread or process that does the work, with the CPUs it may run on, e.g.
-# "haproxy 1201:0 1207:1". For ott-proxy only the threads that carry traffic count (its event loops and relays).
+# bench_affinity NAME PID... : one line, NAME then TID:CPUS for each thread of the PIDs that does the work (the CPUs it
+# may run on), e.g. "haproxy 1201:0 1207:1". For ott-proxy only the threads that carry traffic count (its event loops
+# and relays).
 bench_affinity() {
     local name=$1 out="" pid tid comm
     shift
