@@ -13,17 +13,26 @@
 #   raw-relay-nolua     the same, with the key taken from the path natively instead of by the script
 #   nio-relay           the bare SwiftNIO byte relay (one origin entry, no parsing): the NIO floor
 #
-# It starts a 1 KiB nginx origin on two ports; every proxy routes /rooms/{name}/... over both with two threads bound
-# one per CPU (nio-relay is not bound and uses one entry). Then ROUNDS rounds of `wrk -t1 -c64 -d${DURATION}s` per
-# target, printing requests/s, p99, and the proxy's CPU per request, total and user (from /proc/PID/stat over the run,
-# divided by the requests wrk completed). Stops everything it started. ROUNDS=3 DURATION=5 by default: about 20 s per
-# target and round after the build.
+# It starts a 1 KiB nginx origin on two ports; every proxy routes /rooms/{name}/... over both with two threads
+# (nio-relay uses one entry). AFFINITY=auto (the default) binds ott-proxy's, HAProxy's and raw-relay's threads one per
+# CPU, as bench-compare.sh does, and checks with taskset that ott-proxy's and HAProxy's really are; AFFINITY=none
+# leaves them to the kernel (and checks that). nio-relay is never bound. Then ROUNDS rounds of
+# `wrk -t1 -c64 -d${DURATION}s` per target, printing requests/s, p50, p99, p99.9 (scripts/wrk-percentiles.lua) and the
+# proxy's CPU per request, total and user (from /proc/PID/stat over the run, divided by the requests wrk completed).
+# Each round starts one target further along the list and every round goes the other way round from the one before,
+# so no target is always first, and none always follows the same one; runs are SLEEP seconds apart (1, as in
+# bench-compare.sh). Last, each target's medians over the rounds and in how many rounds its p99 was below the first
+# target's. Stops everything it started. ROUNDS=3 DURATION=5 by default: about 20 s per target and round after the
+# build.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
 ROUNDS="${ROUNDS:-3}"
 DURATION="${DURATION:-5}"
+SLEEP="${SLEEP:-1}"
+AFFINITY="${AFFINITY:-auto}"
+case "$AFFINITY" in auto | none) ;; *) echo "error: AFFINITY must be auto or none" >&2; exit 2 ;; esac
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(raw-relay ott-proxy haproxy)
 for i in "${!TARGETS[@]}"; do
@@ -40,7 +49,7 @@ for i in "${!TARGETS[@]}"; do
 done
 
 ensure_swift
-need=("${BASE_PACKAGES[@]}" wrk haproxy curl)
+need=("${BASE_PACKAGES[@]}" wrk haproxy curl python3)
 command -v nginx >/dev/null || need+=(nginx-light)
 ensure_packages "${need[@]}"
 ulimit -n "$(ulimit -Hn)"
@@ -67,7 +76,10 @@ ORIGIN_PORTS=(18281 18282)
 mkdir -p "$WORK/www" "$WORK/origin/logs"
 head -c 1024 /dev/zero | tr '\0' 'x' >"$WORK/www/1k"
 bench_origin_conf "$WORK/origin" "$WORK/www" "${ORIGIN_PORTS[@]}" "$(ulimit -n)" >"$WORK/origin.conf"
-HAPROXY_CPU_MAP="$(bench_cpu_map)"
+HAPROXY_CPU_MAP="" OTT_THREADS="threads: { count: 2, cpu_affinity: none }" PIN=()
+if [ "$AFFINITY" = auto ]; then
+    HAPROXY_CPU_MAP="$(bench_cpu_map)" OTT_THREADS="threads: { count: 2, cpu_affinity: auto }" PIN=(--pin)
+fi
 MAX_CONNECTIONS=$((($(ulimit -n) - 500) / 2))
 
 nginx -p "$WORK/origin" -c "$WORK/origin.conf" >/dev/null 2>&1 &
@@ -84,7 +96,7 @@ for i in "${!TARGETS[@]}"; do
     ott-proxy | ott-proxy=*)
         binary="$ROOT/.build/release/ott-proxy"
         if [ "$target" != ott-proxy ]; then binary="${target#ott-proxy=}"; NAME[$i]="ott:$(basename "$binary")"; fi
-        bench_ott_conf "threads: { count: 2, cpu_affinity: auto }" "$MAX_CONNECTIONS" "$port" "${ORIGIN_PORTS[@]}" \
+        bench_ott_conf "$OTT_THREADS" "$MAX_CONNECTIONS" "$port" "${ORIGIN_PORTS[@]}" \
             >"$WORK/ott-proxy-$i.yaml"
         "$binary" run --config "$WORK/ott-proxy-$i.yaml" >"$WORK/ott-proxy-$i.log" 2>&1 &
         ;;
@@ -97,7 +109,7 @@ for i in "${!TARGETS[@]}"; do
         [ "$target" = raw-relay ] && script=(--script "$ROOT/routing-scripts/path-key.lua" --option prefix=rooms --option pool=http)
         "$ROOT/Benchmarks/.build/release/raw-relay" --port "$port" \
             --origin "127.0.0.1:${ORIGIN_PORTS[0]}" --origin "127.0.0.1:${ORIGIN_PORTS[1]}" \
-            --threads 2 --pin "${script[@]}" >"$WORK/raw-relay-$i.log" 2>&1 &
+            --threads 2 "${PIN[@]}" "${script[@]}" >"$WORK/raw-relay-$i.log" 2>&1 &
         ;;
     nio-relay)
         "$ROOT/Benchmarks/.build/release/nio-relay" --port "$port" --to "${ORIGIN_PORTS[0]}" --threads 2 >"$WORK/nio-relay-$i.log" 2>&1 &
@@ -105,6 +117,7 @@ for i in "${!TARGETS[@]}"; do
     esac
     PID[$i]=$!
     PIDS+=($!)
+    for j in $(seq 0 $((i - 1))); do [ "${NAME[$j]}" != "${NAME[$i]}" ] || NAME[$i]="${NAME[$i]}#$((i + 1))"; done
 done
 
 for i in "${!TARGETS[@]}"; do
@@ -116,22 +129,64 @@ for i in "${!TARGETS[@]}"; do
     curl -sf -o /dev/null "$url" || { echo "error: ${NAME[$i]} does not answer on ${PORT[$i]}" >&2; exit 1; }
 done
 
+# The threads that carry the traffic, checked against AFFINITY (HAProxy 2.6 ignores some cpu-map forms without a word).
+for i in "${!TARGETS[@]}"; do
+    case "${TARGETS[$i]}" in
+    ott-proxy | ott-proxy=*) line="$(bench_affinity ott-proxy "${PID[$i]}")" ;;
+    haproxy) line="$(bench_affinity haproxy "${PID[$i]}")" ;;
+    *) continue ;;
+    esac
+    bench_affinity_check "$AFFINITY" "$line"
+    echo "==> ${NAME[$i]}: threads and the CPUs they may run on: ${line#* }"
+done
+
 HZ="$(getconf CLK_TCK)"
-measure() { # name pid port
-    local before after user_before user_after requests rps p99 errors
-    before=$(awk '{print $14 + $15}' "/proc/$2/stat"); user_before=$(awk '{print $14}' "/proc/$2/stat")
-    wrk -t1 -c64 -d"${DURATION}s" --latency "http://127.0.0.1:$3/rooms/bench/1k" >"$WORK/wrk.out"
-    after=$(awk '{print $14 + $15}' "/proc/$2/stat"); user_after=$(awk '{print $14}' "/proc/$2/stat")
-    requests=$(awk '/requests in/ {print $1}' "$WORK/wrk.out")
-    rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk.out")
-    p99=$(awk '$1 == "99%" {print $2}' "$WORK/wrk.out")
-    errors=$(awk '/Non-2xx|Socket errors/ {print}' "$WORK/wrk.out" | tr '\n' ' ')
-    awk -v name="$1" -v a="$before" -v b="$after" -v ua="$user_before" -v ub="$user_after" -v n="$requests" \
-        -v r="$rps" -v p="$p99" -v e="$errors" -v hz="$HZ" \
-        'BEGIN {printf "  %-22s %9.0f req/s   p99 %8s   CPU/request %6.2f us (user %5.2f)  %s\n", name, r, p, (b - a) * 1e6 / hz / n, (ub - ua) * 1e6 / hz / n, e}'
+RESULTS="$WORK/results.tsv"
+measure() { # round name pid port
+    local before after user_before user_after line requests
+    before=$(awk '{print $14 + $15}' "/proc/$3/stat"); user_before=$(awk '{print $14}' "/proc/$3/stat")
+    wrk -t1 -c64 -d"${DURATION}s" -s "$ROOT/scripts/wrk-percentiles.lua" "http://127.0.0.1:$4/rooms/bench/1k" >"$WORK/wrk.out"
+    after=$(awk '{print $14 + $15}' "/proc/$3/stat"); user_after=$(awk '{print $14}' "/proc/$3/stat")
+    line="$(grep '^percentiles ' "$WORK/wrk.out")" || { echo "error: wrk printed no percentiles for $2" >&2; cat "$WORK/wrk.out" >&2; exit 1; }
+    requests="$(tr ' ' '\n' <<<"$line" | awk -F= '$1 == "requests" {print $2}')"
+    # round name rps p50 p99 p99.9 cpu user errors
+    tr ' ' '\n' <<<"$line" | awk -F= -v round="$1" -v name="$2" -v a="$before" -v b="$after" -v ua="$user_before" \
+        -v ub="$user_after" -v n="$requests" -v hz="$HZ" '
+        { v[$1] = $2 }
+        END {
+            cpu = n > 0 ? (b - a) * 1e6 / hz / n : 0; user = n > 0 ? (ub - ua) * 1e6 / hz / n : 0
+            printf "%s\t%s\t%s\t%s\t%s\t%s\t%.2f\t%.2f\t%s\n", round, name, v["rps"], v["p50"], v["p99"], v["p99.9"], cpu, user, v["errors"] >> "'"$RESULTS"'"
+            printf "  %-22s %9.0f req/s   p50 %6.2f   p99 %6.2f   p99.9 %6.2f ms   CPU/request %6.2f us (user %5.2f)%s\n",
+                name, v["rps"], v["p50"], v["p99"], v["p99.9"], cpu, user, (v["errors"] > 0 ? "   errors " v["errors"] : "")
+        }'
 }
 
+COUNT=${#TARGETS[@]}
 for round in $(seq "$ROUNDS"); do
-    echo "==> round $round/$ROUNDS"
-    for i in "${!TARGETS[@]}"; do measure "${NAME[$i]}" "${PID[$i]}" "${PORT[$i]}"; done
+    # Round r starts at target r-1; odd rounds go forward, even rounds backward.
+    order=()
+    for k in $(seq 0 $((COUNT - 1))); do
+        if [ $((round % 2)) = 1 ]; then order+=($(((round - 1 + k) % COUNT))); else order+=($((((round - 1 - k) % COUNT + COUNT) % COUNT))); fi
+    done
+    echo "==> round $round/$ROUNDS (order: $(for i in "${order[@]}"; do printf '%s ' "${NAME[$i]}"; done))"
+    for i in "${order[@]}"; do
+        measure "$round" "${NAME[$i]}" "${PID[$i]}" "${PORT[$i]}"
+        sleep "$SLEEP"
+    done
 done
+
+echo "==> medians over $ROUNDS rounds (AFFINITY=$AFFINITY); the last column: rounds in which the p99 was below ${NAME[0]}'s"
+python3 - "$RESULTS" "${NAME[@]}" <<'PY'
+import statistics, sys
+rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
+names = sys.argv[2:]
+by = {name: {int(r[0]): r for r in rows if r[1] == name} for name in names}
+first = by[names[0]]
+for name in names:
+    mine = by[name]
+    med = lambda col: statistics.median(float(r[col]) for r in mine.values())
+    below = "" if name == names[0] else "%d of %d" % (
+        sum(1 for k, r in mine.items() if k in first and float(r[4]) < float(first[k][4])), len(mine))
+    print("  %-22s %9.0f req/s   p50 %6.2f   p99 %6.2f   p99.9 %6.2f ms   CPU/request %6.2f us (user %5.2f)   %s"
+          % (name, med(2), med(3), med(4), med(5), med(6), med(7), below))
+PY
