@@ -253,7 +253,8 @@ final class RelayShard: @unchecked Sendable {
         let target = side == 0 ? tunnel.backendFD : tunnel.clientFD
         let scratch = self.scratch
         for _ in 0..<4 {
-            let count = read(source, scratch.baseAddress, scratch.count)
+            // recv(2), not read(2): no VFS layer on the way (see HTTPRelayShard.clientReadable).
+            let count = recv(source, scratch.baseAddress, scratch.count, 0)
             if count > 0 {
                 tunnel.active = true
                 let bytes = UnsafeRawBufferPointer(rebasing: scratch[0..<count])
