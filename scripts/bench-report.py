@@ -115,8 +115,9 @@ def section(data, facts, commands, configs_dir, charts_rel):
              "127.0.0.1 on one machine; origin, proxy and load generator share its "
              f"{facts.get('nproc', '?')} cores. Throughput metrics: median of {rounds} interleaved rounds of "
              f"{facts.get('duration', '?')} s each (per round: every target for one metric, then the next metric; "
-             "the order origin, HAProxy, nginx, ott-proxy, NIO relay rotates by one each round, so no target is always "
-             "measured in the same position); the charts' whiskers show the min–max over the rounds.")
+             "the order origin, HAProxy, nginx, ott-proxy, NIO relay starts one target further each round and runs "
+             "backwards every other round, so no target is always measured in the same position or right after the "
+             "same one); the charts' whiskers show the min–max over the rounds.")
     L.append("")
     if facts.get("affinity") == "auto":
         L.append("**CPU affinity.** Each proxy's 2 threads or workers are bound one per CPU, by its own setting: "
