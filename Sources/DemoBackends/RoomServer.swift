@@ -37,7 +37,7 @@ public final class RoomServer: Sendable {
         let state = RoomServerState(backendID: id)
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
                 state.connectionAccepted(channel)
                 return channel.eventLoop.makeCompletedFuture {

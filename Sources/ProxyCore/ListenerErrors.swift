@@ -1,4 +1,6 @@
+import Logging
 import NIOCore
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -47,4 +49,47 @@ struct ListenerTLSError: Error, CustomStringConvertible {
 /// The C library's text for an `errno` value, lower-cased to sit inside a sentence ("address already in use").
 func systemErrorText(_ code: Int32) -> String {
     String(cString: strerror(code)).lowercased()
+}
+
+/// The last handler of a listening socket's pipeline: logs what NIO reports there and nobody else would, at warning:
+/// a failed `accept` (out of descriptors, say) and an accepted connection that could not be set up (a socket option
+/// the kernel refused, a pipeline that failed); NIO closes such a connection at once and, without this, silently.
+/// At most one line per `interval`, with how many were not logged since the last one.
+final class AcceptErrorLogger: ChannelInboundHandler, Sendable {
+    typealias InboundIn = Never
+
+    private struct State {
+        var lastLogged: NIODeadline?
+        var suppressed = 0
+    }
+
+    private let listener: String
+    private let logger: Logger
+    private let interval: TimeAmount
+    private let now: @Sendable () -> NIODeadline
+    private let state = Mutex(State())
+
+    init(listener: String, logger: Logger, interval: TimeAmount = .seconds(10), now: @escaping @Sendable () -> NIODeadline = { .now() }) {
+        self.listener = listener
+        self.logger = logger
+        self.interval = interval
+        self.now = now
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        let now = self.now()
+        let suppressed: Int? = self.state.withLock { state in
+            if let last = state.lastLogged, now - last < self.interval {
+                state.suppressed += 1
+                return nil
+            }
+            defer { state.suppressed = 0 }
+            state.lastLogged = now
+            return state.suppressed
+        }
+        guard let suppressed else { return }
+        var metadata: Logger.Metadata = ["listener": "\(self.listener)", "error": "\(error)"]
+        if suppressed > 0 { metadata["not_logged_since"] = "\(suppressed)" }
+        self.logger.warning("could not accept or set up a connection", metadata: metadata)
+    }
 }

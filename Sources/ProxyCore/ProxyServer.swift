@@ -711,7 +711,7 @@ public final class ProxyServer: Service, Sendable {
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(Self.reusePort, value: reusePort ? 1 : 0)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 16)
             .childChannelOption(.recvAllocator, value: ReadBuffers.clientAllocator)
             // Reading ahead (`ReadAheadHandler`) may read a client's end of stream while its response is pending:
@@ -725,6 +725,10 @@ public final class ProxyServer: Service, Sendable {
                 }
             }
             .bind(host: listener.address, port: port)
+            .flatMap { channel in
+                // Last in the pipeline, behind NIO's accept handler, which reports there what fails.
+                channel.pipeline.addHandler(AcceptErrorLogger(listener: listener.name, logger: runtime.logger)).map { channel }
+            }
             .get()
     }
 
@@ -741,7 +745,7 @@ public final class ProxyServer: Service, Sendable {
         let initialized = Atomic<Bool>(false)
         let fastPath = config.fastPath
         let made = ClientBootstrap(group: loop)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelOption(.maxMessagesPerRead, value: 16)
             .channelOption(.recvAllocator, value: ReadBuffers.clientAllocator)
             .channelOption(.allowRemoteHalfClosure, value: true)

@@ -1,3 +1,4 @@
+import DemoBackends
 import Foundation
 import NIOCore
 import NIOPosix
@@ -170,7 +171,7 @@ import Testing
         }
     }
 
-    static func runConfig(port: Int, _ rest: String) -> String {
+    static func runConfig(port: Int, backend: String = "127.0.0.1:9", _ rest: String) -> String {
         """
         listeners:
           - name: public
@@ -181,7 +182,7 @@ import Testing
           rooms:
             backends:
               - id: a
-                address: 127.0.0.1:9
+                address: \(backend)
 
         """ + rest
     }
@@ -300,6 +301,59 @@ import Testing
     }
 
     /// `admin.token_env` reads the process environment of `ott-proxy run` (the unit tests use a stand-in for it).
+    /// Run by a user without privileges, the proxy serves requests. Every socket option it sets must be one such a
+    /// process may set: `TCP_NODELAY` set at the socket level (`ChannelOptions.socketOption(.tcp_nodelay)`) is
+    /// `SO_DEBUG`, which needs `CAP_NET_ADMIN`, and every accepted connection was closed at once, without a word in the
+    /// log; as root it silently set `SO_DEBUG` instead, so no other test saw it. As root this test runs the binary as
+    /// `nobody` (`setpriv`, from a copy in a directory `nobody` can read); as any other user it runs it as that user.
+    @Test func runServesAsAnUnprivilegedUser() async throws {
+        let room = try await RoomServer.start(id: "a", group: MultiThreadedEventLoopGroup.singleton)
+        defer { Task { try? await room.stop() } }
+        let port = try await Self.freePort()
+        let file = try Self.temporaryFile(Self.runConfig(port: port, backend: "127.0.0.1:\(room.port)", ""), name: "run.yaml")
+        let directory = file.deletingLastPathComponent()
+        defer { try? FileManager.default.removeItem(at: directory) }
+
+        var executable = try Self.executable().path
+        var arguments = ["run", "--config", file.path]
+        if getuid() == 0 {
+            let setpriv = "/usr/bin/setpriv"
+            try #require(FileManager.default.isExecutableFile(atPath: setpriv), "\(setpriv) (util-linux) is needed to drop root")
+            try #require(getpwnam("nobody") != nil, "the user nobody is needed")
+            // The build directory may sit where nobody cannot reach it (under /root, say): run a copy.
+            let copy = directory.appendingPathComponent("ott-proxy")
+            try FileManager.default.copyItem(atPath: executable, toPath: copy.path)
+            for path in [directory.path, copy.path, file.path] {
+                try FileManager.default.setAttributes([.posixPermissions: path == file.path ? 0o644 : 0o755], ofItemAtPath: path)
+            }
+            arguments = ["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", copy.path] + arguments
+            executable = setpriv
+        }
+        let err = Pipe()
+        let process = SpawnedProcess(executable: executable, arguments: arguments, standardError: .pipe(err))
+        try process.run()
+        async let stderr = Self.readToEnd(err)
+        let listening = await Self.waitUntilListening(process, port: port)
+        var status = 0
+        var backend: String?
+        if listening, let connection = try? await RawHTTPConnection.connect(port: port) {
+            try? await connection.send("GET /rooms/lobby HTTP/1.1\r\nHost: example\r\n\r\n")
+            let response = try? await connection.readResponse()
+            status = response?.status ?? 0
+            backend = response?.header("x-backend")
+            await connection.close()
+        }
+        process.terminate()
+        if !(await WSSupport.waitUntil(timeout: .seconds(5)) { !process.isRunning }) {
+            kill(process.processIdentifier, SIGKILL)
+        }
+        process.waitUntilExit()
+        let log = String(decoding: await stderr, as: UTF8.self)
+        #expect(listening, "ott-proxy run never listened on \(port); log: \(log)")
+        #expect(status == 200, "status \(status) (0: closed without an answer); log: \(log)")
+        #expect(backend == "a", "log: \(log)")
+    }
+
     @Test func adminTokenComesFromTheEnvironmentVariableNamed() async throws {
         let port = try await Self.freePort()
         let adminPort = try await Self.freePort()

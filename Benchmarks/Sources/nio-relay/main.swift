@@ -68,7 +68,7 @@ final class ConnectHandler: ChannelInboundHandler, RemovableChannelHandler {
         // The origin connection is made on the client's own event loop, so the two handlers can point at each other.
         let boundGlue = NIOLoopBound(clientGlue, eventLoop: context.eventLoop)
         let origin = ClientBootstrap(group: client.eventLoop)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let originGlue = GlueHandler()
@@ -128,7 +128,7 @@ let listenOriginPort = originPort
 let server = try await ServerBootstrap(group: group)
     .serverChannelOption(.backlog, value: 1024)
     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-    .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+    .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
     // Nothing is read from a client before its origin connection exists.
     .childChannelOption(.autoRead, value: false)
     .childChannelInitializer { channel in

@@ -183,7 +183,7 @@ final class UpstreamPool {
         let bootstrap = ClientBootstrap(group: self.eventLoop)
             .connectTimeout(self.settings.connectTimeout)
             .channelOption(.socketOption(.so_reuseaddr), value: 1)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelOption(.recvAllocator, value: ReadBuffers.backendAllocator)
         bootstrap.connect(to: backend.address).assumeIsolated().whenComplete { result in
             switch result {

@@ -59,7 +59,7 @@ public final class OTTBackend: Sendable {
         let state = OTTBackendState(config: config, store: store)
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
                 state.connectionAccepted(channel)
                 return channel.eventLoop.makeCompletedFuture {
