@@ -47,9 +47,15 @@ public enum OpenFilesLimit {
     /// The warning to log when `limit` (the soft limit in force) is below `needed`; nil when it suffices.
     public static func shortfall(limit: Int, needed: Int, maxConnections: Int) -> String? {
         guard limit < needed else { return nil }
-        let fits = max((limit - Self.reserve) / 2, 0)
+        let fits = Self.connectionsFitting(limit: limit)
         return "the open-file limit (\(limit)) is below the \(needed) descriptors limits.max_connections "
-            + "(\(maxConnections)) may need (two per proxied connection): about \(fits) connections fit. Raise the "
-            + "hard limit (ulimit -Hn, systemd LimitNOFILE=) or lower limits.max_connections"
+            + "(\(maxConnections)) may need (two per proxied connection): about \(fits) \(fits == 1 ? "connection fits" : "connections fit"), and "
+            + "limits.max_connections is lowered to \(fits) for this run. Raise the hard limit (ulimit -Hn, systemd "
+            + "LimitNOFILE=) or lower limits.max_connections"
+    }
+
+    /// The client connections that fit in `limit` descriptors, two each after the reserve; at least 1.
+    public static func connectionsFitting(limit: Int) -> Int {
+        max((limit - Self.reserve) / 2, 1)
     }
 }

@@ -31,7 +31,8 @@ func serve(
     extraServices: [any Service] = []
 ) async throws {
     let logger = Logger(label: "ott-proxy")
-    adjustOpenFilesLimit(for: config, logger: logger)
+    var config = config
+    config.limits.maxConnections = adjustOpenFilesLimit(for: config, logger: logger)
     // Trapped before any listener opens: a SIGTERM or SIGINT that arrives while the proxy is still starting (a
     // listener may already accept) ends it gracefully once it has started, instead of killing it by the default action.
     let earlySignals = await UnixSignalsSequence(trapping: .sigterm, .sigint)
@@ -69,10 +70,13 @@ func serve(
 }
 
 /// Raises the soft open-file limit to what `config` may need (within the hard limit) and warns when that is short
-/// (`OpenFilesLimit`).
-func adjustOpenFilesLimit(for config: ProxyConfig, logger: Logger) {
+/// (`OpenFilesLimit`). Returns the `limits.max_connections` to run with: the configured one, or, when the limit is
+/// short, the number of connections that fit. Past the descriptors it has, `accept` fails with `EMFILE` and NIO's
+/// listening socket retries it at once, at full CPU, until a descriptor frees up; within `max_connections` a
+/// connection over the limit is accepted and closed at once instead (the reserve keeps a descriptor for that).
+func adjustOpenFilesLimit(for config: ProxyConfig, logger: Logger) -> Int {
     let needed = OpenFilesLimit.needed(for: config, loops: config.threads.resolvedCount)
-    guard let (before, after) = OpenFilesLimit.raise(to: needed) else { return }
+    guard let (before, after) = OpenFilesLimit.raise(to: needed) else { return config.limits.maxConnections }
     if after.soft > before.soft {
         logger.info(
             "open-file limit raised", metadata: ["from": "\(before.soft)", "to": "\(after.soft)", "needed": "\(needed)"])
@@ -81,7 +85,9 @@ func adjustOpenFilesLimit(for config: ProxyConfig, logger: Logger) {
         limit: after.soft, needed: needed, maxConnections: config.limits.maxConnections)
     {
         logger.warning("\(warning)")
+        return min(config.limits.maxConnections, OpenFilesLimit.connectionsFitting(limit: after.soft))
     }
+    return config.limits.maxConnections
 }
 
 /// The Redis ownership directory when `ownership.store` is `redis` (nil for the in-memory default).

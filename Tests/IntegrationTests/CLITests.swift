@@ -187,6 +187,41 @@ import Testing
         """ + rest
     }
 
+    /// `runConfig` with one loop, room for 1,000 connections and info logging: the open-file limit tests' setup.
+    static func limitedRunConfig(port: Int, backend: String = "127.0.0.1:9") -> String {
+        Self.runConfig(
+            port: port, backend: backend,
+            """
+            limits:
+              max_connections: 1000
+            threads:
+              count: 1
+            logging:
+              level: info
+
+            """)
+    }
+
+    /// `ott-proxy run --config FILE` under `/bin/sh -c "ULIMIT_COMMAND && exec ott-proxy ..."`, its standard error to
+    /// `err`.
+    static func spawnUnderLimit(_ ulimitCommand: String, config file: URL, err: Pipe) throws -> SpawnedProcess {
+        let process = SpawnedProcess(
+            executable: "/bin/sh",
+            arguments: ["-c", "\(ulimitCommand) && exec \"$0\" run --config \"$1\"", try Self.executable().path, file.path],
+            standardError: .pipe(err))
+        try process.run()
+        return process
+    }
+
+    /// SIGTERM, SIGKILL if it still runs 5 s later, then reaped.
+    static func stop(_ process: SpawnedProcess) async {
+        process.terminate()
+        if !(await WSSupport.waitUntil(timeout: .seconds(5)) { !process.isRunning }) {
+            kill(process.processIdentifier, SIGKILL)
+        }
+        process.waitUntilExit()
+    }
+
     @Test func runStopsGracefullyOnSIGTERM() async throws {
         let port = try await Self.freePort()
         let file = try Self.temporaryFile(
@@ -236,35 +271,14 @@ import Testing
     /// runs, and its log. One loop and 1,000 connections: it may need 2 × 1,000 + 64 pooled + 256 = 2,320 descriptors.
     private func runUnderOpenFilesLimit(_ ulimitCommand: String) async throws -> (limits: String, log: String) {
         let port = try await Self.freePort()
-        let file = try Self.temporaryFile(
-            Self.runConfig(
-                port: port,
-                """
-                limits:
-                  max_connections: 1000
-                threads:
-                  count: 1
-                logging:
-                  level: info
-
-                """),
-            name: "run.yaml"
-        )
+        let file = try Self.temporaryFile(Self.limitedRunConfig(port: port), name: "run.yaml")
         defer { try? FileManager.default.removeItem(at: file.deletingLastPathComponent()) }
         let err = Pipe()
-        let process = SpawnedProcess(
-            executable: "/bin/sh",
-            arguments: ["-c", "\(ulimitCommand) && exec \"$0\" run --config \"$1\"", try Self.executable().path, file.path],
-            standardError: .pipe(err))
-        try process.run()
+        let process = try Self.spawnUnderLimit(ulimitCommand, config: file, err: err)
         async let stderr = Self.readToEnd(err)
         let listening = await Self.waitUntilListening(process, port: port)
         let limits = (try? String(contentsOfFile: "/proc/\(process.processIdentifier)/limits", encoding: .utf8)) ?? ""
-        process.terminate()
-        if !(await WSSupport.waitUntil(timeout: .seconds(5)) { !process.isRunning }) {
-            kill(process.processIdentifier, SIGKILL)
-        }
-        process.waitUntilExit()
+        await Self.stop(process)
         let log = String(decoding: await stderr, as: UTF8.self)
         #expect(listening, "ott-proxy run never listened; log: \(log)")
         let line = limits.split(separator: "\n").first { $0.hasPrefix("Max open files") }.map(String.init) ?? ""
@@ -291,6 +305,58 @@ import Testing
         #expect(fields.count >= 5 && fields[3] == "600", "limits: \(limits); log: \(log)")
         #expect(log.contains("the open-file limit (600) is below the 2320 descriptors"), "log: \(log)")
         #expect(log.contains("about 172 connections fit"), "log: \(log)")
+    }
+
+    /// With a hard open-file limit short of `limits.max_connections`, the proxy lowers it to what fits, so it turns
+    /// surplus clients away (accepted and closed) instead of running out of descriptors: out of them, `accept` fails
+    /// with `EMFILE` and NIO retries it at once, at full CPU (200 clock ticks in 2 s before the change). Under a hard
+    /// limit of 300 (22 connections fit) 350 idle clients connect; once they leave, a request goes through.
+    @Test func runKeepsClientsWithinTheOpenFilesLimit() async throws {
+        let room = try await RoomServer.start(id: "a", group: MultiThreadedEventLoopGroup.singleton)
+        defer { Task { try? await room.stop() } }
+        let port = try await Self.freePort()
+        let file = try Self.temporaryFile(
+            Self.limitedRunConfig(port: port, backend: "127.0.0.1:\(room.port)"), name: "run.yaml")
+        defer { try? FileManager.default.removeItem(at: file.deletingLastPathComponent()) }
+        let err = Pipe()
+        let process = try Self.spawnUnderLimit("ulimit -n 300", config: file, err: err)
+        async let stderr = Self.readToEnd(err)
+        let listening = await Self.waitUntilListening(process, port: port)
+
+        var clients: [RawHTTPConnection] = []
+        for _ in 0..<350 {
+            guard let client = try? await RawHTTPConnection.connect(port: port) else { break }
+            clients.append(client)
+        }
+        try await Task.sleep(for: .milliseconds(500))
+        let ticks = { () -> Int in
+            let stat = (try? String(contentsOfFile: "/proc/\(process.processIdentifier)/stat", encoding: .utf8)) ?? ""
+            // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th of them.
+            let fields = stat.split(separator: ")").last.map { $0.split(separator: " ") } ?? []
+            return fields.count > 12 ? (Int(fields[11]) ?? 0) + (Int(fields[12]) ?? 0) : -1
+        }
+        let before = ticks()
+        try await Task.sleep(for: .seconds(2))
+        let used = ticks() - before  // clock ticks, 100 a second
+        for client in clients { await client.close() }
+
+        // Descriptors free again: a request goes through.
+        var status = 0
+        let served = await WSSupport.waitUntil(timeout: .seconds(10)) {
+            guard let connection = try? await RawHTTPConnection.connect(port: port) else { return false }
+            defer { Task { await connection.close() } }
+            try? await connection.send("GET /rooms/lobby HTTP/1.1\r\nHost: example\r\n\r\n")
+            status = (try? await connection.readResponse())?.status ?? 0
+            return status == 200
+        }
+        await Self.stop(process)
+        let log = String(decoding: await stderr, as: UTF8.self)
+        #expect(listening, "log: \(log)")
+        #expect(clients.count == 350, "only \(clients.count) clients connected; log: \(log)")
+        #expect(used >= 0 && used < 40, "the proxy used \(used) clock ticks in 2 s with 350 clients; log: \(log)")
+        #expect(log.contains("limits.max_connections is lowered to 22 for this run"), "log: \(log)")
+        #expect(!log.contains("could not accept or set up a connection"), "log: \(log)")
+        #expect(served, "no answer once the clients left (last status \(status)); log: \(log)")
     }
 
     /// The hard open-file limit of this (test) process.
@@ -343,11 +409,7 @@ import Testing
             backend = response?.header("x-backend")
             await connection.close()
         }
-        process.terminate()
-        if !(await WSSupport.waitUntil(timeout: .seconds(5)) { !process.isRunning }) {
-            kill(process.processIdentifier, SIGKILL)
-        }
-        process.waitUntilExit()
+        await Self.stop(process)
         let log = String(decoding: await stderr, as: UTF8.self)
         #expect(listening, "ott-proxy run never listened on \(port); log: \(log)")
         #expect(status == 200, "status \(status) (0: closed without an answer); log: \(log)")

@@ -35,8 +35,11 @@ struct OpenFilesLimitTests {
         #expect(warning?.contains("the open-file limit (1024) is below the 16896 descriptors") == true)
         #expect(warning?.contains("limits.max_connections (8192)") == true)
         #expect(warning?.contains("about 384 connections fit") == true)
-        // A limit smaller than the reserve fits none.
-        #expect(OpenFilesLimit.shortfall(limit: 100, needed: 300, maxConnections: 10)?.contains("about 0 connections") == true)
+        #expect(warning?.contains("limits.max_connections is lowered to 384 for this run") == true)
+        #expect(OpenFilesLimit.connectionsFitting(limit: 1024) == 384)
+        // A limit smaller than the reserve still leaves one (max_connections cannot be 0).
+        #expect(OpenFilesLimit.connectionsFitting(limit: 100) == 1)
+        #expect(OpenFilesLimit.shortfall(limit: 100, needed: 300, maxConnections: 10)?.contains("about 1 connection fits") == true)
     }
 
     /// Raising never lowers the limit, and never goes beyond the hard limit.
