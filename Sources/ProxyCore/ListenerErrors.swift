@@ -69,7 +69,10 @@ final class AcceptErrorLogger: ChannelInboundHandler, Sendable {
     private let now: @Sendable () -> NIODeadline
     private let state = Mutex(State())
 
-    init(listener: String, logger: Logger, interval: TimeAmount = .seconds(10), now: @escaping @Sendable () -> NIODeadline = { .now() }) {
+    init(
+        listener: String, logger: Logger, interval: TimeAmount = .seconds(10),
+        now: @escaping @Sendable () -> NIODeadline = { .now() }
+    ) {
         self.listener = listener
         self.logger = logger
         self.interval = interval

@@ -48,8 +48,9 @@ public enum OpenFilesLimit {
     public static func shortfall(limit: Int, needed: Int, maxConnections: Int) -> String? {
         guard limit < needed else { return nil }
         let fits = Self.connectionsFitting(limit: limit)
+        let fitting = fits == 1 ? "1 connection fits" : "\(fits) connections fit"
         return "the open-file limit (\(limit)) is below the \(needed) descriptors limits.max_connections "
-            + "(\(maxConnections)) may need (two per proxied connection): about \(fits) \(fits == 1 ? "connection fits" : "connections fit"), and "
+            + "(\(maxConnections)) may need (two per proxied connection): about \(fitting), and "
             + "limits.max_connections is lowered to \(fits) for this run. Raise the hard limit (ulimit -Hn, systemd "
             + "LimitNOFILE=) or lower limits.max_connections"
     }
