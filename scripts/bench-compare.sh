@@ -330,11 +330,7 @@ for round in $(seq "$ROUNDS"); do
     # Each round starts with a different target, and every other round runs backwards, so no proxy is always measured
     # in the same position (right after the origin, or last) nor always right after the same target.
     order=()
-    count=${#TARGETS[@]}
-    for i in "${!TARGETS[@]}"; do
-        if [ $((round % 2)) = 1 ]; then k=$(((round - 1 + i) % count)); else k=$((((round - 1 - i) % count + count) % count)); fi
-        order+=("${TARGETS[$k]}")
-    done
+    for k in $(bench_round_order "$round" "${#TARGETS[@]}"); do order+=("${TARGETS[$k]}"); done
     echo "==> round $round/$ROUNDS: HTTP keep-alive (order: ${order[*]})"
     for t in "${order[@]}"; do run_wrk "$round" http "$t"; sleep 1; done
     echo "==> round $round/$ROUNDS: WebSocket echo"

@@ -34,6 +34,16 @@ bench_cpu_map() {
     python3 -c 'import os; c = sorted(os.sched_getaffinity(0)); print(f"cpu-map auto:1/1-2 {c[0]} {c[1]}" if len(c) > 1 else "")'
 }
 
+# bench_round_order ROUND COUNT: the indexes 0..COUNT-1 in the order round ROUND (from 1) measures its targets: it
+# starts one target further each round and runs backwards every other round, so no target is always measured in the
+# same position, nor always right after the same one.
+bench_round_order() {
+    local round=$1 count=$2 i
+    for i in $(seq 0 $((count - 1))); do
+        if [ $((round % 2)) = 1 ]; then echo $(((round - 1 + i) % count)); else echo $((((round - 1 - i) % count + count) % count)); fi
+    done
+}
+
 # bench_affinity NAME PID... : one line, NAME then TID:CPUS for each thread of the PIDs that does the work (the CPUs it
 # may run on), e.g. "haproxy 1201:0 1207:1". For ott-proxy only the threads that carry traffic count (its event loops
 # and relays).

@@ -161,13 +161,8 @@ measure() { # round name pid port
         }'
 }
 
-COUNT=${#TARGETS[@]}
 for round in $(seq "$ROUNDS"); do
-    # Round r starts at target r-1; odd rounds go forward, even rounds backward.
-    order=()
-    for k in $(seq 0 $((COUNT - 1))); do
-        if [ $((round % 2)) = 1 ]; then order+=($(((round - 1 + k) % COUNT))); else order+=($((((round - 1 - k) % COUNT + COUNT) % COUNT))); fi
-    done
+    order=($(bench_round_order "$round" "${#TARGETS[@]}"))
     echo "==> round $round/$ROUNDS (order: $(for i in "${order[@]}"; do printf '%s ' "${NAME[$i]}"; done))"
     for i in "${order[@]}"; do
         measure "$round" "${NAME[$i]}" "${PID[$i]}" "${PORT[$i]}"
