@@ -50,7 +50,10 @@ import Testing
             expectErrorResponse(response, status: 504, reasonContains: "gateway timeout", backendPort: blackhole.port)
             #expect(response.bodyText.contains("did not accept the connection"))
             #expect(ContinuousClock.now - started >= .milliseconds(250))
-            try await expectProxyStillServes(proxy)
+            // The check that the proxy still serves connects to the healthy backend under the same 300 ms connect
+            // timeout; at the start of the parallel run a loaded machine can hold the connect's completion longer
+            // than that (one clean-clone CI run got a 504 there), hence the retries.
+            try await expectProxyStillServes(proxy, timeoutRetries: 2)
         }
     }
 
