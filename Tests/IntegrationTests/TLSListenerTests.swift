@@ -12,7 +12,7 @@ import Testing
 /// A TLS listener terminates TLS and forwards plain HTTP, telling the backend the scheme was https.
 @Suite struct TLSListenerTests {
     /// A throwaway self-signed certificate made with the openssl CLI (Debian's `openssl` package).
-    static func makeCertificate(in directory: URL) throws -> (cert: String, key: String) {
+    static func makeCertificate(in directory: URL) async throws -> (cert: String, key: String) {
         let cert = directory.appendingPathComponent("cert.pem").path
         let key = directory.appendingPathComponent("key.pem").path
         let process = SpawnedProcess(
@@ -22,7 +22,7 @@ import Testing
                 "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", key, "-out", cert,
             ])
         try process.run()
-        process.waitUntilExit()
+        await process.exited()
         guard process.terminationStatus == 0 else { throw CocoaError(.fileWriteUnknown) }
         return (cert, key)
     }
@@ -36,7 +36,7 @@ import Testing
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("ott-tls-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: directory) }
-        let (certPath, keyPath) = try Self.makeCertificate(in: directory)
+        let (certPath, keyPath) = try await Self.makeCertificate(in: directory)
 
         let group = MultiThreadedEventLoopGroup.singleton
         let room = try await RoomServer.start(id: id, group: group)
@@ -68,7 +68,7 @@ import Testing
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("ott-tls-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: directory) }
-        let (certPath, keyPath) = try Self.makeCertificate(in: directory)
+        let (certPath, keyPath) = try await Self.makeCertificate(in: directory)
         let garbage = directory.appendingPathComponent("garbage.pem").path
         try "not a certificate\n".write(toFile: garbage, atomically: true, encoding: .utf8)
         let missing = directory.appendingPathComponent("missing.pem").path

@@ -180,12 +180,15 @@ struct RedisClientTests {
                 #expect(try await client.execute(["PING"]) == .simpleString("PONG"))
                 let clock = ContinuousClock()
                 let start = clock.now
-                let slow = client.send(["DEBUG", "SLEEP", "1"], timeout: .milliseconds(200))
+                // The server answers after 2 s: the timeout error (not the answer) shows the timeout came first; the
+                // time bound, well below 2 s, that it came near its 200 ms (a parallel run's load once delayed it,
+                // or this task's resumption, to 1.05 s, past an earlier bound of 900 ms).
+                let slow = client.send(["DEBUG", "SLEEP", "2"], timeout: .milliseconds(200))
                 let behind = client.send(["PING"])
                 await #expect(throws: RedisError.timeout(command: "DEBUG", after: .milliseconds(200))) {
                     try await slow.get()
                 }
-                #expect(clock.now - start < .milliseconds(900))
+                #expect(clock.now - start < .milliseconds(1500))
                 // The command queued behind it cannot be matched any more: it fails with the connection.
                 await #expect(throws: RedisError.connectionClosed("an earlier command (DEBUG) timed out")) {
                     try await behind.get()

@@ -113,7 +113,7 @@ public final class RedisServerProcess: @unchecked Sendable {
     /// Starts (or restarts after `stop()`) the server on this port and waits until it answers PING.
     public func start() async throws {
         guard let executable = Self.executable() else { throw Failure.executableNotFound }
-        var arguments = self.tls ? try self.tlsArguments() : ["--port", String(self.port)]
+        var arguments = self.tls ? try await self.tlsArguments() : ["--port", String(self.port)]
         arguments += [
             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", self.directory.path, "--logfile", self.logFile.path, "--daemonize", "no",
@@ -136,7 +136,7 @@ public final class RedisServerProcess: @unchecked Sendable {
         throw Failure.didNotStart("no PONG on port \(self.port) within 10 s: \(self.logTail())")
     }
 
-    private func tlsArguments() throws -> [String] {
+    private func tlsArguments() async throws -> [String] {
         let key = self.directory.appendingPathComponent("key.pem")
         if !FileManager.default.fileExists(atPath: self.certificateFile.path) {
             let openssl = SpawnedProcess(
@@ -147,7 +147,7 @@ public final class RedisServerProcess: @unchecked Sendable {
                     "-keyout", key.path, "-out", self.certificateFile.path,
                 ])
             try openssl.run()
-            openssl.waitUntilExit()
+            await openssl.exited()
             guard openssl.terminationStatus == 0 else { throw Failure.didNotStart("openssl could not make a certificate") }
         }
         return [

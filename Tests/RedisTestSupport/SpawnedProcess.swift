@@ -127,6 +127,18 @@ public final class SpawnedProcess: Sendable {
         self.state.withLock { if $0.status == nil { $0.status = status } }
     }
 
+    /// Waits until the child has ended, blocking a Dispatch thread rather than one of the cooperative pool's (two on
+    /// a two-core machine: a blocked one holds up every test running beside it, as an `openssl` key generation under a
+    /// parallel run's load once did for more than the 10 s a health-check test waited).
+    public func exited() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            DispatchQueue.global().async {
+                self.waitUntilExit()
+                continuation.resume()
+            }
+        }
+    }
+
     private var rawStatus: Int32 { self.state.withLock { $0.status ?? 0 } }
 
     /// The exit code, or the signal that ended the child.
