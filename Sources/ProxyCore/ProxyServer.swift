@@ -96,8 +96,12 @@ public final class ProxyServer: Service, Sendable {
     }
 
     private let current: RuntimeBox
-    /// The generation in force (the one new requests use).
+    /// The newest generation: a reload sets it just before each loop and relay thread takes it, so for that moment
+    /// new requests may still use the one before (see `generationInForce`).
     public var runtime: ProxyRuntime { self.current.get() }
+    /// The newest generation every loop and relay thread has taken (a reload returns once it is this).
+    public var generationInForce: Int { self.inForce.load(ordering: .acquiring) }
+    private let inForce: Atomic<Int>
     private let reloading = Mutex(false)
     private let migrating = MigratingSet()
     /// The latest reconciliation probe results, by listener (admin `GET /reconciliation`).
@@ -150,6 +154,7 @@ public final class ProxyServer: Service, Sendable {
         services.committed(runtime)
         self.backendServices = services
         self.current = RuntimeBox(runtime)
+        self.inForce = Atomic(runtime.generation)
         self.configSource = configSource
         self.ownsGroup = group == nil
         self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: config.threads.resolvedCount)
@@ -497,6 +502,7 @@ public final class ProxyServer: Service, Sendable {
         if let httpRelay {
             for (shard, generation) in zip(httpRelay.shards, relayGenerations) { await shard.use(generation) }
         }
+        self.inForce.store(runtime.generation, ordering: .releasing)
         runtime.metrics.countReload(succeeded: true)
         runtime.logger.info("configuration reloaded", metadata: ["generation": "\(runtime.generation)"])
         // A backend gone from the configuration is drained with migration: its tunnels close (paced) and its keys

@@ -541,10 +541,14 @@ import Testing
             try directory.write("route.lua", #"function route(req) return { backend = "\#(target)" } end"#)
             var config = proxy.server.runtime.config
             config.listeners[0].routing = RoutingScriptConfig(script: script)
-            guard case .success = await proxy.server.reload(config) else {
+            let before = proxy.server.generationInForce
+            guard case .success(let generation) = await proxy.server.reload(config) else {
                 Issue.record("reload failed")
                 return
             }
+            // In force everywhere once the reload returns.
+            #expect(generation == before + 1)
+            #expect(proxy.server.generationInForce == generation)
             try await connection.send("GET /x HTTP/1.1\r\nHost: test\r\n\(NamedOrigins.markerHeader): after\r\n\r\n")
             _ = try await connection.readResponse()
             #expect(origins.receivers(of: "after") == [target])
