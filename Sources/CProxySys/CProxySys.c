@@ -140,6 +140,31 @@ int cproxy_socket_is(int fd, const void *local, uint32_t local_len, const void *
     return 1;
 }
 
+int cproxy_is_listening_on(int fd, const void *local, uint32_t local_len) {
+    int value = 0;
+    socklen_t value_len = sizeof(value);
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &value, &value_len) != 0 || value != SOCK_STREAM) return 0;
+    value_len = sizeof(value);
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &value, &value_len) != 0 || value != 1) return 0;
+    struct sockaddr_storage address;
+    socklen_t length = sizeof(address);
+    if (getsockname(fd, (struct sockaddr *)&address, &length) != 0 || !same_address(&address, local, local_len)) return 0;
+    return 1;
+}
+
+int cproxy_shed_waiting(int fd) {
+    int closed = 0;
+    for (;;) {
+        int accepted = accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+        if (accepted < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            return closed;
+        }
+        close(accepted);
+        closed += 1;
+    }
+}
+
 int cproxy_dup(int fd) { return fcntl(fd, F_DUPFD_CLOEXEC, 0); }
 
 int cproxy_close(int fd) { return close(fd); }
@@ -235,6 +260,8 @@ int cproxy_eventfd(void) { errno = ENOSYS; return -1; }
 void cproxy_eventfd_signal(int fd) { (void)fd; }
 void cproxy_eventfd_drain(int fd) { (void)fd; }
 int cproxy_socket_is(int fd, const void *local, uint32_t local_len, const void *remote, uint32_t remote_len) { return 0; }
+int cproxy_is_listening_on(int fd, const void *local, uint32_t local_len) { return 0; }
+int cproxy_shed_waiting(int fd) { (void)fd; return 0; }
 int cproxy_dup(int fd) { errno = ENOSYS; return -1; }
 int cproxy_close(int fd) { errno = ENOSYS; return -1; }
 long cproxy_send(int fd, const void *bytes, unsigned long count) { errno = ENOSYS; return -1; }

@@ -733,7 +733,11 @@ public final class ProxyServer: Service, Sendable {
             .bind(host: listener.address, port: port)
             .flatMap { channel in
                 // Last in the pipeline, behind NIO's accept handler, which reports there what fails.
-                channel.pipeline.addHandler(AcceptErrorLogger(listener: listener.name, logger: runtime.logger)).map { channel }
+                channel.pipeline.addHandler(
+                    AcceptErrorHandler(
+                        listener: listener.name, listeningFD: ListenerShedding.descriptor(ofListening: channel),
+                        logger: runtime.logger)
+                ).map { channel }
             }
             .get()
     }

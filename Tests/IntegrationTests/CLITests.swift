@@ -202,11 +202,11 @@ import Testing
             """)
     }
 
-    /// `ott-proxy run --config FILE` under `/bin/sh -c "ULIMIT_COMMAND && exec ott-proxy ..."`, its standard error to
-    /// `err`.
+    /// `ott-proxy run --config FILE` under `/bin/bash -c "ULIMIT_COMMAND && exec ott-proxy ..."`, its standard error
+    /// to `err`. (bash, not sh: dash cannot redirect descriptors above 9, which a test opens for the proxy to inherit.)
     static func spawnUnderLimit(_ ulimitCommand: String, config file: URL, err: Pipe) throws -> SpawnedProcess {
         let process = SpawnedProcess(
-            executable: "/bin/sh",
+            executable: "/bin/bash",
             arguments: ["-c", "\(ulimitCommand) && exec \"$0\" run --config \"$1\"", try Self.executable().path, file.path],
             standardError: .pipe(err))
         try process.run()
@@ -312,6 +312,45 @@ import Testing
     /// with `EMFILE` and NIO retries it at once, at full CPU (200 clock ticks in 2 s before the change). Under a hard
     /// limit of 300 (22 connections fit) 350 idle clients connect; once they leave, a request goes through.
     @Test func runKeepsClientsWithinTheOpenFilesLimit() async throws {
+        let run = try await Self.crowd(350, setup: "ulimit -n 300")
+        let log = run.log
+        #expect(run.listening, "log: \(log)")
+        #expect(run.connected == 350, "only \(run.connected) clients connected; log: \(log)")
+        #expect(run.ticks >= 0 && run.ticks < 40, "the proxy used \(run.ticks) clock ticks in 2 s with 350 clients; log: \(log)")
+        #expect(log.contains("limits.max_connections is lowered to 22 for this run"), "log: \(log)")
+        #expect(!log.contains("could not accept or set up a connection"), "log: \(log)")
+        #expect(run.served, "no answer once the clients left (last status \(run.lastStatus)); log: \(log)")
+    }
+
+    /// Descriptors can run out with fewer clients than `max_connections` was lowered to (here: 270 inherited from the
+    /// shell, of a limit of 300). `accept` then fails with `EMFILE`; NIO would retry it at full CPU while connections
+    /// wait, and they would hang. The listener instead closes the waiting connections (`ListenerShedding`), says so in
+    /// its warning, and serves again once descriptors are free.
+    @Test func runClosesWaitingConnectionsWhenDescriptorsRunOut() async throws {
+        let run = try await Self.crowd(60, setup: "ulimit -n 300 && for i in $(seq 10 279); do eval \"exec $i</dev/null\"; done")
+        let log = run.log
+        #expect(run.listening, "log: \(log)")
+        #expect(run.connected == 60, "only \(run.connected) clients connected; log: \(log)")
+        #expect(run.ticks >= 0 && run.ticks < 40, "the proxy used \(run.ticks) clock ticks in 2 s; log: \(log)")
+        #expect(log.contains("waiting_connections_closed="), "log: \(log)")
+        #expect(run.closedByProxy > 0, "no client was closed; log: \(log)")
+        #expect(run.served, "no answer once the clients left (last status \(run.lastStatus)); log: \(log)")
+    }
+
+    /// What a crowd of idle clients did to a proxy started under `setup` (shell commands: limits, descriptors to
+    /// inherit) with `limitedRunConfig`: the clock ticks it used in 2 s with them connected (100 a second), how many
+    /// of them it had closed by then, and whether it served a request once they left.
+    struct CrowdRun {
+        var listening: Bool
+        var connected: Int
+        var ticks: Int
+        var closedByProxy: Int
+        var served: Bool
+        var lastStatus: Int
+        var log: String
+    }
+
+    static func crowd(_ count: Int, setup: String) async throws -> CrowdRun {
         let room = try await RoomServer.start(id: "a", group: MultiThreadedEventLoopGroup.singleton)
         defer { Task { try? await room.stop() } }
         let port = try await Self.freePort()
@@ -319,12 +358,12 @@ import Testing
             Self.limitedRunConfig(port: port, backend: "127.0.0.1:\(room.port)"), name: "run.yaml")
         defer { try? FileManager.default.removeItem(at: file.deletingLastPathComponent()) }
         let err = Pipe()
-        let process = try Self.spawnUnderLimit("ulimit -n 300", config: file, err: err)
+        let process = try Self.spawnUnderLimit(setup, config: file, err: err)
         async let stderr = Self.readToEnd(err)
         let listening = await Self.waitUntilListening(process, port: port)
 
         var clients: [RawHTTPConnection] = []
-        for _ in 0..<350 {
+        for _ in 0..<count {
             guard let client = try? await RawHTTPConnection.connect(port: port) else { break }
             clients.append(client)
         }
@@ -337,7 +376,8 @@ import Testing
         }
         let before = ticks()
         try await Task.sleep(for: .seconds(2))
-        let used = ticks() - before  // clock ticks, 100 a second
+        let used = ticks() - before
+        let closedByProxy = clients.filter(\.isClosed).count
         for client in clients { await client.close() }
 
         // Descriptors free again: a request goes through.
@@ -350,13 +390,9 @@ import Testing
             return status == 200
         }
         await Self.stop(process)
-        let log = String(decoding: await stderr, as: UTF8.self)
-        #expect(listening, "log: \(log)")
-        #expect(clients.count == 350, "only \(clients.count) clients connected; log: \(log)")
-        #expect(used >= 0 && used < 40, "the proxy used \(used) clock ticks in 2 s with 350 clients; log: \(log)")
-        #expect(log.contains("limits.max_connections is lowered to 22 for this run"), "log: \(log)")
-        #expect(!log.contains("could not accept or set up a connection"), "log: \(log)")
-        #expect(served, "no answer once the clients left (last status \(status)); log: \(log)")
+        return CrowdRun(
+            listening: listening, connected: clients.count, ticks: used, closedByProxy: closedByProxy, served: served,
+            lastStatus: status, log: String(decoding: await stderr, as: UTF8.self))
     }
 
     /// The hard open-file limit of this (test) process.

@@ -282,7 +282,7 @@ import Testing
                 do {
                     try await client.sendPing([UInt8(truncatingIfNeeded: round)])
                 } catch {
-                    Issue.record("tunnel closed after \(ContinuousClock.now - opened) despite traffic: \(error)")
+                    Issue.record("tunnel closed after \(ContinuousClock.now - opened) despite traffic, after \(round) pings: \(error) (relayed now: \(proxy.server.relayedTunnels), handed to the relay: \(proxy.server.relayedTunnelsTotal))")
                     return
                 }
                 #expect(try await self.next(client) == .pong([UInt8(truncatingIfNeeded: round)]))

@@ -45,6 +45,14 @@ void cproxy_eventfd_drain(int fd);
  * and port); 0 otherwise. */
 int cproxy_socket_is(int fd, const void *local, uint32_t local_len, const void *remote, uint32_t remote_len);
 
+/* 1 when `fd` is a listening TCP socket bound to `local` (family, address and port); 0 otherwise. */
+int cproxy_is_listening_on(int fd, const void *local, uint32_t local_len);
+
+/* Takes the connections waiting on the (non-blocking) listening socket `fd` off its queue and closes each at once,
+ * until none is left or accept(2) fails otherwise (out of descriptors again, say); returns how many it closed. For a
+ * listener that cannot accept for want of descriptors: the caller frees one first (`ListenerShedding`). */
+int cproxy_shed_waiting(int fd);
+
 /* close(2), named apart from the Swift methods called close. */
 int cproxy_close(int fd);
 
