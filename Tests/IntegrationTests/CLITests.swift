@@ -65,14 +65,10 @@ import Testing
         )
     }
 
-    /// Reads a pipe to its end on a Dispatch thread: a blocking read on the cooperative pool (two threads on a
-    /// two-core machine) would stall every other test running in parallel.
+    /// Reads a pipe to its end on a thread of its own (`onOwnThread`; not a Dispatch global queue's, which on Linux
+    /// are Swift concurrency's too): a blocking read there stalls every other test running in parallel.
     static func readToEnd(_ pipe: Pipe) async -> Data {
-        await withCheckedContinuation { continuation in
-            DispatchQueue.global().async {
-                continuation.resume(returning: pipe.fileHandleForReading.readDataToEndOfFile())
-            }
-        }
+        await onOwnThread { pipe.fileHandleForReading.readDataToEndOfFile() }
     }
 
     static func temporaryFile(_ contents: String, name: String) throws -> URL {

@@ -5,6 +5,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import ProxyCore
+import RedisTestSupport
 import Testing
 
 /// Tunnels carried by the relay threads (`threads.tunnel_relay`, on by default), through a real proxy: what a
@@ -18,12 +19,6 @@ import Testing
         let response = try await connection.readResponse()
         #expect(response.status == 101)
         return connection
-    }
-
-    static func offPool<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
-        await withCheckedContinuation { continuation in
-            Thread { continuation.resume(returning: body()) }.start()
-        }
     }
 
     /// A gauge's value in the proxy's Prometheus text.
@@ -46,7 +41,7 @@ import Testing
             #expect(await self.waitRelayed(proxy, 1))
             // Built and compared on a thread of its own: in a debug build that is real work, which would hold up the
             // concurrency pool (two threads here) that timing-sensitive tests beside this one need.
-            let payload = await Self.offPool { () -> [UInt8] in
+            let payload = await onOwnThread { () -> [UInt8] in
                 var state: UInt64 = 0x9E37_79B9_7F4A_7C15
                 return (0..<(1 << 20)).map { _ in
                     state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
@@ -56,7 +51,7 @@ import Testing
             // Sent all at once while the echo comes back: both directions fill their sockets on the way.
             try await connection.send(bytes: payload)
             let echoed = try await connection.readBytes(count: payload.count, timeout: .seconds(20))
-            let intact = await Self.offPool { echoed == payload }
+            let intact = await onOwnThread { echoed == payload }
             #expect(intact, "the echo differs from what was sent")
             await connection.close()
             #expect(await self.waitRelayed(proxy, 0))

@@ -127,16 +127,10 @@ public final class SpawnedProcess: Sendable {
         self.state.withLock { if $0.status == nil { $0.status = status } }
     }
 
-    /// Waits until the child has ended, blocking a Dispatch thread rather than one of the cooperative pool's (two on
-    /// a two-core machine: a blocked one holds up every test running beside it, as an `openssl` key generation under a
-    /// parallel run's load once did for more than the 10 s a health-check test waited).
+    /// Waits until the child has ended, on a thread of its own (`onOwnThread`): blocking one of Swift concurrency's
+    /// threads (two on a two-core machine) holds up every test running beside it.
     public func exited() async {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            DispatchQueue.global().async {
-                self.waitUntilExit()
-                continuation.resume()
-            }
-        }
+        await onOwnThread { self.waitUntilExit() }
     }
 
     private var rawStatus: Int32 { self.state.withLock { $0.status ?? 0 } }
