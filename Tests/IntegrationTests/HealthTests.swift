@@ -356,7 +356,8 @@ struct HealthTests {
             policyFactory: HeaderRoutingPolicy.factory)
         defer { Task { await server.shutdown() } }
         let id = "app-127.0.0.1:\(origin.port)"
-        #expect(await eventually { server.runtime.table.backends[id] != nil })
+        // In force on every loop, not only in the newest table (a request in between got 500: unknown backend).
+        #expect(await eventually { server.runtime.table.backends[id] != nil && server.generationInForce == server.runtime.generation })
         let ids = Set(server.runtime.table.pools["app"]?.backends.map(\.id) ?? [])
         #expect(ids.isSubset(of: [id, "app-::1:\(origin.port)"]))
         #expect(server.runtime.table.backends[id]?.config.host == "127.0.0.1")

@@ -121,6 +121,8 @@ public final class RedisServerProcess: @unchecked Sendable {
         ]
         if let password { arguments += ["--requirepass", password] }
         arguments += self.extraArguments
+        // The log is appended to by every start: only what this start writes counts.
+        let logStart = (try? FileManager.default.attributesOfItem(atPath: self.logFile.path)[.size] as? Int) ?? 0
         let process = SpawnedProcess(executable: executable, arguments: arguments)
         try process.run()
         self.lock.withLock { self.process = process }
@@ -130,7 +132,15 @@ public final class RedisServerProcess: @unchecked Sendable {
             guard process.isRunning else {
                 throw Failure.didNotStart("exited with \(process.terminationStatus): \(self.logTail())")
             }
-            if self.tls ? await Self.accepts(port: self.port) : await Self.answersPing(port: self.port) { return }
+            // Over TLS a plain PING cannot be sent, and a port that accepts may be someone else's: another test can
+            // bind the port between `freePort()` and this server's bind (this server then fails to bind and exits,
+            // but a connection made first reached the other listener, and a TLS client failed its handshake with
+            // WRONG_VERSION_NUMBER). Redis logs that it is ready only once its own sockets listen.
+            if self.tls {
+                if self.log(from: logStart).contains("Ready to accept connections"), await Self.accepts(port: self.port) { return }
+            } else if await Self.answersPing(port: self.port) {
+                return
+            }
             try await Task.sleep(for: .milliseconds(20))
         }
         throw Failure.didNotStart("no PONG on port \(self.port) within 10 s: \(self.logTail())")
@@ -184,6 +194,12 @@ public final class RedisServerProcess: @unchecked Sendable {
     }
 
     public var isRunning: Bool { self.lock.withLock { self.process?.isRunning ?? false } }
+
+    /// The log from byte `offset` on.
+    private func log(from offset: Int) -> String {
+        guard let data = try? Data(contentsOf: self.logFile), data.count > offset else { return "" }
+        return String(decoding: data[offset...], as: UTF8.self)
+    }
 
     private func logTail() -> String {
         let text = (try? String(contentsOf: self.logFile, encoding: .utf8)) ?? ""
