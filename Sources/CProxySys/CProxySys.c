@@ -152,12 +152,13 @@ int cproxy_is_listening_on(int fd, const void *local, uint32_t local_len) {
     return 1;
 }
 
-int cproxy_shed_waiting(int fd) {
+int cproxy_shed_waiting(int fd, int *stopped_by) {
     int closed = 0;
     for (;;) {
         int accepted = accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
         if (accepted < 0) {
             if (errno == EINTR || errno == ECONNABORTED) continue;
+            *stopped_by = errno;
             return closed;
         }
         close(accepted);
@@ -261,7 +262,7 @@ void cproxy_eventfd_signal(int fd) { (void)fd; }
 void cproxy_eventfd_drain(int fd) { (void)fd; }
 int cproxy_socket_is(int fd, const void *local, uint32_t local_len, const void *remote, uint32_t remote_len) { return 0; }
 int cproxy_is_listening_on(int fd, const void *local, uint32_t local_len) { return 0; }
-int cproxy_shed_waiting(int fd) { (void)fd; return 0; }
+int cproxy_shed_waiting(int fd, int *stopped_by) { (void)fd; *stopped_by = ENOSYS; return 0; }
 int cproxy_dup(int fd) { errno = ENOSYS; return -1; }
 int cproxy_close(int fd) { errno = ENOSYS; return -1; }
 long cproxy_send(int fd, const void *bytes, unsigned long count) { errno = ENOSYS; return -1; }

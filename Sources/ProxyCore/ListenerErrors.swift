@@ -76,17 +76,19 @@ enum ListenerShedding {
     /// Whether the reserve is open now (for tests).
     static var isPrepared: Bool { Self.reserve.withLock { $0 >= 0 } }
 
-    /// Frees the reserve, closes the connections waiting on the listening socket `fd`, and takes the reserve back;
-    /// returns how many connections it closed.
-    static func shedWaiting(on fd: Int32) -> Int {
+    /// Frees the reserve, closes the connections waiting on the listening socket `fd`, and takes the reserve back:
+    /// how many connections it closed, and whether it emptied the queue (`accept` found nothing more) rather than
+    /// stopping at an error (out of descriptors still, when the reserve was gone).
+    static func shedWaiting(on fd: Int32) -> (closed: Int, emptied: Bool) {
         Self.reserve.withLock { reserve in
             if reserve >= 0 {
                 close(reserve)
                 reserve = -1
             }
-            let closed = Int(cproxy_shed_waiting(fd))
+            var stoppedBy: Int32 = 0
+            let closed = Int(cproxy_shed_waiting(fd, &stoppedBy))
             reserve = open("/dev/null", O_RDONLY | O_CLOEXEC)
-            return closed
+            return (closed, stoppedBy == EAGAIN || stoppedBy == EWOULDBLOCK)
         }
     }
 
@@ -94,11 +96,7 @@ enum ListenerShedding {
     /// (`fd=N`, as `TunnelHandler.descriptor(of:)` does) and confirmed to be a listening TCP socket on the channel's
     /// address; nil when it cannot be confirmed.
     static func descriptor(ofListening channel: Channel) -> Int32? {
-        let description = String(describing: channel)
-        guard let range = description.range(of: "fd=") else { return nil }
-        guard let fd = Int32(description[range.upperBound...].prefix(while: \.isNumber)), fd >= 0,
-            let local = channel.localAddress
-        else { return nil }
+        guard let fd = TunnelHandler.describedDescriptor(of: channel), let local = channel.localAddress else { return nil }
         let listening = local.withSockAddr { address, length in cproxy_is_listening_on(fd, address, UInt32(length)) }
         return listening == 1 ? fd : nil
     }
@@ -148,11 +146,12 @@ final class AcceptErrorHandler: ChannelInboundHandler, Sendable {
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         var shed = 0
         if let fd = self.listeningFD, ListenerShedding.isOutOfDescriptors(error) {
-            shed = ListenerShedding.shedWaiting(on: fd)
+            let result = ListenerShedding.shedWaiting(on: fd)
+            shed = result.closed
             // Nothing was waiting: NIO's accept loop tried once more after taking the last connection that fit (the
             // kernel fails `accept` for want of a descriptor before it looks at the queue). No client was turned
-            // away, so there is nothing to say yet.
-            if shed == 0 { return }
+            // away, so there is nothing to say yet. (Without the reserve nothing can be shed: that is logged.)
+            if shed == 0, result.emptied { return }
         }
         let now = self.now()
         let counts: (suppressed: Int, shed: Int)? = self.state.withLock { state in

@@ -106,9 +106,11 @@ import Glibc
         let (server, clients, ended) = try await Self.listenerWithWaiting(3)
         let fd = try #require(ListenerShedding.descriptor(ofListening: server))
         ListenerShedding.prepare()
-        #expect(ListenerShedding.shedWaiting(on: fd) == 3)
+        let first = ListenerShedding.shedWaiting(on: fd)
+        #expect(first.closed == 3 && first.emptied)
         #expect(ListenerShedding.isPrepared, "the reserve is open again")
-        #expect(ListenerShedding.shedWaiting(on: fd) == 0, "nothing is left waiting")
+        let second = ListenerShedding.shedWaiting(on: fd)
+        #expect(second.closed == 0 && second.emptied, "nothing is left waiting")
         // Each client sees its connection end.
         let deadline = ContinuousClock.now + .seconds(5)
         while ended.count.withLock({ $0 }) < 3, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
@@ -152,6 +154,22 @@ import Glibc
         #expect(lines.lines.withLock { $0.count } == 0)
         _ = try? channel.finish()
         try await server.close()
+    }
+
+    /// When the queue cannot be emptied (out of descriptors with no reserve; here a socket that does not listen, so
+    /// `accept` fails with `EINVAL`), the failure is logged: nothing was shed, and NIO keeps retrying.
+    @Test func outOfDescriptorsThatCannotBeShedIsLogged() throws {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        let lines = Lines()
+        let logger = Logger(label: "test") { _ in Capture(lines: lines) }
+        let channel = EmbeddedChannel(handler: AcceptErrorHandler(listener: "public", listeningFD: fd, logger: logger))
+        channel.pipeline.fireErrorCaught(IOError(errnoCode: EMFILE, reason: "accept(descriptor:addr:size:)"))
+        let logged = lines.lines.withLock { $0 }
+        try #require(logged.count == 1)
+        #expect(logged[0].metadata["waiting_connections_closed"] == nil)
+        _ = try? channel.finish()
     }
 
     @Test func theLineSaysHowManyWaitingConnectionsWereClosed() async throws {

@@ -49,9 +49,10 @@ int cproxy_socket_is(int fd, const void *local, uint32_t local_len, const void *
 int cproxy_is_listening_on(int fd, const void *local, uint32_t local_len);
 
 /* Takes the connections waiting on the (non-blocking) listening socket `fd` off its queue and closes each at once,
- * until none is left or accept(2) fails otherwise (out of descriptors again, say); returns how many it closed. For a
- * listener that cannot accept for want of descriptors: the caller frees one first (`ListenerShedding`). */
-int cproxy_shed_waiting(int fd);
+ * until none is left (`*stopped_by` = EAGAIN) or accept(2) fails otherwise (`*stopped_by` = its errno: out of
+ * descriptors still, say); returns how many it closed. For a listener that cannot accept for want of descriptors:
+ * the caller frees one first (`ListenerShedding`). */
+int cproxy_shed_waiting(int fd, int *stopped_by);
 
 /* close(2), named apart from the Swift methods called close. */
 int cproxy_close(int fd);

@@ -303,10 +303,8 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
     /// (`SocketChannel { BaseSocket { fd=N }, ... }`) and trusted only when the kernel says that descriptor is a TCP
     /// socket with exactly the channel's local and peer addresses.
     static func descriptor(of channel: Channel) -> Int32? {
-        let description = String(describing: channel)
-        guard let range = description.range(of: "fd=") else { return nil }
-        guard let fd = Int32(description[range.upperBound...].prefix(while: \.isNumber)), fd >= 0,
-            let local = channel.localAddress, let remote = channel.remoteAddress
+        guard let fd = Self.describedDescriptor(of: channel), let local = channel.localAddress,
+            let remote = channel.remoteAddress
         else { return nil }
         let matches = local.withSockAddr { local, localLength in
             remote.withSockAddr { remote, remoteLength in
@@ -314,6 +312,14 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
             }
         }
         return matches == 1 ? fd : nil
+    }
+
+    /// The `fd=N` in a channel's description, unchecked: callers confirm it with the kernel before they use it.
+    static func describedDescriptor(of channel: Channel) -> Int32? {
+        let description = String(describing: channel)
+        guard let range = description.range(of: "fd=") else { return nil }
+        guard let fd = Int32(description[range.upperBound...].prefix(while: \.isNumber)), fd >= 0 else { return nil }
+        return fd
     }
 
     // MARK: Private
