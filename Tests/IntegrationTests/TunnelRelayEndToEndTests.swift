@@ -96,27 +96,18 @@ import Testing
         defer { Task { await backend.stop() } }
         var lines: [Bool: Logger.Metadata] = [:]
         for relay in [true, false] {
-            let captured = CapturedLog()
-            var config = ProxyConfig(
-                listeners: [ListenerConfig(name: "test", address: "127.0.0.1", port: 0, pool: "main")],
-                pools: [PoolConfig(name: "main", backends: [BackendConfig(id: "echo", host: "127.0.0.1", port: backend.port)])],
-                logging: LoggingConfig(level: .warning, format: .logfmt, accessLog: true))
-            config.threads.tunnelRelay = relay
-            config.timeouts.shutdownGrace = .seconds(1)
-            let access = Logger(label: "access") { _ in CapturingLogHandler(log: captured) }
-            let server = try ProxyServer(config: config, accessLogger: access, group: Self.group)
-            try await server.start()
-            let proxy = ProxyHarness(server: server, port: server.listenerPorts["test"]!, adminPort: nil)
-            let connection = try await self.upgrade(proxy)
-            #expect(await self.waitRelayed(proxy, relay ? 1 : 0))
-            let payload = [UInt8](repeating: 0x42, count: 100_000)
-            try await connection.send(bytes: payload)
-            _ = try await connection.readBytes(count: payload.count, timeout: .seconds(10))
-            await connection.close()
-            let logged = await WSSupport.waitUntil(timeout: .seconds(3)) { captured.entries.contains { $0["status"] == "101" } }
-            #expect(logged, "no access-log line for the tunnel (relay: \(relay))")
-            lines[relay] = captured.entries.first { $0["status"] == "101" }
-            await server.shutdown()
+            try await withLoggedProxy(backendPort: backend.port, relay: relay) { server, captured in
+                let proxy = ProxyHarness(server: server, port: server.listenerPorts["test"]!, adminPort: nil)
+                let connection = try await self.upgrade(proxy)
+                #expect(await self.waitRelayed(proxy, relay ? 1 : 0))
+                let payload = [UInt8](repeating: 0x42, count: 100_000)
+                try await connection.send(bytes: payload)
+                _ = try await connection.readBytes(count: payload.count, timeout: .seconds(10))
+                await connection.close()
+                let logged = await WSSupport.waitUntil(timeout: .seconds(3)) { captured.entries.contains { $0["status"] == "101" } }
+                #expect(logged, "no access-log line for the tunnel (relay: \(relay))")
+                lines[relay] = captured.entries.first { $0["status"] == "101" }
+            }
         }
         let relayed = try #require(lines[true])
         let onNIO = try #require(lines[false])
@@ -125,6 +116,9 @@ import Testing
         #expect(relayed["bytes_out"] == "100000")
         #expect(relayed["bytes_in"] == onNIO["bytes_in"])
         #expect(relayed["bytes_out"] == onNIO["bytes_out"])
+        // The client closed it, on either path.
+        #expect(relayed["end"] == "client")
+        #expect(onNIO["end"] == "client")
     }
 
     @Test func migrationClosesARelayedWebSocketWithTheCloseCode() async throws {
@@ -141,6 +135,67 @@ import Testing
             #expect(await self.waitRelayed(proxy, 0))
         }
     }
+}
+
+/// A tunnel's access-log line (status 101, written when it ends) says why it ended, on NIO's channels and on the
+/// relay alike: `end=client` when the client closed first, `end=idle` after `timeouts.tunnel_idle` with no traffic.
+@Suite struct TunnelEndTests {
+    @Test(arguments: [true, false])
+    func aTunnelsAccessLogLineSaysWhyItEnded(relay: Bool) async throws {
+        let backend = try await EchoUpgradeBackend.start()
+        defer { Task { await backend.stop() } }
+        try await withLoggedProxy(backendPort: backend.port, relay: relay, tunnelIdle: .seconds(1)) { server, captured in
+            let port = try #require(server.listenerPorts["test"])
+            func open(_ path: String) async throws -> RawHTTPConnection {
+                let connection = try await RawHTTPConnection.connect(port: port)
+                try await connection.send(WSSupport.upgradeRequest(path: path))
+                #expect(try await connection.readResponse().status == 101)
+                return connection
+            }
+            let closing = try await open("/closed-by-client")
+            let idle = try await open("/left-idle")
+            if relay {
+                #expect(await WSSupport.waitUntil(timeout: .seconds(3)) { server.relayedTunnels == 2 })
+            }
+            await closing.close()
+            #expect(await idle.waitForClose(timeout: .seconds(5)), "the idle tunnel stayed open")
+            let logged = await WSSupport.waitUntil(timeout: .seconds(3)) { captured.entries.count >= 2 }
+            #expect(logged, "\(captured.entries)")
+            var ends: [String: String] = [:]
+            for entry in captured.entries {
+                if case .string(let path) = entry["path"], case .string(let end) = entry["end"] { ends[path] = end }
+                #expect(entry["status"] == "101")
+            }
+            #expect(ends == ["/closed-by-client": "client", "/left-idle": "idle"], "\(captured.entries)")
+            #expect(server.relayedTunnelsTotal == (relay ? 2 : 0))
+            await idle.close()
+        }
+    }
+}
+
+/// A proxy in front of one backend (`echo`), its access log captured, with the tunnel relay on or off; shut down
+/// afterwards.
+func withLoggedProxy(
+    backendPort: Int, relay: Bool, tunnelIdle: TimeAmount? = nil, _ body: (ProxyServer, CapturedLog) async throws -> Void
+) async throws {
+    let captured = CapturedLog()
+    var config = ProxyConfig(
+        listeners: [ListenerConfig(name: "test", address: "127.0.0.1", port: 0, pool: "main")],
+        pools: [PoolConfig(name: "main", backends: [BackendConfig(id: "echo", host: "127.0.0.1", port: backendPort)])],
+        logging: LoggingConfig(level: .warning, format: .logfmt, accessLog: true))
+    config.threads.tunnelRelay = relay
+    if let tunnelIdle { config.timeouts.tunnelIdle = tunnelIdle }
+    config.timeouts.shutdownGrace = .seconds(1)
+    let access = Logger(label: "access") { _ in CapturingLogHandler(log: captured) }
+    let server = try ProxyServer(config: config, accessLogger: access, group: MultiThreadedEventLoopGroup.singleton)
+    try await server.start()
+    do {
+        try await body(server, captured)
+    } catch {
+        await server.shutdown()
+        throw error
+    }
+    await server.shutdown()
 }
 
 /// Access-log entries' metadata, as the proxy logged them.

@@ -19,17 +19,21 @@ import Glibc
         /// The client's and the backend's end.
         let client: Int32
         let backend: Int32
-        /// Bytes from the client and from the backend, as reported when the tunnel ended.
+        /// Bytes from the client and from the backend, and why, as reported when the tunnel ended.
         let closed = Reported()
 
         final class Reported: Sendable {
             private let value = Mutex<(Int, Int)?>(nil)
+            private let reason = Mutex<TunnelEnd?>(nil)
             private let time = Mutex<ContinuousClock.Instant?>(nil)
-            func set(_ counts: (Int, Int)) {
+            func set(_ counts: (Int, Int), end: TunnelEnd) {
                 self.time.withLock { $0 = .now }
+                self.reason.withLock { $0 = end }
                 self.value.withLock { $0 = counts }
             }
             func withLock<T>(_ body: ((Int, Int)?) -> T) -> T { self.value.withLock { body($0) } }
+            /// Why the relay said the tunnel ended.
+            var end: TunnelEnd? { self.reason.withLock { $0 } }
             /// When the relay reported the end (on its own thread, so a busy test task does not skew it).
             var at: ContinuousClock.Instant? { self.time.withLock { $0 } }
         }
@@ -44,8 +48,8 @@ import Glibc
             self.tunnel = RelayedTunnel(
                 clientFD: clientNear, backendFD: backendNear, tracker: webSocket ? WebSocketFrameTracker() : nil,
                 idleTimeout: idleTimeout
-            ) { fromClient, fromBackend in
-                closed.set((fromClient, fromBackend))
+            ) { fromClient, fromBackend, end in
+                closed.set((fromClient, fromBackend), end: end)
             }
             self.relay.shards[0].adopt(self.tunnel)
         }
@@ -148,6 +152,7 @@ import Glibc
         let reported = await waitFor { rig.closed.withLock { $0 } }
         #expect(reported?.0 == 13)
         #expect(reported?.1 == 14)
+        #expect(rig.closed.end == .client)
         #expect(rig.relay.count == 0)
         await rig.stop()
     }
@@ -168,6 +173,7 @@ import Glibc
         #expect(received.bytes == expected)
         #expect(await Self.seesEnd(rig.client))
         #expect(await waitFor { rig.closed.withLock { $0 } }?.1 == expected.count)
+        #expect(rig.closed.end == .backend)
         await rig.stop()
     }
 
@@ -263,6 +269,7 @@ import Glibc
         #expect(await Self.seesEnd(rig.client))
         #expect(await Self.seesEnd(rig.backend))
         #expect(await waitFor { rig.closed.withLock { $0 } } != nil)
+        #expect(rig.closed.end == .proxy)
         await rig.stop()
     }
 
@@ -275,6 +282,8 @@ import Glibc
         rig.relay.shards[0].close(rig.tunnel, code: 4010)
         #expect(await Self.seesEnd(rig.client), "the client got bytes after the partial frame")
         #expect(await Self.seesEnd(rig.backend))
+        #expect(await waitFor { rig.closed.withLock { $0 } } != nil)
+        #expect(rig.closed.end == .proxy)
         await rig.stop()
     }
 
@@ -304,6 +313,8 @@ import Glibc
         #expect(idleEnd - started < .milliseconds(2500))
         #expect(busyEnd - lastByte >= .milliseconds(990), "closed \(busyEnd - lastByte) after the last byte")
         #expect(busy.closed.withLock { $0 }?.0 == bytes)
+        #expect(idle.closed.end == .idle)
+        #expect(busy.closed.end == .idle)
         await idle.stop()
         await busy.stop()
     }
@@ -314,6 +325,7 @@ import Glibc
         _ = await Self.read(rig.backend, count: 3)
         await rig.relay.stop()
         #expect(rig.closed.withLock { $0 }?.0 == 3)
+        #expect(rig.closed.end == .proxy)
         #expect(await Self.seesEnd(rig.client))
         #expect(await Self.seesEnd(rig.backend))
         close(rig.client)

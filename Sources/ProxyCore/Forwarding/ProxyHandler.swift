@@ -1099,7 +1099,8 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
         ProxyHandler.logAccess(
             runtime: runtime, listener: record.listener, clientIP: record.clientIP, method: record.method,
             clientURI: record.clientURI, backend: record.backend.id, bytesIn: record.bytesIn + tunnel.bytesFromClient,
-            bytesOut: record.bytesOut + tunnel.bytesFromBackend, started: record.started, status: 101)
+            bytesOut: record.bytesOut + tunnel.bytesFromBackend, started: record.started, status: 101,
+            end: tunnel.end ?? .error)
     }
 
     // MARK: Logging and metrics
@@ -1145,23 +1146,23 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
 
     private static func logAccess(
         runtime: ProxyRuntime, listener: ListenerContext, clientIP: String, method: HTTPMethod, clientURI: String,
-        backend: String, bytesIn: Int, bytesOut: Int, started: NIODeadline, status: Int
+        backend: String, bytesIn: Int, bytesOut: Int, started: NIODeadline, status: Int, end: TunnelEnd? = nil
     ) {
         guard runtime.accessLog else { return }
         let elapsed = NIODeadline.now() - started
-        runtime.accessLogger.info(
-            "request",
-            metadata: [
-                "listener": "\(listener.name)",
-                "client": "\(clientIP)",
-                "method": "\(method.rawValue)",
-                "path": "\(clientURI)",
-                "status": "\(status)",
-                "backend": "\(backend)",
-                "bytes_in": "\(bytesIn)",
-                "bytes_out": "\(bytesOut)",
-                "duration_ms": "\(Double(elapsed.nanoseconds / 1000) / 1000)",
-            ]
-        )
+        var metadata: Logger.Metadata = [
+            "listener": "\(listener.name)",
+            "client": "\(clientIP)",
+            "method": "\(method.rawValue)",
+            "path": "\(clientURI)",
+            "status": "\(status)",
+            "backend": "\(backend)",
+            "bytes_in": "\(bytesIn)",
+            "bytes_out": "\(bytesOut)",
+            "duration_ms": "\(Double(elapsed.nanoseconds / 1000) / 1000)",
+        ]
+        // A tunnel's line (status 101, written when it ends) also says why it ended.
+        if let end { metadata["end"] = "\(end.rawValue)" }
+        runtime.accessLogger.info("request", metadata: metadata)
     }
 }

@@ -79,6 +79,8 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
     private var relay: (shard: RelayShard, tunnel: RelayedTunnel)?
     /// Reads delivered while reads were held for the hand-over (each one is a write to the other side).
     private var readsWhileHolding = 0
+    /// Why the tunnel ended (the first reason; nil while it is open).
+    private(set) var end: TunnelEnd?
 
     init(webSocket: Bool, record: Record) {
         self.frameTracker = webSocket ? WebSocketFrameTracker() : nil
@@ -135,6 +137,7 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if self.end == nil { self.end = .error }
         context.close(promise: nil)
     }
 
@@ -168,6 +171,7 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
 
     /// The tunnel passed no bytes for its idle timeout: close it.
     func closeIdle() {
+        if self.end == nil { self.end = .idle }
         self.client?.close(promise: nil)
     }
 
@@ -181,6 +185,7 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
         }
         guard let client = self.client, !self.flags.contains(.closing) else { return }
         self.flags.insert(.closing)
+        if self.end == nil { self.end = .proxy }
         if let tracker = self.frameTracker, tracker.atFrameBoundary, client.channel.isActive {
             let frame = WebSocketFrameTracker.closeFrame(code: code, allocator: client.channel.allocator)
             client.writeAndFlush(Self.wrapOutboundOut(frame)).assumeIsolated().whenComplete { _ in
@@ -191,8 +196,10 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
         }
     }
 
-    /// Runs `onClose`, once: when the first side closes, or when the tunnel could not be set up.
-    func reportClosed() {
+    /// Runs `onClose`, once: when the first side closes, or when the tunnel could not be set up (`end` is kept when
+    /// a reason was already known).
+    func reportClosed(_ end: TunnelEnd = .error) {
+        if self.end == nil { self.end = end }
         guard !self.flags.contains(.closed) else { return }
         self.flags.insert(.closed)
         self.onClose?(self)
@@ -250,13 +257,13 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
         let relayed = RelayedTunnel(
             clientFD: clientCopy, backendFD: backendCopy, tracker: self.frameTracker,
             idleTimeout: self.record.runtime.config.timeouts.tunnelIdle
-        ) { fromClient, fromBackend in
+        ) { fromClient, fromBackend, end in
             metrics.tunnelsRelayed.decrement()
             if counted {
                 connections.relayedClosed()
                 metrics.connectionClosed(listener: listener)
             }
-            loop.execute { bound.value.relayEnded(fromClient: fromClient, fromBackend: fromBackend) }
+            loop.execute { bound.value.relayEnded(fromClient: fromClient, fromBackend: fromBackend, end: end) }
         }
         self.flags.insert(.relayed)
         metrics.tunnelsRelayed.increment()
@@ -269,11 +276,11 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
         link.shard.adopt(relayed)
     }
 
-    private func relayEnded(fromClient: Int, fromBackend: Int) {
+    private func relayEnded(fromClient: Int, fromBackend: Int, end: TunnelEnd) {
         self.bytesFromClient &+= fromClient
         self.bytesFromBackend &+= fromBackend
         self.relay = nil
-        self.reportClosed()
+        self.reportClosed(end)
     }
 
     private static let warned = Atomic<Bool>(false)
@@ -331,7 +338,7 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
     /// One side went away: report the tunnel closed (once), then deliver what is already queued to the other side
     /// and close it.
     private func sideClosed(_ context: ChannelHandlerContext) {
-        self.reportClosed()
+        self.reportClosed(context === self.client ? .client : .backend)
         guard let other = self.partner(of: context), other.channel.isActive else { return }
         let empty = other.channel.allocator.buffer(capacity: 0)
         other.writeAndFlush(Self.wrapOutboundOut(empty)).assumeIsolated().whenComplete { _ in

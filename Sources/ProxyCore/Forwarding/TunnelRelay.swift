@@ -57,7 +57,7 @@ final class TunnelRelay: Sendable {
 final class RelayedTunnel: @unchecked Sendable {
     /// The tunnel ended (first side closed, idle timeout, proxy-side close): bytes relayed from the client and from
     /// the backend while relayed. Called once, on the relay thread.
-    typealias Closed = @Sendable (_ fromClient: Int, _ fromBackend: Int) -> Void
+    typealias Closed = @Sendable (_ fromClient: Int, _ fromBackend: Int, _ end: TunnelEnd) -> Void
 
     let clientFD: Int32
     let backendFD: Int32
@@ -171,7 +171,7 @@ final class RelayShard: @unchecked Sendable {
             self.live.subtract(1, ordering: .relaxed)
             let closed = tunnel.onClosed
             tunnel.onClosed = nil
-            closed?(0, 0)
+            closed?(0, 0, .proxy)
         case .close:
             break
         case .stop(let done):
@@ -204,7 +204,7 @@ final class RelayShard: @unchecked Sendable {
             case .close(let tunnel, let code):
                 self.closeFromProxy(tunnel, code: code)
             case .stop(let done):
-                for tunnel in self.tunnels.all { self.finish(tunnel) }
+                for tunnel in self.tunnels.all { self.finish(tunnel, .proxy) }
                 done.resume()
                 return false
             }
@@ -220,7 +220,7 @@ final class RelayShard: @unchecked Sendable {
         guard cproxy_epoll_ctl(self.epoll, 1, tunnel.clientFD, interest, UInt64(slot) << 1) == 0,
             cproxy_epoll_ctl(self.epoll, 1, tunnel.backendFD, interest, UInt64(slot) << 1 | 1) == 0
         else {
-            self.finish(tunnel)
+            self.finish(tunnel, .error)
             return
         }
         tunnel.interest = (interest, interest)
@@ -233,7 +233,7 @@ final class RelayShard: @unchecked Sendable {
 
     private func handle(_ tunnel: RelayedTunnel, side: Int, events: UInt32) {
         if events & CPROXY_EV_ERR != 0 {
-            self.finish(tunnel)
+            self.finish(tunnel, .error)
             return
         }
         if events & CPROXY_EV_OUT != 0 {
@@ -243,7 +243,7 @@ final class RelayShard: @unchecked Sendable {
             if events & (CPROXY_EV_IN | CPROXY_EV_HUP | CPROXY_EV_RDHUP) != 0 { self.relay(tunnel, from: side) }
         } else if events & CPROXY_EV_HUP != 0 {
             // A side only written to (a drain) hung up: what is pending for it cannot be delivered.
-            self.finish(tunnel)
+            self.finish(tunnel, side == 0 ? .client : .backend)
         }
     }
 
@@ -267,7 +267,7 @@ final class RelayShard: @unchecked Sendable {
                 var written = cproxy_send(target, bytes.baseAddress, UInt(count))
                 if written < 0 {
                     guard errno == EAGAIN || errno == EWOULDBLOCK else {
-                        self.finish(tunnel)
+                        self.finish(tunnel, .error)
                         return
                     }
                     written = 0
@@ -286,7 +286,7 @@ final class RelayShard: @unchecked Sendable {
                 return
             } else {
                 if errno == EINTR { continue }
-                if errno != EAGAIN && errno != EWOULDBLOCK { self.finish(tunnel) }
+                if errno != EAGAIN && errno != EWOULDBLOCK { self.finish(tunnel, .error) }
                 return
             }
         }
@@ -302,7 +302,7 @@ final class RelayShard: @unchecked Sendable {
             if written < 0 {
                 if errno == EINTR { continue }
                 guard errno == EAGAIN || errno == EWOULDBLOCK else {
-                    self.finish(tunnel)
+                    self.finish(tunnel, .error)
                     return false
                 }
                 self.setPending(tunnel, to: side, buffer)
@@ -313,7 +313,7 @@ final class RelayShard: @unchecked Sendable {
         }
         self.setPending(tunnel, to: side, nil)
         if tunnel.draining {
-            self.finish(tunnel)
+            self.finish(tunnel, .proxy)  // (already reported: the side that ended, or the proxy's close)
             return false
         }
         // Written out: the side that was held behind it is read again.
@@ -323,10 +323,10 @@ final class RelayShard: @unchecked Sendable {
 
     /// `side` ended its stream: the tunnel ends (reported now); the other side gets what is pending for it first.
     private func sideEnded(_ tunnel: RelayedTunnel, side: Int) {
-        self.report(tunnel)
+        self.report(tunnel, side == 0 ? .client : .backend)
         self.closeSide(tunnel, side)
         guard self.pending(tunnel, to: 1 - side) != nil else {
-            self.finish(tunnel)
+            self.finish(tunnel, .proxy)  // (already reported)
             return
         }
         tunnel.draining = true
@@ -336,11 +336,11 @@ final class RelayShard: @unchecked Sendable {
     private func closeFromProxy(_ tunnel: RelayedTunnel, code: UInt16) {
         guard tunnel.slot >= 0, tunnel.open.0, !tunnel.draining else { return }
         guard let tracker = tunnel.tracker, tracker.atFrameBoundary else {
-            self.finish(tunnel)
+            self.finish(tunnel, .proxy)
             return
         }
         // The backend side closes now; the client gets what is pending, then the close frame, then the end.
-        self.report(tunnel)
+        self.report(tunnel, .proxy)
         self.closeSide(tunnel, 1)
         var frame = self.pending(tunnel, to: 0) ?? self.allocator.buffer(capacity: 4)
         frame.writeBytes([0x88, 0x02, UInt8(code >> 8), UInt8(code & 0xFF)])
@@ -349,10 +349,10 @@ final class RelayShard: @unchecked Sendable {
         self.flush(tunnel, to: 0)
     }
 
-    /// Closes both sides (those still open) and frees the slot; reports the end if not yet done.
-    private func finish(_ tunnel: RelayedTunnel) {
+    /// Closes both sides (those still open) and frees the slot; reports the end (as `end`) if not yet done.
+    private func finish(_ tunnel: RelayedTunnel, _ end: TunnelEnd) {
         guard tunnel.slot >= 0 else { return }
-        self.report(tunnel)
+        self.report(tunnel, end)
         self.closeSide(tunnel, 0)
         self.closeSide(tunnel, 1)
         tunnel.pending = (nil, nil)
@@ -361,10 +361,11 @@ final class RelayShard: @unchecked Sendable {
         self.live.subtract(1, ordering: .relaxed)
     }
 
-    private func report(_ tunnel: RelayedTunnel) {
+    /// Reports the tunnel's end once; the first reason given is the one reported.
+    private func report(_ tunnel: RelayedTunnel, _ end: TunnelEnd) {
         guard let closed = tunnel.onClosed else { return }
         tunnel.onClosed = nil
-        closed(tunnel.fromClient, tunnel.fromBackend)
+        closed(tunnel.fromClient, tunnel.fromBackend, end)
     }
 
     private func closeSide(_ tunnel: RelayedTunnel, _ side: Int) {
@@ -386,7 +387,7 @@ final class RelayShard: @unchecked Sendable {
                 tunnel.active = false
                 tunnel.lastSeen = now
             } else if now &- tunnel.lastSeen >= tunnel.idleTimeout {
-                self.finish(tunnel)
+                self.finish(tunnel, .idle)
             }
         }
         if self.tunnels.releaseIfEmpty() {
