@@ -371,73 +371,77 @@ struct RedisOwnershipTests {
 
     @Test("release deletes only the owner this proxy knew, never a newer one claimed elsewhere")
     func releaseIsCompareAndDelete() async throws {
-        let redis = try await RedisServerProcess.start()
-        defer { Task { await redis.stop() } }
-        let directory = RedisOwnershipDirectory(
-            configuration: try RedisConfiguration(url: redis.url), prefix: "cad:", eventLoopGroup: RedisCluster.group)
-        try await directory.start()
-        let inspector = RedisClient(configuration: try RedisConfiguration(url: redis.url), eventLoopGroup: RedisCluster.group)
-        defer { _ = inspector.close() }
-        let query = OwnershipQuery(
-            key: "room:x", pool: "main", idleTTL: .seconds(30), stillValid: { _ in true }, place: { _, _ in "r1" })
-        guard case .pending(let future) = directory.resolve(query, on: nil) else {
-            Issue.record("a miss must be pending")
-            return
-        }
-        #expect(try await future.get()?.epoch == 1)
-        // The cached owner is what the request path's quick check answers; it never asks Redis.
-        #expect(directory.validOwner(key: "room:x", pool: "main", stillValid: { _ in true })?.backend == "r1")
-        #expect(directory.validOwner(key: "room:x", pool: "other", stillValid: { _ in true }) == nil)
-        #expect(directory.validOwner(key: "room:x", pool: "main", stillValid: { $0 != "r1" }) == nil)
-        #expect(directory.validOwner(key: "room:y", pool: "main", stillValid: { _ in true }) == nil)
-        // Another proxy replaced the owner meanwhile (epoch 2); this proxy still caches epoch 1.
-        _ = try await inspector.execute(["SET", "cad:{room:x}:owner", "2|r2|main", "PX", "30000"])
-        directory.release(key: "room:x")
-        try await Task.sleep(for: .milliseconds(300))
-        #expect(try await inspector.execute(["GET", "cad:{room:x}:owner"]).string == "2|r2|main")
-        await directory.close()
-    }
-
-    @Test("claim latency over 1,000 claims on loopback")
-    func claimLatency() async throws {
-        let redis = try await RedisServerProcess.start()
-        defer { Task { await redis.stop() } }
-        let directory = RedisOwnershipDirectory(
-            configuration: try RedisConfiguration(url: redis.url), prefix: "bench:",
-            eventLoopGroup: RedisCluster.group)
-        try await directory.start()
-        var samples: [Double] = []
-        for index in 0..<1_100 {
+        // Stopped before the test returns: a stop left to a Task may never run when the run ends, and the
+        // redis-server outlived the test process.
+        try await RedisServerProcess.with { redis in
+            let directory = RedisOwnershipDirectory(
+                configuration: try RedisConfiguration(url: redis.url), prefix: "cad:", eventLoopGroup: RedisCluster.group)
+            try await directory.start()
+            let inspector = RedisClient(configuration: try RedisConfiguration(url: redis.url), eventLoopGroup: RedisCluster.group)
+            defer { _ = inspector.close() }
             let query = OwnershipQuery(
-                key: "bench:\(index)", pool: "main", idleTTL: .seconds(30), stillValid: { _ in true },
-                place: { _, _ in "r1" })
-            let start = ContinuousClock.now
+                key: "room:x", pool: "main", idleTTL: .seconds(30), stillValid: { _ in true }, place: { _, _ in "r1" })
             guard case .pending(let future) = directory.resolve(query, on: nil) else {
                 Issue.record("a miss must be pending")
                 return
             }
-            let ownership = try await future.get()
-            let elapsed = ContinuousClock.now - start
-            #expect(ownership?.backend == "r1")
-            if index >= 100 { samples.append(Double(elapsed.components.attoseconds) / 1e12 + Double(elapsed.components.seconds) * 1e6) }
+            #expect(try await future.get()?.epoch == 1)
+            // The cached owner is what the request path's quick check answers; it never asks Redis.
+            #expect(directory.validOwner(key: "room:x", pool: "main", stillValid: { _ in true })?.backend == "r1")
+            #expect(directory.validOwner(key: "room:x", pool: "other", stillValid: { _ in true }) == nil)
+            #expect(directory.validOwner(key: "room:x", pool: "main", stillValid: { $0 != "r1" }) == nil)
+            #expect(directory.validOwner(key: "room:y", pool: "main", stillValid: { _ in true }) == nil)
+            // Another proxy replaced the owner meanwhile (epoch 2); this proxy still caches epoch 1.
+            _ = try await inspector.execute(["SET", "cad:{room:x}:owner", "2|r2|main", "PX", "30000"])
+            directory.release(key: "room:x")
+            try await Task.sleep(for: .milliseconds(300))
+            #expect(try await inspector.execute(["GET", "cad:{room:x}:owner"]).string == "2|r2|main")
+            await directory.close()
         }
-        samples.sort()
-        let p50 = samples[samples.count / 2]
-        let p99 = samples[samples.count * 99 / 100]
-        print("redis claim latency over \(samples.count) claims: p50 \(Int(p50)) µs, p99 \(Int(p99)) µs")
-        // Cached lookups: no I/O.
-        let cachedStart = ContinuousClock.now
-        for index in 100..<1_100 {
-            let query = OwnershipQuery(
-                key: "bench:\(index)", pool: "main", idleTTL: .seconds(30), stillValid: { _ in true },
-                place: { _, _ in "r1" })
-            guard case .owned = directory.resolve(query, on: nil) else {
-                Issue.record("a cached key must be owned at once")
-                return
+    }
+
+    @Test("claim latency over 1,000 claims on loopback")
+    func claimLatency() async throws {
+        // Stopped before the test returns: a stop left to a Task may never run when the run ends, and the
+        // redis-server outlived the test process.
+        try await RedisServerProcess.with { redis in
+            let directory = RedisOwnershipDirectory(
+                configuration: try RedisConfiguration(url: redis.url), prefix: "bench:",
+                eventLoopGroup: RedisCluster.group)
+            try await directory.start()
+            var samples: [Double] = []
+            for index in 0..<1_100 {
+                let query = OwnershipQuery(
+                    key: "bench:\(index)", pool: "main", idleTTL: .seconds(30), stillValid: { _ in true },
+                    place: { _, _ in "r1" })
+                let start = ContinuousClock.now
+                guard case .pending(let future) = directory.resolve(query, on: nil) else {
+                    Issue.record("a miss must be pending")
+                    return
+                }
+                let ownership = try await future.get()
+                let elapsed = ContinuousClock.now - start
+                #expect(ownership?.backend == "r1")
+                if index >= 100 { samples.append(Double(elapsed.components.attoseconds) / 1e12 + Double(elapsed.components.seconds) * 1e6) }
             }
+            samples.sort()
+            let p50 = samples[samples.count / 2]
+            let p99 = samples[samples.count * 99 / 100]
+            print("redis claim latency over \(samples.count) claims: p50 \(Int(p50)) µs, p99 \(Int(p99)) µs")
+            // Cached lookups: no I/O.
+            let cachedStart = ContinuousClock.now
+            for index in 100..<1_100 {
+                let query = OwnershipQuery(
+                    key: "bench:\(index)", pool: "main", idleTTL: .seconds(30), stillValid: { _ in true },
+                    place: { _, _ in "r1" })
+                guard case .owned = directory.resolve(query, on: nil) else {
+                    Issue.record("a cached key must be owned at once")
+                    return
+                }
+            }
+            let cached = ContinuousClock.now - cachedStart
+            print("redis cached lookups: \(cached / 1_000) each")
+            await directory.close()
         }
-        let cached = ContinuousClock.now - cachedStart
-        print("redis cached lookups: \(cached / 1_000) each")
-        await directory.close()
     }
 }
