@@ -1080,7 +1080,7 @@ final class ProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Upstrea
             }
         } catch {
             self.runtime.logger.error("could not set up tunnel", metadata: ["error": "\(error)"])
-            tunnel.reportClosed()
+            tunnel.reportClosed(.error)
             upstream.channel.close(promise: nil)
             context.close(promise: nil)
         }

@@ -198,7 +198,7 @@ final class TunnelHandler: ChannelDuplexHandler, IdleSweepable {
 
     /// Runs `onClose`, once: when the first side closes, or when the tunnel could not be set up (`end` is kept when
     /// a reason was already known).
-    func reportClosed(_ end: TunnelEnd = .error) {
+    func reportClosed(_ end: TunnelEnd) {
         if self.end == nil { self.end = end }
         guard !self.flags.contains(.closed) else { return }
         self.flags.insert(.closed)
