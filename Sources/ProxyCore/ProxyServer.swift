@@ -312,7 +312,8 @@ public final class ProxyServer: Service, Sendable {
             httpRelay = config.threads.httpRelay
                 ? try HTTPRelay(
                     count: loopPolicies.count, cpus: self.loopCPUs,
-                    generations: try self.makeRelayGenerations(for: runtime, count: loopPolicies.count))
+                    generations: try self.makeRelayGenerations(for: runtime, count: loopPolicies.count),
+                    ioUring: config.threads.ioUring)
                 : nil
         } catch {
             await relay?.stop()

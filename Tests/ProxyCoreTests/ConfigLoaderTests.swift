@@ -197,6 +197,18 @@ struct ConfigLoaderTests {
         )
     }
 
+    @Test("threads.io_uring is on unless set to false, and must be a boolean")
+    func ioUringSwitch() throws {
+        #expect(try ConfigLoader.parse(yaml: minimal, file: "test.yaml").threads.ioUring == true)
+        let off = try ConfigLoader.parse(yaml: minimal + "threads:\n  io_uring: false\n", file: "test.yaml")
+        #expect(off.threads.ioUring == false)
+        #expect(
+            errors(in: minimal + "threads:\n  io_uring: maybe\n") == [
+                error(line: 10, column: 13, path: "threads.io_uring", "expected true or false, got 'maybe'")
+            ]
+        )
+    }
+
     @Test("an admin section without keys enables the admin listener with its defaults")
     func emptyAdminSection() throws {
         let config = try ConfigLoader.parse(yaml: minimal + "admin: {}\n", file: "test.yaml")

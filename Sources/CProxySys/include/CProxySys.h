@@ -67,6 +67,24 @@ long cproxy_send(int fd, const void *bytes, unsigned long count);
  * buffer is full). */
 long cproxy_send_nowait(int fd, const void *bytes, unsigned long count);
 
+/* Sends to many sockets in one system call (SendBatch.c: an io_uring used only for IORING_OP_SEND). Each send is
+ * send(2) with MSG_NOSIGNAL | MSG_DONTWAIT: it writes what the socket takes now and never waits. One batch belongs to
+ * one thread.
+ *
+ * create: a batch of up to `entries` sends (rounded up to a power of two), or NULL with errno set when the kernel has
+ * no io_uring or refuses it (seccomp, io_uring_disabled): then send each with cproxy_send_nowait. */
+typedef struct cproxy_send_batch cproxy_send_batch;
+cproxy_send_batch *cproxy_send_batch_create(unsigned entries);
+void cproxy_send_batch_destroy(cproxy_send_batch *batch);
+/* How many sends one run takes at most. */
+unsigned cproxy_send_batch_capacity(const cproxy_send_batch *batch);
+/* Sends `lengths[i]` bytes from `bytes[i]` to `fds[i]` for i < count (count <= capacity); `results[i]` gets the bytes
+ * written or -errno (-EAGAIN: the socket's buffer is full), as cproxy_send_nowait would return. 0 when every send ran;
+ * -1 (errno set) when the ring failed: then `results[i]` is -ECANCELED for sends never made (send them another way)
+ * and -EINPROGRESS for sends whose outcome is unknown (the stream cannot go on). */
+int cproxy_send_batch_run(cproxy_send_batch *batch, unsigned count, const int32_t *fds, const void *const *bytes,
+                          const uint32_t *lengths, long *results);
+
 /* How many TCP sockets listen on exactly `address` (a sockaddr_in or sockaddr_in6: family, address and port), asked
  * of the kernel with NETLINK_SOCK_DIAG for listening sockets only (so it costs the same however many connections
  * exist); -errno when the kernel cannot be asked. */

@@ -368,6 +368,11 @@ public struct ThreadsConfig: Sendable, Equatable {
     /// routes, with its backend connection; any request the relay does not serve goes back to NIO. Plain (non-TLS)
     /// listeners with the fast path only.
     public var httpRelay: Bool
+    /// The HTTP relay threads write the answers of one pass over their ready connections with one system call, an
+    /// io_uring of sends (`SendBatch`), instead of one `send(2)` each: about a tenth less CPU per request. Where the
+    /// kernel refuses io_uring (a seccomp filter, `kernel.io_uring_disabled`) they use `send(2)` anyway. On by
+    /// default; `false` always uses `send(2)`.
+    public var ioUring: Bool
 
     /// How a listener accepts connections when there is more than one event loop.
     public enum Accept: String, Sendable, Equatable, CaseIterable {
@@ -382,13 +387,14 @@ public struct ThreadsConfig: Sendable, Equatable {
 
     public init(
         count: Int? = nil, cpuAffinity: CPUAffinity = .none, tunnelRelay: Bool = true, accept: Accept = .perLoop,
-        httpRelay: Bool = true
+        httpRelay: Bool = true, ioUring: Bool = true
     ) {
         self.count = count
         self.cpuAffinity = cpuAffinity
         self.tunnelRelay = tunnelRelay
         self.accept = accept
         self.httpRelay = httpRelay
+        self.ioUring = ioUring
     }
 
     /// The number of loops to start.

@@ -54,6 +54,10 @@ final class HTTPRelayShard: @unchecked Sendable {
     /// Answers for clients written at the end of the batch (see `writeHeld()`), and the connections they belong to.
     private var held = ByteBufferAllocator().buffer(capacity: 64 * 1024)
     private var heldConnections: [Connection] = []
+    /// Sends the held answers (`writeHeld()`).
+    private let sendBatch: SendBatch
+    /// The connections of the answers in `sendBatch`, and where each answer is in `held`.
+    private var heldBatch: [(Connection, Range<Int>)] = []
     private var nextSweep: UInt64 = .max
 
     private static let scratchSize = 64 * 1024
@@ -61,9 +65,11 @@ final class HTTPRelayShard: @unchecked Sendable {
     /// Largest body copied behind its head into one send (as the fast path's `coalescedBodyLimit`).
     private static let coalescedBodyLimit = 16 * 1024
 
-    init(index: Int, cpu: Int?, generation: HTTPRelayGeneration) throws {
+    /// `ioUring`: the answers held to the end of a batch go out in one system call (`SendBatch`, `threads.io_uring`).
+    init(index: Int, cpu: Int?, generation: HTTPRelayGeneration, ioUring: Bool = true) throws {
         self.index = index
         self.cpu = cpu
+        self.sendBatch = SendBatch(useRing: ioUring)
         self.generation = generation
         self.core = try RelayThreadCore(isStop: \.isStop)
         self.scratch = .allocate(byteCount: Self.scratchSize, alignment: 16)
@@ -130,6 +136,11 @@ final class HTTPRelayShard: @unchecked Sendable {
         // 64 ready descriptors per wait, as NIO's selector takes: against 256, p99 latency was lower in 6 of 6
         // interleaved keep-alive rounds (2.01–2.53 against 2.34–2.64 ms) at the same throughput (docs/benchmarks.md,
         // "Eleventh session").
+        if let refused = self.sendBatch.prepare(), self.index == 0 {
+            self.generation.runtime.logger.notice(
+                "io_uring is not available: the HTTP relay sends with send(2)",
+                metadata: ["error": "\(String(cString: strerror(refused)))"])
+        }
         self.core.run(
             batch: 64, nextSweep: { self.nextSweep },
             event: { token, events in
@@ -680,6 +691,12 @@ final class HTTPRelayShard: @unchecked Sendable {
         let written = self.held.withUnsafeReadableBytes { raw in
             cproxy_send_nowait(connection.clientFD, raw.baseAddress! + range.lowerBound, UInt(range.count))
         }
+        return self.heldWritten(connection, range, written)
+    }
+
+    /// What a send of the answer held for `connection` (`range` of `held`) wrote, bytes or -errno: what the socket did
+    /// not take waits for it to have room. False when the socket failed.
+    private func heldWritten(_ connection: Connection, _ range: Range<Int>, _ written: Int) -> Bool {
         if written == range.count { return true }
         guard written >= 0 || written == -Int(EAGAIN) else { return false }
         var rest = self.allocator.buffer(capacity: range.count - max(written, 0))
@@ -691,25 +708,42 @@ final class HTTPRelayShard: @unchecked Sendable {
         return true
     }
 
-    /// The end of a batch: the answers held for clients are written now. Holding them until every ready descriptor was
-    /// served sends them together: a client woken by one (on a shared machine, the load generator on this CPU) finds
-    /// the others ready as well, instead of being woken, and preempting this thread, once per answer while ready work
-    /// waits behind it. Requests to backends are not held: that measured no better, and it delays them. Measured in
-    /// docs/benchmarks.md, "Twelfth session".
+    /// The end of a batch: the answers held for clients are written now, together: one system call for all of them
+    /// where the kernel allows it (`SendBatch`). Holding them until every ready descriptor was served sends them
+    /// together: a client woken by one (on a shared machine, the load generator on this CPU) finds the others ready as
+    /// well, instead of being woken, and preempting this thread, once per answer while ready work waits behind it.
+    /// Requests to backends are not held: that measured no better, and it delays them. Measured in
+    /// docs/benchmarks.md, "Twelfth session" and "Sixteenth session".
     private func writeHeld() {
         guard !self.heldConnections.isEmpty else { return }
-        // (By index: serving a request that waited behind an answer may hold another.)
-        var index = 0
-        while index < self.heldConnections.count {
-            let connection = self.heldConnections[index]
-            index += 1
-            guard connection.slot >= 0, connection.heldForClient != nil else { continue }
-            if !self.writeHeld(connection) {
-                self.abort(connection)
-            } else if connection.toClient == nil {
-                self.written(connection)
+        // In rounds: serving a request that waited behind an answer may hold another, sent in the next round.
+        var start = 0
+        while start < self.heldConnections.count {
+            let end = min(self.heldConnections.count, start + self.sendBatch.capacity)
+            self.sendBatch.clear()
+            self.heldBatch.removeAll(keepingCapacity: true)
+            self.held.withUnsafeReadableBytes { raw in
+                for connection in self.heldConnections[start..<end] {
+                    // (A connection is listed again when it held a second answer after its first was written.)
+                    guard connection.slot >= 0, let range = connection.heldForClient else { continue }
+                    connection.heldForClient = nil
+                    _ = self.sendBatch.append(
+                        fd: connection.clientFD, bytes: raw.baseAddress! + range.lowerBound, count: range.count)
+                    self.heldBatch.append((connection, range))
+                }
+                self.sendBatch.run()
             }
+            for (index, (connection, range)) in self.heldBatch.enumerated() where connection.slot >= 0 {
+                if !self.heldWritten(connection, range, self.sendBatch.result(index)) {
+                    self.abort(connection)
+                } else if connection.toClient == nil {
+                    self.written(connection)
+                }
+            }
+            start = end
         }
+        self.sendBatch.clear()
+        self.heldBatch.removeAll(keepingCapacity: true)
         self.heldConnections.removeAll(keepingCapacity: true)
         self.held.clear()
     }
