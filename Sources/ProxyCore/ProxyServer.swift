@@ -313,7 +313,7 @@ public final class ProxyServer: Service, Sendable {
                 ? try HTTPRelay(
                     count: loopPolicies.count, cpus: self.loopCPUs,
                     generations: try self.makeRelayGenerations(for: runtime, count: loopPolicies.count),
-                    ioUring: config.threads.ioUring)
+                    ioUring: config.threads.ioUring, yieldAfterBatch: config.threads.yieldAfterBatch)
                 : nil
         } catch {
             await relay?.stop()

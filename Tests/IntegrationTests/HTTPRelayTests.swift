@@ -277,15 +277,19 @@ import Testing
 
     /// Connections sending a random mix of requests (some served by the relay, some given back: bodies, other keys,
     /// HEAD, chunked and large responses, bursts sent back to back) each get every answer, right and in order; with the
-    /// answers of a batch sent through io_uring (`threads.io_uring`, the default) and with one `send(2)` each.
-    @Test(arguments: [true, false])
-    func randomMixesOfRequestsAreAnsweredInOrder(ioUring: Bool) async throws {
+    /// answers of a batch sent through io_uring (`threads.io_uring`, the default) and with one `send(2)` each, the
+    /// thread yielding after its batches (`threads.yield_after_batch`, the default) and not.
+    @Test(arguments: [(true, true), (false, false)])
+    func randomMixesOfRequestsAreAnsweredInOrder(ioUring: Bool, yieldAfterBatch: Bool) async throws {
         let seed = UInt64.random(in: 1...UInt64.max)
         var generator = SplitMix64(seed: seed)
         try await withOrigin { origin in
             try await withProxy(
                 backends: [(id: "a", port: origin.port)], policyFactory: PathKeyPolicy.factory,
-                configure: { $0.threads.ioUring = ioUring }
+                configure: {
+                    $0.threads.ioUring = ioUring
+                    $0.threads.yieldAfterBatch = yieldAfterBatch
+                }
             ) { proxy in
                 for client in 0..<8 {
                     let connection = try await RawHTTPConnection.connect(port: proxy.port)

@@ -209,6 +209,18 @@ struct ConfigLoaderTests {
         )
     }
 
+    @Test("threads.yield_after_batch is on unless set to false, and must be a boolean")
+    func yieldAfterBatchSwitch() throws {
+        #expect(try ConfigLoader.parse(yaml: minimal, file: "test.yaml").threads.yieldAfterBatch == true)
+        let off = try ConfigLoader.parse(yaml: minimal + "threads:\n  yield_after_batch: false\n", file: "test.yaml")
+        #expect(off.threads.yieldAfterBatch == false)
+        #expect(
+            errors(in: minimal + "threads:\n  yield_after_batch: 1\n") == [
+                error(line: 10, column: 22, path: "threads.yield_after_batch", "expected true or false, got '1'")
+            ]
+        )
+    }
+
     @Test("an admin section without keys enables the admin listener with its defaults")
     func emptyAdminSection() throws {
         let config = try ConfigLoader.parse(yaml: minimal + "admin: {}\n", file: "test.yaml")

@@ -373,6 +373,10 @@ public struct ThreadsConfig: Sendable, Equatable {
     /// kernel refuses io_uring (a seccomp filter, `kernel.io_uring_disabled`) they use `send(2)` anyway. On by
     /// default; `false` always uses `send(2)`.
     public var ioUring: Bool
+    /// An HTTP relay thread that sent anything in a pass over its ready connections yields its CPU afterwards
+    /// (`sched_yield`), so the clients and backends it woke run at once where they share its CPU, instead of when the
+    /// scheduler preempts it. On by default; `false` never yields.
+    public var yieldAfterBatch: Bool
 
     /// How a listener accepts connections when there is more than one event loop.
     public enum Accept: String, Sendable, Equatable, CaseIterable {
@@ -387,7 +391,7 @@ public struct ThreadsConfig: Sendable, Equatable {
 
     public init(
         count: Int? = nil, cpuAffinity: CPUAffinity = .none, tunnelRelay: Bool = true, accept: Accept = .perLoop,
-        httpRelay: Bool = true, ioUring: Bool = true
+        httpRelay: Bool = true, ioUring: Bool = true, yieldAfterBatch: Bool = true
     ) {
         self.count = count
         self.cpuAffinity = cpuAffinity
@@ -395,6 +399,7 @@ public struct ThreadsConfig: Sendable, Equatable {
         self.accept = accept
         self.httpRelay = httpRelay
         self.ioUring = ioUring
+        self.yieldAfterBatch = yieldAfterBatch
     }
 
     /// The number of loops to start.

@@ -35,11 +35,18 @@ final class HTTPRelay: Sendable {
 
     /// Starts `count` relay threads, routing with `generations[i]` (one per shard); with `cpus`, thread `i` is bound to
     /// `cpus[i]`. When a shard cannot be made, those made before it release their descriptors.
-    init(count: Int, cpus: [Int?] = [], generations: [HTTPRelayGeneration], ioUring: Bool = true) throws {
+    init(
+        count: Int, cpus: [Int?] = [], generations: [HTTPRelayGeneration], ioUring: Bool = true,
+        yieldAfterBatch: Bool = true
+    ) throws {
         precondition(generations.count >= max(count, 1))
         let shards = try makeRelayShards(
             count: count,
-            make: { try HTTPRelayShard(index: $0, cpu: $0 < cpus.count ? cpus[$0] : nil, generation: generations[$0], ioUring: ioUring) },
+            make: {
+                try HTTPRelayShard(
+                    index: $0, cpu: $0 < cpus.count ? cpus[$0] : nil, generation: generations[$0], ioUring: ioUring,
+                    yieldAfterBatch: yieldAfterBatch)
+            },
             discard: { $0.discard() })
         self.shards = shards
         for shard in shards { shard.start() }
