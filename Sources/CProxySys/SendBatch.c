@@ -119,6 +119,7 @@ int cproxy_send_batch_run(cproxy_send_batch *batch, unsigned count, const int32_
                           const uint32_t *lengths, long *results) {
     if (count == 0) return 0;
     if (count > batch->entries) {
+        for (unsigned i = 0; i < count; i++) results[i] = -ECANCELED;  /* none sent: the caller sends them itself */
         errno = EINVAL;
         return -1;
     }

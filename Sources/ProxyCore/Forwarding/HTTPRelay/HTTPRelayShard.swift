@@ -724,9 +724,9 @@ final class HTTPRelayShard: @unchecked Sendable {
     /// scheduler preempts it at the end of its slice, a millisecond or more later, with their answers and requests
     /// queuing meanwhile. With one, they run now, and the thread's next batch finds their work done. The scheduler
     /// keeps the thread's share of the CPU (its virtual runtime is unchanged; only its place in the queue moves), and
-    /// where nothing else wants the CPU the call returns at once (about 0.2 µs). Measured in docs/benchmarks.md,
-    /// "Sixteenth session": 50k against 41k requests/s on the benchmark machine, p50 0.96 against 1.31 ms, p99 3.18
-    /// against 3.65 ms, CPU per request 15.7 against 19.8 µs.
+    /// where nothing else wants the CPU the call returns at once (about 0.5 µs on the benchmark machine). Measured in
+    /// docs/benchmarks.md, "Sixteenth session": 50k against 41k requests/s on the benchmark machine, p50 0.96 against
+    /// 1.31 ms, p99 3.18 against 3.65 ms, CPU per request 15.7 against 19.8 µs.
     private func batchEnded() {
         self.writeHeld()
         if self.sentInBatch {
