@@ -19,7 +19,7 @@ import Glibc
 /// One thread only: the ring is created by `prepare()` or the first `run()`, on the thread that will use it (it is set
 /// up for a single submitting thread).
 final class SendBatch {
-    /// Sends one `run()` takes at most; `append` past it runs the batch first.
+    /// Sends one `run()` takes at most (`append` beyond it is a programming error: run and clear the batch first).
     let capacity: Int
     private var ring: OpaquePointer?
     private var ringTried = false
@@ -27,8 +27,8 @@ final class SendBatch {
     private let bytes: UnsafeMutablePointer<UnsafeRawPointer?>
     private let lengths: UnsafeMutablePointer<UInt32>
     private let results: UnsafeMutablePointer<Int>
-    /// Sends appended since the last `run()`.
-    private(set) var count = 0
+    /// Sends appended since the last `clear()`.
+    private var count = 0
     /// Whether sends go through the ring (false before the first `run()`, and where the kernel refuses it).
     var usesRing: Bool { self.ring != nil }
 
@@ -50,8 +50,6 @@ final class SendBatch {
         self.lengths.deallocate()
         self.results.deallocate()
     }
-
-    var isFull: Bool { self.count == self.capacity }
 
     /// Queues a send of `count` bytes at `bytes` (which must stay valid until `run()` returns) to `fd`; its result is
     /// `result(index)` after `run()`, `index` being the number returned here.
