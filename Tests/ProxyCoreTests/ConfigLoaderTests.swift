@@ -185,38 +185,30 @@ struct ConfigLoaderTests {
         )
     }
 
-    @Test("threads.http_relay is on unless set to false, and must be a boolean")
-    func httpRelaySwitch() throws {
-        #expect(try ConfigLoader.parse(yaml: minimal, file: "test.yaml").threads.httpRelay == true)
-        let off = try ConfigLoader.parse(yaml: minimal + "threads:\n  http_relay: false\n", file: "test.yaml")
-        #expect(off.threads.httpRelay == false)
-        #expect(
-            errors(in: minimal + "threads:\n  http_relay: sometimes\n") == [
-                error(line: 10, column: 15, path: "threads.http_relay", "expected true or false, got 'sometimes'")
-            ]
-        )
+    /// The boolean `threads` switches that are on by default, each with a value that is not a boolean.
+    static let onByDefaultSwitches: [(key: String, notABoolean: String)] = [
+        ("http_relay", "sometimes"), ("io_uring", "maybe"), ("yield_after_batch", "1"),
+    ]
+
+    static func threadsSwitch(_ key: String, of config: ProxyConfig) -> Bool? {
+        switch key {
+        case "http_relay": config.threads.httpRelay
+        case "io_uring": config.threads.ioUring
+        case "yield_after_batch": config.threads.yieldAfterBatch
+        default: nil
+        }
     }
 
-    @Test("threads.io_uring is on unless set to false, and must be a boolean")
-    func ioUringSwitch() throws {
-        #expect(try ConfigLoader.parse(yaml: minimal, file: "test.yaml").threads.ioUring == true)
-        let off = try ConfigLoader.parse(yaml: minimal + "threads:\n  io_uring: false\n", file: "test.yaml")
-        #expect(off.threads.ioUring == false)
+    @Test("a threads switch is on unless set to false, and must be a boolean", arguments: onByDefaultSwitches)
+    func threadsSwitches(key: String, notABoolean: String) throws {
+        #expect(Self.threadsSwitch(key, of: try ConfigLoader.parse(yaml: minimal, file: "test.yaml")) == true)
+        let off = try ConfigLoader.parse(yaml: minimal + "threads:\n  \(key): false\n", file: "test.yaml")
+        #expect(Self.threadsSwitch(key, of: off) == false)
         #expect(
-            errors(in: minimal + "threads:\n  io_uring: maybe\n") == [
-                error(line: 10, column: 13, path: "threads.io_uring", "expected true or false, got 'maybe'")
-            ]
-        )
-    }
-
-    @Test("threads.yield_after_batch is on unless set to false, and must be a boolean")
-    func yieldAfterBatchSwitch() throws {
-        #expect(try ConfigLoader.parse(yaml: minimal, file: "test.yaml").threads.yieldAfterBatch == true)
-        let off = try ConfigLoader.parse(yaml: minimal + "threads:\n  yield_after_batch: false\n", file: "test.yaml")
-        #expect(off.threads.yieldAfterBatch == false)
-        #expect(
-            errors(in: minimal + "threads:\n  yield_after_batch: 1\n") == [
-                error(line: 10, column: 22, path: "threads.yield_after_batch", "expected true or false, got '1'")
+            errors(in: minimal + "threads:\n  \(key): \(notABoolean)\n") == [
+                error(
+                    line: 10, column: key.count + 5, path: "threads.\(key)",
+                    "expected true or false, got '\(notABoolean)'")
             ]
         )
     }
