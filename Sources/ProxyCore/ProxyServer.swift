@@ -306,7 +306,10 @@ public final class ProxyServer: Service, Sendable {
         let loopPolicies = try await self.makePolicies(for: runtime)
         // One relay thread per event loop (for tunnels, and one for keep-alive HTTP), bound to the loop's CPU when the
         // loops are bound.
-        let relay = config.threads.tunnelRelay ? try TunnelRelay(count: loopPolicies.count, cpus: self.loopCPUs) : nil
+        let relay = config.threads.tunnelRelay
+            ? try TunnelRelay(
+                count: loopPolicies.count, cpus: self.loopCPUs, yieldAfterBatch: config.threads.yieldAfterBatch)
+            : nil
         let httpRelay: HTTPRelay?
         do {
             httpRelay = config.threads.httpRelay

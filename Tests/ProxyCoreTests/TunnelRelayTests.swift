@@ -38,12 +38,12 @@ import Glibc
             var at: ContinuousClock.Instant? { self.time.withLock { $0 } }
         }
 
-        init(webSocket: Bool = true, idleTimeout: TimeAmount = .seconds(60)) throws {
+        init(webSocket: Bool = true, idleTimeout: TimeAmount = .seconds(60), yieldAfterBatch: Bool = true) throws {
             let (client, clientNear) = try Self.pair()
             let (backend, backendNear) = try Self.pair()
             self.client = client
             self.backend = backend
-            self.relay = try TunnelRelay(count: 1)
+            self.relay = try TunnelRelay(count: 1, yieldAfterBatch: yieldAfterBatch)
             let closed = self.closed
             self.tunnel = RelayedTunnel(
                 clientFD: clientNear, backendFD: backendNear, tracker: webSocket ? WebSocketFrameTracker() : nil,
@@ -211,10 +211,11 @@ import Glibc
     }
 
     /// Both directions at once, each writer and reader with its own random chunk sizes and pauses, so both sides'
-    /// sockets fill and drain in every order: each stream must arrive whole and in order.
-    @Test(arguments: [UInt64(1), 2, 3])
-    func randomTrafficBothWaysArrivesIntact(seed: UInt64) async throws {
-        let rig = try Rig(webSocket: false)
+    /// sockets fill and drain in every order: each stream must arrive whole and in order; with the relay thread
+    /// yielding after its batches (`threads.yield_after_batch`, the default) and not.
+    @Test(arguments: [UInt64(1), 2, 3], [true, false])
+    func randomTrafficBothWaysArrivesIntact(seed: UInt64, yieldAfterBatch: Bool) async throws {
+        let rig = try Rig(webSocket: false, yieldAfterBatch: yieldAfterBatch)
         // About twice what a socket pair holds per direction, so the relay has to keep bytes back both ways.
         let size = 512 << 10
         let (toBackend, toClient) = await Self.offPool { (Self.pattern(size, seed: seed), Self.pattern(size, seed: seed &+ 100)) }
@@ -253,8 +254,8 @@ import Glibc
         async let up = pump(from: rig.client, to: rig.backend, toBackend, seed: seed)
         async let down = pump(from: rig.backend, to: rig.client, toClient, seed: seed &+ 50)
         let (upIntact, downIntact) = await (up, down)
-        #expect(upIntact, "client → backend stream damaged (seed \(seed))")
-        #expect(downIntact, "backend → client stream damaged (seed \(seed))")
+        #expect(upIntact, "client → backend stream damaged (seed \(seed), yield \(yieldAfterBatch))")
+        #expect(downIntact, "backend → client stream damaged (seed \(seed), yield \(yieldAfterBatch))")
         await rig.stop()
     }
 
