@@ -56,12 +56,32 @@ public final class ProxyServer: Service, Sendable {
         }
     }
 
-    /// A loop's HTTP relay shard, the registry a moved connection keeps its place in, and the way back to this loop
-    /// for a connection the shard gives back (`adoptBack`).
-    struct HTTPRelayLink {
-        let shard: HTTPRelayShard
+    /// A loop's way to the HTTP relay shards, the registry a moved connection keeps its place in, and the way back to
+    /// this loop for a connection a shard gives back (`adoptBack`). Used on the loop's thread only.
+    final class HTTPRelayLink {
+        private let shards: [HTTPRelayShard]
+        private var next: Int
         let connections: ConnectionRegistry
         let handBack: @Sendable (_ clientFD: Int32, _ unread: ByteBuffer?, _ listener: ListenerContext) -> Void
+
+        /// Loop `index` starts at shard `index` (modulo their number) and goes round the shards.
+        init(
+            shards: [HTTPRelayShard], index: Int, connections: ConnectionRegistry,
+            handBack: @escaping @Sendable (_ clientFD: Int32, _ unread: ByteBuffer?, _ listener: ListenerContext) -> Void
+        ) {
+            precondition(!shards.isEmpty)
+            self.shards = shards
+            self.next = index % shards.count
+            self.connections = connections
+            self.handBack = handBack
+        }
+
+        /// The shard the next moved connection goes to: in turn, so that connections are dealt out evenly whether
+        /// there are fewer shards than loops (`threads.http_relay_count`, half the loops by default) or more.
+        func nextShard() -> HTTPRelayShard {
+            defer { self.next = (self.next + 1) % self.shards.count }
+            return self.shards[self.next]
+        }
     }
 
     /// A loop's relay shard, and the registry a relayed tunnel keeps its connection's place in.
@@ -270,6 +290,12 @@ public final class ProxyServer: Service, Sendable {
         }
     }
 
+    /// Connections moved to each HTTP relay thread since the start, in thread order (one entry per thread,
+    /// `threads.http_relay_count`); empty when the relay is off or the server is not started.
+    public var httpRelayMovedPerThread: [Int] {
+        self.started.withLock { $0?.httpRelay?.shards.map { $0.adopted.load(ordering: .relaxed) } ?? [] }
+    }
+
     /// The fast path's direct writes since the start, summed over the event loops (`DirectWriter`).
     public func directWriteCounts() async -> DirectWriteCounts {
         guard let loopStates = self.started.withLock({ $0?.loopStates }) else { return DirectWriteCounts() }
@@ -304,18 +330,19 @@ public final class ProxyServer: Service, Sendable {
             maxIdlePerBackend: config.limits.maxIdleUpstreamPerBackend
         )
         let loopPolicies = try await self.makePolicies(for: runtime)
-        // One relay thread per event loop (for tunnels, and one for keep-alive HTTP), bound to the loop's CPU when the
-        // loops are bound.
+        // One tunnel relay thread per event loop, and `threads.http_relay_count` HTTP relay threads (half the loops by
+        // default); relay thread `i` is bound to loop `i`'s CPU when the loops are bound.
         let relay = config.threads.tunnelRelay
             ? try TunnelRelay(
                 count: loopPolicies.count, cpus: self.loopCPUs, yieldAfterBatch: config.threads.yieldAfterBatch)
             : nil
         let httpRelay: HTTPRelay?
+        let httpRelayCount = config.threads.resolvedHTTPRelayCount(loops: loopPolicies.count)
         do {
             httpRelay = config.threads.httpRelay
                 ? try HTTPRelay(
-                    count: loopPolicies.count, cpus: self.loopCPUs,
-                    generations: try self.makeRelayGenerations(for: runtime, count: loopPolicies.count),
+                    count: httpRelayCount, cpus: self.loopCPUs,
+                    generations: try self.makeRelayGenerations(for: runtime, count: httpRelayCount),
                     ioUring: config.threads.ioUring, yieldAfterBatch: config.threads.yieldAfterBatch)
                 : nil
         } catch {
@@ -327,13 +354,10 @@ public final class ProxyServer: Service, Sendable {
         do {
             for (index, (loop, policies)) in loopPolicies.enumerated() {
                 let link = relay.map { RelayLink(shard: $0.shards[index % $0.shards.count], connections: connections) }
-                let httpLink = httpRelay.map { httpRelay in
-                    HTTPRelayLink(
-                        shard: httpRelay.shards[index % httpRelay.shards.count], connections: connections,
-                        handBack: { [weak self] fd, unread, listener in
-                            self?.adoptBack(fd, unread: unread, listener: listener, on: loop)
-                                ?? Self.dropGivenBack(fd, listener: listener, connections: connections, runtime: runtime)
-                        })
+                let relayShards = httpRelay?.shards
+                let handBack: @Sendable (Int32, ByteBuffer?, ListenerContext) -> Void = { [weak self] fd, unread, listener in
+                    self?.adoptBack(fd, unread: unread, listener: listener, on: loop)
+                        ?? Self.dropGivenBack(fd, listener: listener, connections: connections, runtime: runtime)
                 }
                 loopStates[ObjectIdentifier(loop)] = try await loop.submit {
                     NIOLoopBound(
@@ -341,7 +365,9 @@ public final class ProxyServer: Service, Sendable {
                             pool: UpstreamPool(eventLoop: loop, settings: settings),
                             generation: LoopGeneration(runtime: runtime, policies: policies.value),
                             relay: link,
-                            httpRelay: httpLink
+                            httpRelay: relayShards.map {
+                                HTTPRelayLink(shards: $0, index: index, connections: connections, handBack: handBack)
+                            }
                         ),
                         eventLoop: loop
                     )

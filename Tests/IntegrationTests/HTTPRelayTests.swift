@@ -611,6 +611,55 @@ import Testing
         }
     }
 
+    /// `threads.http_relay_count` relay threads (half the loops, at least one, unless set), and each loop deals the
+    /// connections it moves out to them in turn; every connection is served wherever it went.
+    @Test(arguments: [
+        (loops: 1, count: 3 as Int?, expected: [2, 2, 2]),
+        (loops: 2, count: nil, expected: [6]),
+        (loops: 4, count: nil, expected: []),  // two threads; the split follows the kernel's spread over the loops
+    ])
+    func connectionsAreDealtOverTheRelayThreads(loops: Int, count: Int?, expected: [Int]) async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: loops)
+        defer { Task { try? await group.shutdownGracefully() } }
+        try await withOrigin { origin in
+            let proxy = try await ProxyHarness.start(
+                backends: [(id: "a", port: origin.port)], group: group, policyFactory: PathKeyPolicy.factory,
+                configure: { $0.threads.httpRelayCount = count })
+            do {
+                try await self.dealtOut(proxy, loops: loops, expected: expected)
+            } catch {
+                await proxy.stop()
+                throw error
+            }
+            await proxy.stop()
+        }
+    }
+
+    /// Six connections moved (each after its warm-up), how they were dealt out, and one more request on each.
+    private func dealtOut(_ proxy: ProxyHarness, loops: Int, expected: [Int]) async throws {
+        var connections: [RawHTTPConnection] = []
+        for index in 0..<6 {
+            let connection = try await RawHTTPConnection.connect(port: proxy.port)
+            connections.append(connection)
+            try await self.warmUp(connection)
+            #expect(await self.waitUntilRelayed(proxy, index + 1))
+        }
+        let moved = proxy.server.httpRelayMovedPerThread
+        if expected.isEmpty {
+            #expect(moved.count == loops / 2)
+            #expect(moved.reduce(0, +) == 6)
+        } else {
+            #expect(moved == expected)
+        }
+        for (index, connection) in connections.enumerated() {
+            try await connection.send("GET /echo?c=\(index) HTTP/1.1\r\nHost: test\r\n\r\n")
+            #expect(try await connection.readResponse().header("x-origin-uri") == "/echo?c=\(index)")
+            await connection.close()
+        }
+        #expect(proxy.server.httpRelayCounts.requests == 6)
+        #expect(proxy.server.httpRelayCounts.givenBack == 0)
+    }
+
     /// The relay threads carry names the kernel shows (`top -H`, `perf`): "ott-http-N" and "ott-tunnel-N".
     @Test func relayThreadsAreNamed() async throws {
         try await self.withRelayedConnection { _, _, _ in

@@ -185,6 +185,22 @@ struct ConfigLoaderTests {
         )
     }
 
+    @Test("threads.http_relay_count is half the loops (at least one) unless set, and must be in range")
+    func httpRelayCount() throws {
+        let unset = try ConfigLoader.parse(yaml: minimal, file: "test.yaml").threads
+        #expect(unset.httpRelayCount == nil)
+        #expect([1, 2, 3, 4, 5, 16].map { unset.resolvedHTTPRelayCount(loops: $0) } == [1, 1, 1, 2, 2, 8])
+        let three = try ConfigLoader.parse(yaml: minimal + "threads:\n  http_relay_count: 3\n", file: "test.yaml")
+        #expect(three.threads.httpRelayCount == 3)
+        #expect(three.threads.resolvedHTTPRelayCount(loops: 2) == 3)
+        #expect(
+            errors(in: minimal + "threads:\n  http_relay_count: 0\n") == [
+                error(line: 10, column: 21, path: "threads.http_relay_count", "must be between 1 and 1024, got 0")
+            ]
+        )
+        #expect(errors(in: minimal + "threads:\n  http_relay_count: auto\n").map(\.path) == ["threads.http_relay_count"])
+    }
+
     /// The boolean `threads` switches that are on by default, each with a value that is not a boolean.
     static let onByDefaultSwitches: [(key: String, notABoolean: String)] = [
         ("http_relay", "sometimes"), ("io_uring", "maybe"), ("yield_after_batch", "1"),

@@ -495,7 +495,7 @@ final class ConfigDecoder {
 
     private func threads(_ node: Node, path: String) -> ThreadsConfig? {
         let r = self.reader
-        guard let s = r.section(node, path: path, keys: ["count", "cpu_affinity", "tunnel_relay", "accept", "http_relay", "io_uring", "yield_after_batch"]) else { return nil }
+        guard let s = r.section(node, path: path, keys: ["count", "cpu_affinity", "tunnel_relay", "accept", "http_relay", "http_relay_count", "io_uring", "yield_after_batch"]) else { return nil }
         let range = ThreadsConfig.countRange
         return ThreadsConfig(
             count: r.optional(s, "count") { r.int($0, path: $1, min: range.lowerBound, max: range.upperBound) },
@@ -504,6 +504,9 @@ final class ConfigDecoder {
             tunnelRelay: r.optional(s, "tunnel_relay", r.bool) ?? true,
             accept: r.optional(s, "accept") { r.choice($0, path: $1, of: ThreadsConfig.Accept.self) } ?? .perLoop,
             httpRelay: r.optional(s, "http_relay", r.bool) ?? true,
+            httpRelayCount: r.optional(s, "http_relay_count") {
+                r.int($0, path: $1, min: range.lowerBound, max: range.upperBound)
+            },
             ioUring: r.optional(s, "io_uring", r.bool) ?? true,
             yieldAfterBatch: r.optional(s, "yield_after_batch", r.bool) ?? true
         )

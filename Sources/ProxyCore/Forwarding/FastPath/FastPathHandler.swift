@@ -688,8 +688,8 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         self.finishExchange(keepAlive: keepAlive, now: now, context: context)
     }
 
-    /// Moves the connection, with the backend connection its exchange just used, to its loop's HTTP relay thread
-    /// (`HTTPRelay`), between two exchanges: only with no bytes read ahead and nothing of either side queued in NIO,
+    /// Moves the connection, with the backend connection its exchange just used, to an HTTP relay thread
+    /// (`HTTPRelay`, the loop's next in turn), between two exchanges: only with no bytes read ahead and nothing of either side queued in NIO,
     /// so every byte is either answered or still in a socket. Both descriptors are duplicated and both channels
     /// closed (NIO's close is a plain `close(2)`: the connections live on in the copies). False (nothing changed)
     /// when any of that is not so.
@@ -732,7 +732,7 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         self.direct.disable()
         self.cancelDeadlineTimer()
         context.close(promise: nil)
-        link.shard.adopt(relayed)
+        link.nextShard().adopt(relayed)
         return true
     }
 
