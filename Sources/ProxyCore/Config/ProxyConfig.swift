@@ -374,7 +374,7 @@ public struct ThreadsConfig: Sendable, Equatable {
     /// Why not one per loop: each relay thread serves its own connections, so a request waits for its own thread
     /// even while the other one is idle. On a machine shared with the backends (or, in the benchmark, with the load
     /// generator), the thread whose CPU is busy with them falls behind, and its requests make the tail: on 2 cores,
-    /// one relay thread instead of two gave a 15–35 % lower p99 for 17–21 % fewer requests per second at the same CPU
+    /// one relay thread instead of two gave a 14–36 % lower p99 for 17–21 % fewer requests per second at the same CPU
     /// per request (docs/benchmarks.md, "Seventeenth session"). A machine given to the proxy alone gets the most
     /// keep-alive throughput with one per loop.
     public var httpRelayCount: Int?
