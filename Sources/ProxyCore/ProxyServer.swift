@@ -331,7 +331,8 @@ public final class ProxyServer: Service, Sendable {
         )
         let loopPolicies = try await self.makePolicies(for: runtime)
         // One tunnel relay thread per event loop, and `threads.http_relay_count` HTTP relay threads (half the loops by
-        // default); relay thread `i` is bound to loop `i`'s CPU when the loops are bound.
+        // default); relay thread `i` is bound to loop `i`'s CPU when the loops are bound (HTTP relay threads beyond the
+        // loops wrap round).
         let relay = config.threads.tunnelRelay
             ? try TunnelRelay(
                 count: loopPolicies.count, cpus: self.loopCPUs, yieldAfterBatch: config.threads.yieldAfterBatch)

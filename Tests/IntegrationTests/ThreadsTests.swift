@@ -11,13 +11,14 @@ import Testing
 /// (checked in the kernel's list of listening sockets, /proc/net/tcp), and a second process on the same port is
 /// refused.
 @Suite(.serialized) struct ThreadsTests {
-    /// CPU lists of this process's NIO event loop threads that are bound to exactly one CPU, by thread id.
-    static func singleCPULoopThreads() -> [Int: Int] {
+    /// CPU lists of this process's NIO event loop threads (or the threads whose name starts with `prefix`) that are
+    /// bound to exactly one CPU, by thread id.
+    static func singleCPULoopThreads(prefix: String = "NIO-ELT") -> [Int: Int] {
         var bound: [Int: Int] = [:]
         let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
         for task in tasks {
             guard let name = try? String(contentsOfFile: "/proc/self/task/\(task)/comm", encoding: .utf8),
-                name.hasPrefix("NIO-ELT"),
+                name.hasPrefix(prefix),
                 let status = try? String(contentsOfFile: "/proc/self/task/\(task)/status", encoding: .utf8),
                 let line = status.split(separator: "\n").first(where: { $0.hasPrefix("Cpus_allowed_list:") })
             else { continue }
@@ -27,17 +28,18 @@ import Testing
         return bound
     }
 
-    @Test("cpu_affinity auto binds each of the server's own loops to its own CPU")
+    @Test("cpu_affinity auto binds each of the server's own loops to its own CPU, and the relay threads with them")
     func pinsOwnLoops() async throws {
         let allowed = try #require(CPUPinning.allowedCPUs())
         let room = try await RoomServer.start(id: "a", group: MultiThreadedEventLoopGroup.singleton)
         defer { Task { try? await room.stop() } }
         let before = Self.singleCPULoopThreads()
+        let relaysBefore = Self.singleCPULoopThreads(prefix: "ott-")
         var config = ProxyConfig(
             listeners: [ListenerConfig(name: "test", address: "127.0.0.1", port: 0, pool: "main")],
             pools: [PoolConfig(name: "main", backends: [BackendConfig(id: "a", host: "127.0.0.1", port: room.port)])],
             logging: LoggingConfig(level: .warning, format: .logfmt, accessLog: false),
-            threads: ThreadsConfig(count: 2, cpuAffinity: .auto)
+            threads: ThreadsConfig(count: 2, cpuAffinity: .auto, httpRelayCount: 3)
         )
         config.timeouts.shutdownGrace = .seconds(1)
         var logger = Logger(label: "test-proxy")
@@ -49,6 +51,16 @@ import Testing
             #expect(server.loopCPUs == expected.map { Optional($0) })
             let pinned = Self.singleCPULoopThreads().filter { before[$0.key] == nil }
             #expect(pinned.values.sorted() == expected.sorted(), "\(pinned)")
+            // Two tunnel relay threads on the loops' CPUs, and three HTTP relay threads (`http_relay_count: 3`) on
+            // them in turn: the third wraps round to the first loop's CPU. (Each relay thread binds itself as it
+            // starts.)
+            let relaysExpected = (expected + expected + [expected[0]]).sorted()
+            var relays: [Int] = []
+            _ = await WSSupport.waitUntil(timeout: .seconds(3)) {
+                relays = Self.singleCPULoopThreads(prefix: "ott-").filter { relaysBefore[$0.key] == nil }.values.sorted()
+                return relays == relaysExpected
+            }
+            #expect(relays == relaysExpected)
 
             let connection = try await RawHTTPConnection.connect(port: server.listenerPorts["test"]!)
             try await connection.send("GET /rooms/lobby HTTP/1.1\r\nHost: example\r\n\r\n")

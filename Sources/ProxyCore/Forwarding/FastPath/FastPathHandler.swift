@@ -688,11 +688,11 @@ final class FastPathHandler: ChannelDuplexHandler, RemovableChannelHandler, RawU
         self.finishExchange(keepAlive: keepAlive, now: now, context: context)
     }
 
-    /// Moves the connection, with the backend connection its exchange just used, to an HTTP relay thread
-    /// (`HTTPRelay`, the loop's next in turn), between two exchanges: only with no bytes read ahead and nothing of either side queued in NIO,
-    /// so every byte is either answered or still in a socket. Both descriptors are duplicated and both channels
-    /// closed (NIO's close is a plain `close(2)`: the connections live on in the copies). False (nothing changed)
-    /// when any of that is not so.
+    /// Moves the connection, with the backend connection its exchange just used, to an HTTP relay thread (`HTTPRelay`,
+    /// the loop's next in turn), between two exchanges: only with no bytes read ahead and nothing of either side
+    /// queued in NIO, so every byte is either answered or still in a socket. Both descriptors are duplicated and both
+    /// channels closed (NIO's close is a plain `close(2)`: the connections live on in the copies). False (nothing
+    /// changed) when any of that is not so.
     private func moveToRelay(with upstream: UpstreamConnection, context: ChannelHandlerContext) -> Bool {
         guard let link = self.loop.httpRelay, self.mayRelay, self.inbound == nil, !self.readPending, !self.unflushed,
             let clientFD = self.direct.descriptorIfDrained(), upstream.channel.isActive,

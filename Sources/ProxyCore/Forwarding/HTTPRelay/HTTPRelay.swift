@@ -34,7 +34,8 @@ final class HTTPRelay: Sendable {
     let shards: [HTTPRelayShard]
 
     /// Starts `count` relay threads, routing with `generations[i]` (one per shard); with `cpus`, thread `i` is bound to
-    /// `cpus[i]`. When a shard cannot be made, those made before it release their descriptors.
+    /// `cpus[i]`, wrapping round when there are more threads than CPUs listed (`threads.http_relay_count` above the
+    /// loop count). When a shard cannot be made, those made before it release their descriptors.
     init(
         count: Int, cpus: [Int?] = [], generations: [HTTPRelayGeneration], ioUring: Bool = true,
         yieldAfterBatch: Bool = true
@@ -44,7 +45,7 @@ final class HTTPRelay: Sendable {
             count: count,
             make: {
                 try HTTPRelayShard(
-                    index: $0, cpu: $0 < cpus.count ? cpus[$0] : nil, generation: generations[$0], ioUring: ioUring,
+                    index: $0, cpu: cpus.isEmpty ? nil : cpus[$0 % cpus.count], generation: generations[$0], ioUring: ioUring,
                     yieldAfterBatch: yieldAfterBatch)
             },
             discard: { $0.discard() })
