@@ -350,6 +350,12 @@ public final class ProxyServer: Service, Sendable {
             await relay?.stop()
             throw error
         }
+        runtime.logger.info(
+            "threads started",
+            metadata: [
+                "event_loops": "\(loopPolicies.count)", "tunnel_relay_threads": "\(relay?.shards.count ?? 0)",
+                "http_relay_threads": "\(httpRelay?.shards.count ?? 0)",
+            ])
         let connections = self.connections
         var loopStates: [ObjectIdentifier: NIOLoopBound<LoopState>] = [:]
         do {
