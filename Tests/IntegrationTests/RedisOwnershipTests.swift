@@ -35,12 +35,31 @@ final class RedisCluster: @unchecked Sendable {
         self.inspector = RedisClient(configuration: try RedisConfiguration(url: redis.url), eventLoopGroup: Self.group)
     }
 
+    /// Starts the server, the rooms and `proxies` proxies; when a step fails, what was started before it is stopped.
     static func start(proxies: Int = 3) async throws -> RedisCluster {
         let redis = try await RedisServerProcess.start()
         var rooms: [RoomServer] = []
-        for id in ["r1", "r2", "r3"] { rooms.append(try await RoomServer.start(id: id, group: Self.group)) }
-        let cluster = try RedisCluster(redis: redis, rooms: rooms)
-        for _ in 0..<proxies { cluster.proxies.append(try await cluster.makeProxy()) }
+        do {
+            for id in ["r1", "r2", "r3"] { rooms.append(try await RoomServer.start(id: id, group: Self.group)) }
+        } catch {
+            for room in rooms { try? await room.stop() }
+            await redis.stop()
+            throw error
+        }
+        let cluster: RedisCluster
+        do {
+            cluster = try RedisCluster(redis: redis, rooms: rooms)
+        } catch {
+            for room in rooms { try? await room.stop() }
+            await redis.stop()
+            throw error
+        }
+        do {
+            for _ in 0..<proxies { cluster.proxies.append(try await cluster.makeProxy()) }
+        } catch {
+            await cluster.stop()
+            throw error
+        }
         return cluster
     }
 
