@@ -76,6 +76,7 @@ void cproxy_name_current_thread(const char *name) {
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -112,6 +113,17 @@ void cproxy_eventfd_drain(int fd) {
     uint64_t value;
     ssize_t ignored = read(fd, &value, sizeof(value));
     (void)ignored;
+}
+
+int cproxy_timerfd(void) { return timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC); }
+
+int cproxy_timerfd_every(int fd, uint64_t interval_ns) {
+    struct itimerspec spec;
+    memset(&spec, 0, sizeof(spec));
+    spec.it_interval.tv_sec = (time_t)(interval_ns / 1000000000u);
+    spec.it_interval.tv_nsec = (long)(interval_ns % 1000000000u);
+    spec.it_value = spec.it_interval;
+    return timerfd_settime(fd, 0, &spec, NULL);
 }
 
 static int same_address(const struct sockaddr_storage *a, const void *b, uint32_t b_len) {
@@ -260,6 +272,8 @@ int cproxy_epoll_wait(int epfd, uint32_t *events, uint64_t *data, int capacity, 
 int cproxy_eventfd(void) { errno = ENOSYS; return -1; }
 void cproxy_eventfd_signal(int fd) { (void)fd; }
 void cproxy_eventfd_drain(int fd) { (void)fd; }
+int cproxy_timerfd(void) { errno = ENOSYS; return -1; }
+int cproxy_timerfd_every(int fd, uint64_t interval_ns) { (void)fd; (void)interval_ns; errno = ENOSYS; return -1; }
 int cproxy_socket_is(int fd, const void *local, uint32_t local_len, const void *remote, uint32_t remote_len) { return 0; }
 int cproxy_is_listening_on(int fd, const void *local, uint32_t local_len) { return 0; }
 int cproxy_shed_waiting(int fd, int *stopped_by) { (void)fd; *stopped_by = ENOSYS; return 0; }

@@ -35,9 +35,10 @@ static int uring_setup(unsigned entries, struct io_uring_params *params, unsigne
 
 cproxy_send_batch *cproxy_send_batch_create(unsigned entries) {
     struct io_uring_params params;
-    /* SUBMIT_ALL: one bad entry does not stop the others; SINGLE_ISSUER + COOP_TASKRUN: one thread submits and
-     * reaps, no interrupts for completions. Older kernels refuse those flags: then the plain ring. */
-    int fd = uring_setup(entries, &params, IORING_SETUP_SUBMIT_ALL | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN);
+    /* SUBMIT_ALL: one bad entry does not stop the others; COOP_TASKRUN: no interrupts for completions. Not
+     * SINGLE_ISSUER: a ring belongs to an HTTP relay shard, and whichever relay thread runs the shard submits (one at
+     * a time). Older kernels refuse those flags: then the plain ring. */
+    int fd = uring_setup(entries, &params, IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN);
     if (fd < 0 && errno == EINVAL) fd = uring_setup(entries, &params, 0);
     if (fd < 0) return NULL;
     if (!(params.features & IORING_FEAT_SINGLE_MMAP) || !(params.features & IORING_FEAT_NODROP)) {

@@ -77,7 +77,7 @@ public final class ProxyServer: Service, Sendable {
         }
 
         /// The shard the next moved connection goes to: in turn, so that connections are dealt out evenly whether
-        /// there are fewer shards than loops (`threads.http_relay_count`, half the loops by default) or more.
+        /// there are as many shards as loops (`threads.http_relay_count`, the default), fewer, or more.
         func nextShard() -> HTTPRelayShard {
             defer { self.next = (self.next + 1) % self.shards.count }
             return self.shards[self.next]
@@ -330,9 +330,9 @@ public final class ProxyServer: Service, Sendable {
             maxIdlePerBackend: config.limits.maxIdleUpstreamPerBackend
         )
         let loopPolicies = try await self.makePolicies(for: runtime)
-        // One tunnel relay thread per event loop, and `threads.http_relay_count` HTTP relay threads (half the loops by
-        // default); relay thread `i` is bound to loop `i`'s CPU when the loops are bound (HTTP relay threads beyond the
-        // loops wrap round).
+        // One tunnel relay thread per event loop, and `threads.http_relay_count` HTTP relay threads and shards (one per
+        // loop by default); relay thread `i` is bound to loop `i`'s CPU when the loops are bound (HTTP relay threads
+        // beyond the loops wrap round).
         let relay = config.threads.tunnelRelay
             ? try TunnelRelay(
                 count: loopPolicies.count, cpus: self.loopCPUs, yieldAfterBatch: config.threads.yieldAfterBatch)

@@ -256,11 +256,10 @@ import Testing
         #expect(process.terminationStatus == 0, "log: \(log)")
         #expect(ContinuousClock.now - signalled < .seconds(5))
         #expect(log.contains("shutting down"), "log: \(log)")
-        // The thread layout is logged at start: by default a tunnel relay thread per loop and half as many HTTP relay
-        // threads (`threads.http_relay_count`).
+        // The thread layout is logged at start: by default a tunnel relay thread and an HTTP relay thread per loop.
         let loops = System.coreCount
         #expect(
-            log.contains("event_loops=\(loops) http_relay_threads=\(max(1, loops / 2)) tunnel_relay_threads=\(loops)"),
+            log.contains("event_loops=\(loops) http_relay_threads=\(loops) tunnel_relay_threads=\(loops)"),
             "log: \(log)")
         // And the port is free again.
         await #expect(throws: (any Error).self) {

@@ -185,11 +185,11 @@ struct ConfigLoaderTests {
         )
     }
 
-    @Test("threads.http_relay_count is half the loops (at least one) unless set, and must be in range")
+    @Test("threads.http_relay_count is one per loop unless set, and must be in range")
     func httpRelayCount() throws {
         let unset = try ConfigLoader.parse(yaml: minimal, file: "test.yaml").threads
         #expect(unset.httpRelayCount == nil)
-        #expect([1, 2, 3, 4, 5, 16].map { unset.resolvedHTTPRelayCount(loops: $0) } == [1, 1, 1, 2, 2, 8])
+        #expect([1, 2, 3, 16].map { unset.resolvedHTTPRelayCount(loops: $0) } == [1, 2, 3, 16])
         let three = try ConfigLoader.parse(yaml: minimal + "threads:\n  http_relay_count: 3\n", file: "test.yaml")
         #expect(three.threads.httpRelayCount == 3)
         #expect(three.threads.resolvedHTTPRelayCount(loops: 2) == 3)

@@ -41,6 +41,15 @@ int cproxy_eventfd(void);
 void cproxy_eventfd_signal(int fd);
 void cproxy_eventfd_drain(int fd);
 
+/* EPOLLONESHOT: the descriptor is reported once, then not again until modified (op 3) with it again. */
+#define CPROXY_EV_ONESHOT 0x40000000u
+
+/* A non-blocking, close-on-exec timerfd on CLOCK_MONOTONIC; -1 on failure. */
+int cproxy_timerfd(void);
+/* Fires every `interval_ns` from now on (0 disarms it); -1 with errno on failure. Read it back with
+ * cproxy_eventfd_drain (both hold an 8-byte count). */
+int cproxy_timerfd_every(int fd, uint64_t interval_ns);
+
 /* 1 when `fd` is a connected TCP socket whose local and peer addresses equal `local` and `remote` (family, address
  * and port); 0 otherwise. */
 int cproxy_socket_is(int fd, const void *local, uint32_t local_len, const void *remote, uint32_t remote_len);

@@ -368,15 +368,8 @@ public struct ThreadsConfig: Sendable, Equatable {
     /// routes, with its backend connection; any request the relay does not serve goes back to NIO. Plain (non-TLS)
     /// listeners with the fast path only.
     public var httpRelay: Bool
-    /// How many HTTP relay threads there are (`threads.http_relay_count`); nil (not set) means half the event loops,
-    /// at least one (`resolvedHTTPRelayCount`).
-    ///
-    /// Why not one per loop: each relay thread serves its own connections, so a request waits for its own thread
-    /// even while the other one is idle. On a machine shared with the backends (or, in the benchmark, with the load
-    /// generator), the thread whose CPU is busy with them falls behind, and its requests make the tail: on 2 cores,
-    /// one relay thread instead of two gave a 14–36 % lower p99 for 17–21 % fewer requests per second at the same CPU
-    /// per request (docs/benchmarks.md, "Seventeenth session"). A machine given to the proxy alone gets the most
-    /// keep-alive throughput with one per loop.
+    /// How many HTTP relay threads (and shards) there are (`threads.http_relay_count`); nil (not set) means one per
+    /// event loop (`resolvedHTTPRelayCount`). The threads serve the shards from one queue (`HTTPRelay`).
     public var httpRelayCount: Int?
     /// The HTTP relay threads write the answers of one pass over their ready connections with one system call, an
     /// io_uring of sends (`SendBatch`), instead of one `send(2)` each: about a tenth less CPU per request. Where the
@@ -416,9 +409,8 @@ public struct ThreadsConfig: Sendable, Equatable {
     /// The number of loops to start.
     public var resolvedCount: Int { self.count ?? System.coreCount }
 
-    /// The number of HTTP relay threads to start with `loops` event loops: `http_relay_count`, or half the loops, at
-    /// least one.
-    public func resolvedHTTPRelayCount(loops: Int) -> Int { self.httpRelayCount ?? max(1, loops / 2) }
+    /// The number of HTTP relay threads to start with `loops` event loops: `http_relay_count`, or one per loop.
+    public func resolvedHTTPRelayCount(loops: Int) -> Int { self.httpRelayCount ?? max(1, loops) }
 }
 
 public struct AdminConfig: Sendable, Equatable {

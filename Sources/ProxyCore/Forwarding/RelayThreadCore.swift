@@ -65,46 +65,79 @@ final class RelayThreadCore<Command: Sendable>: @unchecked Sendable {  // the qu
         batch: Int = 256, nextSweep: () -> UInt64, event: (_ token: UInt64, _ events: UInt32) -> Void, commands: ([Command]) -> Bool,
         refuse: (Command) -> Void, sweep: () -> Void, batchEnded: () -> Void = {}
     ) {
-        var events = [UInt32](repeating: 0, count: batch)
-        var data = [UInt64](repeating: 0, count: batch)
+        let buffers = PassBuffers(capacity: batch)
         while true {
             let now = Self.now()
             let next = nextSweep()
             let timeout = next == .max ? -1 : Int32(clamping: (next &- min(now, next)) / 1_000_000 + 1)
-            let count = events.withUnsafeMutableBufferPointer { events in
-                data.withUnsafeMutableBufferPointer { data in
-                    cproxy_epoll_wait(self.epoll, events.baseAddress, data.baseAddress, Int32(batch), timeout)
-                }
-            }
-            var woken = false
-            if count > 0 {
-                for i in 0..<Int(count) {
-                    if data[i] == Self.wakeToken {
-                        woken = true
-                    } else {
-                        event(data[i], events[i])
-                    }
-                }
-            }
-            if woken {
-                cproxy_eventfd_drain(self.wakeFD)
-                let queued = self.commands.withLock { state in
-                    defer { state.queue.removeAll(keepingCapacity: true) }
-                    if state.queue.contains(where: self.isStop) { state.stopped = true }
-                    return state.queue
-                }
-                if let stop = queued.firstIndex(where: self.isStop) {
-                    _ = commands(Array(queued[...stop]))
-                    for command in queued[(stop + 1)...] { refuse(command) }
-                    break
-                }
-                if !commands(queued) { break }
-            }
-            if Self.now() >= nextSweep() { sweep() }
-            batchEnded()
+            let running = self.pass(
+                timeout: timeout, buffers, nextSweep: nextSweep, event: event, commands: commands, refuse: refuse,
+                sweep: sweep, batchEnded: batchEnded)
+            if !running { break }
         }
-        cproxy_close(self.epoll)
-        cproxy_close(self.wakeFD)
+    }
+
+    /// Where `pass` puts what one `epoll_wait` returns (allocated once per loop, not per pass).
+    final class PassBuffers {
+        let capacity: Int
+        let events: UnsafeMutablePointer<UInt32>
+        let data: UnsafeMutablePointer<UInt64>
+
+        init(capacity: Int) {
+            self.capacity = capacity
+            self.events = .allocate(capacity: capacity)
+            self.data = .allocate(capacity: capacity)
+        }
+
+        deinit {
+            self.events.deallocate()
+            self.data.deallocate()
+        }
+    }
+
+    /// One pass of the loop (`run`): one `epoll_wait` with `timeout` (milliseconds, -1 for none), the ready
+    /// descriptors, the commands, a due sweep, `batchEnded`. False once stopped: the descriptors are closed then.
+    /// A thread that serves several cores from a queue of its own (`HTTPRelay`) calls this with a zero timeout.
+    func pass(
+        timeout: Int32, _ buffers: PassBuffers, nextSweep: () -> UInt64,
+        event: (_ token: UInt64, _ events: UInt32) -> Void, commands: ([Command]) -> Bool, refuse: (Command) -> Void,
+        sweep: () -> Void, batchEnded: () -> Void
+    ) -> Bool {
+        let count = cproxy_epoll_wait(self.epoll, buffers.events, buffers.data, Int32(buffers.capacity), timeout)
+        var woken = false
+        if count > 0 {
+            for i in 0..<Int(count) {
+                if buffers.data[i] == Self.wakeToken {
+                    woken = true
+                } else {
+                    event(buffers.data[i], buffers.events[i])
+                }
+            }
+        }
+        if woken {
+            cproxy_eventfd_drain(self.wakeFD)
+            let queued = self.commands.withLock { state in
+                defer { state.queue.removeAll(keepingCapacity: true) }
+                if state.queue.contains(where: self.isStop) { state.stopped = true }
+                return state.queue
+            }
+            var running = true
+            if let stop = queued.firstIndex(where: self.isStop) {
+                _ = commands(Array(queued[...stop]))
+                for command in queued[(stop + 1)...] { refuse(command) }
+                running = false
+            } else if !commands(queued) {
+                running = false
+            }
+            if !running {
+                cproxy_close(self.epoll)
+                cproxy_close(self.wakeFD)
+                return false
+            }
+        }
+        if Self.now() >= nextSweep() { sweep() }
+        batchEnded()
+        return true
     }
 
     /// Uptime nanoseconds, the clock `NIODeadline` reads.

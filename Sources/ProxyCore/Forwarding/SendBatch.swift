@@ -16,8 +16,8 @@ import Glibc
 /// Where the kernel has no io_uring or refuses it (a seccomp filter such as Docker's default, or
 /// `kernel.io_uring_disabled`), each send is its own `send(2)`: the same results, one call each.
 ///
-/// One thread only: the ring is created by `prepare()` or the first `run()`, on the thread that will use it (it is set
-/// up for a single submitting thread).
+/// One thread at a time: an HTTP relay shard's batch is run by whichever relay thread runs the shard (the ring is not
+/// set up for a single submitting thread). The ring is created by `prepare()` or the first `run()`.
 final class SendBatch {
     /// Sends one `run()` takes at most (`append` beyond it is a programming error: run and clear the batch first).
     let capacity: Int
@@ -63,8 +63,8 @@ final class SendBatch {
         return index
     }
 
-    /// Sets up the ring, on the thread that will use it (the first `run()` does otherwise): nil when sends go through
-    /// it or were told not to, else the errno with which the kernel refused it.
+    /// Sets up the ring (the first `run()` does otherwise): nil when sends go through it or were told not to, else
+    /// the errno with which the kernel refused it.
     @discardableResult
     func prepare() -> Int32? {
         guard !self.ringTried else { return nil }

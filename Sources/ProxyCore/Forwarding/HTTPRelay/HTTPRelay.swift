@@ -32,10 +32,26 @@ import Glibc
 /// backend before any answer goes back the same way, and NIO sends it again (the stale keep-alive retry).
 final class HTTPRelay: Sendable {
     let shards: [HTTPRelayShard]
+    /// The queue of shards with work: an epoll instance holding each shard's own epoll instance with `EPOLLONESHOT`,
+    /// so a shard with ready descriptors is handed to one thread, and to no other until that thread re-arms it.
+    private let queue: Int32
+    /// Readable once the threads are to end (`stop()`).
+    private let exit: Int32
+    private let threadsLeft: Atomic<Int>
+    private let stopped = Atomic<Bool>(false)
 
-    /// Starts `count` relay threads, routing with `generations[i]` (one per shard); with `cpus`, thread `i` is bound to
-    /// `cpus[i]`, wrapping round when there are more threads than CPUs listed (`threads.http_relay_count` above the
-    /// loop count). When a shard cannot be made, those made before it release their descriptors.
+    private static var exitToken: UInt64 { .max }
+
+    /// Makes `count` shards, routing with `generations[i]` (one per shard), and `count` threads that serve them from
+    /// one queue; with `cpus`, thread `i` is bound to `cpus[i]`, wrapping round when there are more threads than CPUs
+    /// listed (`threads.http_relay_count` above the loop count). When a shard cannot be made, those made before it
+    /// release their descriptors.
+    ///
+    /// Why one queue: with a thread per shard, a request waits for its own shard's thread even while another thread
+    /// has nothing to do. On a machine shared with busy neighbours (the backends, or in the benchmark the load
+    /// generator and the origin), whichever thread's CPU they use at the moment falls behind, and its requests made
+    /// the latency tail (docs/benchmarks.md, "Seventeenth session"). Here a shard with work goes to whichever thread
+    /// is free.
     init(
         count: Int, cpus: [Int?] = [], generations: [HTTPRelayGeneration], ioUring: Bool = true,
         yieldAfterBatch: Bool = true
@@ -43,14 +59,60 @@ final class HTTPRelay: Sendable {
         precondition(generations.count >= max(count, 1))
         let shards = try makeRelayShards(
             count: count,
-            make: {
-                try HTTPRelayShard(
-                    index: $0, cpu: cpus.isEmpty ? nil : cpus[$0 % cpus.count], generation: generations[$0], ioUring: ioUring,
-                    yieldAfterBatch: yieldAfterBatch)
-            },
+            make: { try HTTPRelayShard(index: $0, generation: generations[$0], ioUring: ioUring) },
             discard: { $0.discard() })
+        let queue = cproxy_epoll_create()
+        let exit = queue >= 0 ? cproxy_eventfd() : -1
+        var registered = exit >= 0 && cproxy_epoll_ctl(queue, 1, exit, CPROXY_EV_IN, Self.exitToken) == 0
+        for (index, shard) in shards.enumerated() where registered {
+            registered = cproxy_epoll_ctl(queue, 1, shard.readiness, CPROXY_EV_IN | CPROXY_EV_ONESHOT, UInt64(index)) == 0
+        }
+        guard registered else {
+            let error = IOError(errnoCode: errno, reason: "epoll_ctl")
+            if queue >= 0 { cproxy_close(queue) }
+            if exit >= 0 { cproxy_close(exit) }
+            for shard in shards { shard.discard() }
+            throw error
+        }
         self.shards = shards
-        for shard in shards { shard.start() }
+        self.queue = queue
+        self.exit = exit
+        self.threadsLeft = Atomic(shards.count)
+        for (index, shard) in shards.enumerated() {
+            if let refused = shard.prepare(), index == 0 {
+                generations[0].runtime.logger.notice(
+                    "io_uring is not available: the HTTP relay sends with send(2)",
+                    metadata: ["error": "\(String(cString: strerror(refused)))"])
+            }
+        }
+        for index in shards.indices {
+            let cpu = cpus.isEmpty ? nil : cpus[index % cpus.count]
+            RelayThreadCore<Never>.startThread(name: "ott-http-\(index)", cpu: cpu) { [self] in
+                self.serve(yieldAfterBatch: yieldAfterBatch)
+            }
+        }
+    }
+
+    /// A relay thread: takes a shard with work from the queue, runs it (`HTTPRelayShard.step`), puts it back, and
+    /// yields its CPU when it sent anything (`threads.yield_after_batch`: the clients and backends it woke may be
+    /// waiting for this CPU; docs/benchmarks.md, "Sixteenth session"), until `stop()`.
+    private func serve(yieldAfterBatch: Bool) {
+        var events: UInt32 = 0
+        var token: UInt64 = 0
+        while true {
+            guard cproxy_epoll_wait(self.queue, &events, &token, 1, -1) == 1 else { continue }  // (EINTR)
+            if token == Self.exitToken { break }
+            let shard = self.shards[Int(token)]
+            let (running, sent) = shard.step()
+            // A stopped shard closed its epoll instance, which leaves the queue with it.
+            guard running else { continue }
+            _ = cproxy_epoll_ctl(self.queue, 3, shard.readiness, CPROXY_EV_IN | CPROXY_EV_ONESHOT, token)
+            if sent && yieldAfterBatch { sched_yield() }
+        }
+        if self.threadsLeft.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 {
+            cproxy_close(self.queue)
+            cproxy_close(self.exit)
+        }
     }
 
     /// Connections the shards serve now.
@@ -70,6 +132,8 @@ final class HTTPRelay: Sendable {
     /// Closes every connection and ends the threads.
     func stop() async {
         for shard in self.shards { await shard.stop() }
+        // Once: the last thread out closes the descriptor. (It stays readable: every thread sees it.)
+        if !self.stopped.exchange(true, ordering: .acquiringAndReleasing) { cproxy_eventfd_signal(self.exit) }
     }
 }
 

@@ -8,8 +8,9 @@ import Synchronization
 import Glibc
 #endif
 
-/// One HTTP relay thread (`HTTPRelay`): its epoll instance, a wake-up eventfd for commands from other threads, the
-/// connections it serves, its routing policies and its buffers.
+/// One HTTP relay shard (`HTTPRelay`): its epoll instance, a wake-up eventfd for commands from other threads, a timer,
+/// the connections it serves, its routing policies and its buffers. The relay's threads run it, one at a time
+/// (`step()`): whichever is free when it has ready descriptors.
 ///
 /// Level-triggered epoll. Per connection, the client side is read while no request is in flight (and, while one is,
 /// up to one head's worth of bytes behind it); the backend side is read while the client has nothing pending, which
@@ -31,7 +32,6 @@ final class HTTPRelayShard: @unchecked Sendable {
     private typealias Connection = RelayedHTTPConnection
 
     let index: Int
-    private let cpu: Int?
     /// The epoll instance, the wake-up and the command queue.
     private let core: RelayThreadCore<Command>
     private var epoll: Int32 { self.core.epoll }
@@ -43,7 +43,17 @@ final class HTTPRelayShard: @unchecked Sendable {
     /// Whether `discard` released the shard's descriptors (for tests).
     private(set) var isDiscarded = false
 
-    // Relay thread only.
+    /// Fires every `sweepInterval` while connections are served, so the sweep runs when nothing else happens (the
+    /// shard runs only when it has ready descriptors).
+    private let timer: Int32
+    private static var timerToken: UInt64 { .max - 1 }
+    private var timerArmed = false
+    /// 64 ready descriptors per pass, as NIO's selector takes: against 256, p99 latency was lower in 6 of 6
+    /// interleaved keep-alive rounds (2.01–2.53 against 2.34–2.64 ms) at the same throughput (docs/benchmarks.md,
+    /// "Eleventh session").
+    private let buffers = RelayThreadCore<Command>.PassBuffers(capacity: 64)
+
+    // The thread running the shard only (one at a time: `step()`).
     private var generation: HTTPRelayGeneration
     private var connections = RelaySlots<Connection>()
     private var quiescing = false
@@ -56,8 +66,6 @@ final class HTTPRelayShard: @unchecked Sendable {
     private var heldConnections: [Connection] = []
     /// Sends the held answers (`writeHeld()`).
     private let sendBatch: SendBatch
-    /// `threads.yield_after_batch`: the thread yields its CPU after a batch in which it sent anything (`batchEnded()`).
-    private let yieldAfterBatch: Bool
     /// Something was sent (or held to be sent) to a client or a backend in the current batch.
     private var sentInBatch = false
     /// The connections of the answers in `sendBatch`, and where each answer is in `held`.
@@ -70,14 +78,20 @@ final class HTTPRelayShard: @unchecked Sendable {
     private static let coalescedBodyLimit = 16 * 1024
 
     /// `ioUring`: the answers held to the end of a batch go out in one system call (`SendBatch`, `threads.io_uring`).
-    /// `yieldAfterBatch`: see `batchEnded()` (`threads.yield_after_batch`).
-    init(index: Int, cpu: Int?, generation: HTTPRelayGeneration, ioUring: Bool = true, yieldAfterBatch: Bool = true) throws {
+    init(index: Int, generation: HTTPRelayGeneration, ioUring: Bool = true) throws {
         self.index = index
-        self.cpu = cpu
         self.sendBatch = SendBatch(useRing: ioUring)
-        self.yieldAfterBatch = yieldAfterBatch
         self.generation = generation
-        self.core = try RelayThreadCore(isStop: \.isStop)
+        let core = try RelayThreadCore<Command>(isStop: \.isStop)
+        let timer = cproxy_timerfd()
+        guard timer >= 0, cproxy_epoll_ctl(core.epoll, 1, timer, CPROXY_EV_IN, Self.timerToken) == 0 else {
+            let error = IOError(errnoCode: errno, reason: "timerfd")
+            if timer >= 0 { cproxy_close(timer) }
+            core.discard()
+            throw error
+        }
+        self.core = core
+        self.timer = timer
         self.scratch = .allocate(byteCount: Self.scratchSize, alignment: 16)
     }
 
@@ -86,12 +100,15 @@ final class HTTPRelayShard: @unchecked Sendable {
         precondition(!self.isDiscarded)
         self.isDiscarded = true
         self.core.discard()
+        cproxy_close(self.timer)
         self.scratch.deallocate()
     }
 
-    func start() {
-        RelayThreadCore<Command>.startThread(name: "ott-http-\(self.index)", cpu: self.cpu) { [self] in self.run() }
-    }
+    /// The shard's epoll instance: readable while the shard has work (`HTTPRelay` queues it then).
+    var readiness: Int32 { self.core.epoll }
+
+    /// Sets up the send ring (`SendBatch.prepare`); the errno when the kernel refused it.
+    func prepare() -> Int32? { self.sendBatch.prepare() }
 
     // MARK: Commands (any thread)
 
@@ -136,20 +153,20 @@ final class HTTPRelayShard: @unchecked Sendable {
         }
     }
 
-    // MARK: The relay thread
+    // MARK: Running the shard
 
-    private func run() {
-        // 64 ready descriptors per wait, as NIO's selector takes: against 256, p99 latency was lower in 6 of 6
-        // interleaved keep-alive rounds (2.01–2.53 against 2.34–2.64 ms) at the same throughput (docs/benchmarks.md,
-        // "Eleventh session").
-        if let refused = self.sendBatch.prepare(), self.index == 0 {
-            self.generation.runtime.logger.notice(
-                "io_uring is not available: the HTTP relay sends with send(2)",
-                metadata: ["error": "\(String(cString: strerror(refused)))"])
-        }
-        self.core.run(
-            batch: 64, nextSweep: { self.nextSweep },
+    /// Serves what is ready now, without waiting (one `epoll_wait` with a zero timeout): the ready descriptors, the
+    /// commands, a due sweep, then the answers held in the batch (`writeHeld()`). Called by one relay thread at a
+    /// time (`HTTPRelay`). `running` is false once the shard stopped (its descriptors are closed then); `sent` says
+    /// whether anything was sent (the thread yields then, `threads.yield_after_batch`).
+    func step() -> (running: Bool, sent: Bool) {
+        let running = self.core.pass(
+            timeout: 0, self.buffers, nextSweep: { self.nextSweep },
             event: { token, events in
+                if token == Self.timerToken {
+                    cproxy_eventfd_drain(self.timer)  // (a timerfd holds a count as an eventfd does)
+                    return
+                }
                 let slot = Int(token >> 1)
                 guard let connection = self.connections[slot] else { return }
                 self.event(connection, upstream: token & 1 == 1, events)
@@ -157,8 +174,24 @@ final class HTTPRelayShard: @unchecked Sendable {
             commands: self.runCommands,
             refuse: self.refuse,
             sweep: self.sweep,
-            batchEnded: self.batchEnded)
-        self.scratch.deallocate()
+            batchEnded: self.writeHeld)
+        let sent = self.sentInBatch
+        self.sentInBatch = false
+        if !running {
+            cproxy_close(self.timer)
+            self.scratch.deallocate()
+        } else {
+            self.armTimer()
+        }
+        return (running, sent)
+    }
+
+    /// The timer runs while a sweep is due (connections are served), and stops with them.
+    private func armTimer() {
+        let wanted = self.nextSweep != .max
+        guard wanted != self.timerArmed else { return }
+        self.timerArmed = wanted
+        _ = cproxy_timerfd_every(self.timer, wanted ? Self.sweepInterval : 0)
     }
 
     /// False once told to stop.
@@ -727,14 +760,6 @@ final class HTTPRelayShard: @unchecked Sendable {
     /// where nothing else wants the CPU the call returns at once (about 0.5 µs on the benchmark machine). Measured in
     /// docs/benchmarks.md, "Sixteenth session": 50k against 41k requests/s on the benchmark machine, p50 0.96 against
     /// 1.31 ms, p99 3.18 against 3.65 ms, CPU per request 15.7 against 19.8 µs.
-    private func batchEnded() {
-        self.writeHeld()
-        if self.sentInBatch {
-            self.sentInBatch = false
-            if self.yieldAfterBatch { sched_yield() }
-        }
-    }
-
     /// The end of a batch: the answers held for clients are written now, together: one system call for all of them
     /// where the kernel allows it (`SendBatch`). Holding them until every ready descriptor was served sends them
     /// together: a client woken by one (on a shared machine, the load generator on this CPU) finds the others ready as
