@@ -122,8 +122,7 @@ def section(data, facts, commands, configs_dir, charts_rel):
     if facts.get("affinity") == "auto":
         L.append("**CPU affinity.** Each proxy's 2 threads or workers are bound one per CPU, by its own setting: "
                  "HAProxy `cpu-map`, nginx `worker_cpu_affinity auto`, ott-proxy `threads.cpu_affinity: auto` "
-                 "(its event loops and WebSocket relay threads one per CPU, and its one HTTP relay thread on the "
-                 "first CPU) "
+                 "(its event loops, WebSocket relay threads and HTTP relay threads one per CPU) "
                  "(`AFFINITY=auto`, the default; `AFFINITY=none` leaves them to the kernel). Origins, load generators "
                  "and the NIO relay are not bound. Checked after start (thread:CPUs, as `taskset` reports them): "
                  f"{facts.get('affinity_seen', '?')}. Runs before session 13 did not check, and HAProxy's threads were "
@@ -264,9 +263,9 @@ def section(data, facts, commands, configs_dir, charts_rel):
         "nginx ports) and one for WebSocket (pool of the two echo ports). All three add `X-Forwarded-For` and keep "
         "upstream connections alive (HAProxy `http-reuse safe`, nginx `keepalive 64`, ott-proxy's per-loop pool); "
         "2 threads/workers each (HAProxy `nbthread 2`, nginx `worker_processes 2`, ott-proxy one event loop per core); "
-        "ott-proxy's keep-alive HTTP connections are served by one HTTP relay thread after their second request, its "
-        "default on 2 cores (`threads.http_relay_count`, half the loops: one queue instead of two gave a lower p99 "
-        "for fewer requests/s, see \"Seventeenth session\"), and its WebSockets by one relay thread per loop. "
+        "ott-proxy's keep-alive HTTP connections are served after their second request by its HTTP relay, two threads "
+        "serving two shards from one queue (its default, `threads.http_relay_count`: one per loop), and its "
+        "WebSockets by one relay thread per loop. "
         "No access logs.")
     L.append(
         f"- **HTTP**: `wrk -t1 -c{facts.get('http_conns', '64')}` on `/rooms/bench/1k` (one key, so one origin entry). "
