@@ -18,10 +18,10 @@ import Glibc
 /// How a connection gets here (`FastPathHandler`): a plain (non-TLS) connection whose last two fast-path exchanges ended
 /// cleanly on keyed or named-backend routes, with nothing read ahead and nothing queued in NIO on either side, moves with the
 /// backend connection it just used: both descriptors are duplicated and both channels closed (as tunnels move to
-/// `TunnelRelay`). From then on its shard (one thread and epoll instance per event loop) does what the fast path did
-/// per request: the head scan, the routing script (on the shard's own policy instance: a Lua state is confined to one
-/// thread), the owner lookup, the head rewrites, the body relay by its framing, the response-head deadline, the
-/// keep-alive and head timers, metrics and the access log.
+/// `TunnelRelay`). From then on its shard (an epoll instance, one per event loop by default, run by whichever relay
+/// thread is free) does what the fast path did per request: the head scan, the routing script (on the shard's own
+/// policy instance: a Lua state is used by one thread at a time), the owner lookup, the head rewrites, the body relay
+/// by its framing, the response-head deadline, the keep-alive and head timers, metrics and the access log.
 ///
 /// Anything else goes back to NIO before a request is sent (`HandBack`): a head that is not plain (a body, `Upgrade`,
 /// `Expect`, anything the strict scanner refuses), a decision that is not a plain forward (a local answer, rewrites,
@@ -138,7 +138,7 @@ final class HTTPRelay: Sendable {
 }
 
 /// One configuration generation as a relay shard routes with it: the runtime, and routing policies made for the shard
-/// alone (used by its thread only, once handed over).
+/// alone (used by the thread running the shard only, once handed over).
 final class HTTPRelayGeneration: @unchecked Sendable {
     let runtime: ProxyRuntime
     let policies: [String: RoutingPolicy]
@@ -150,12 +150,12 @@ final class HTTPRelayGeneration: @unchecked Sendable {
 }
 
 /// A keep-alive connection and the backend connection it moves with. Created on an event loop by the fast path, then
-/// owned by its shard's thread: every mutable field is touched only there.
+/// owned by its shard: every mutable field is touched only by the thread running the shard (one at a time).
 final class RelayedHTTPConnection: @unchecked Sendable {
-    /// Gives the client socket back to NIO with the bytes read from it and not yet answered (on the shard's thread:
-    /// the closure hops to the connection's event loop). The connection's place in the count goes with it.
+    /// Gives the client socket back to NIO with the bytes read from it and not yet answered (on the thread running the
+    /// shard: the closure hops to the connection's event loop). The connection's place in the count goes with it.
     typealias HandBack = @Sendable (_ clientFD: Int32, _ unread: ByteBuffer?) -> Void
-    /// The connection closed here (called once, on the shard's thread).
+    /// The connection closed here (called once, on the thread running the shard).
     typealias Closed = @Sendable () -> Void
 
     enum Phase {
