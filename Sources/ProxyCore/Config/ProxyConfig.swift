@@ -376,9 +376,9 @@ public struct ThreadsConfig: Sendable, Equatable {
     /// kernel refuses io_uring (a seccomp filter, `kernel.io_uring_disabled`) they use `send(2)` anyway. On by
     /// default; `false` always uses `send(2)`.
     public var ioUring: Bool
-    /// An HTTP relay thread that sent anything in a pass over its ready connections yields its CPU afterwards
-    /// (`sched_yield`), so the clients and backends it woke run at once where they share its CPU, instead of when the
-    /// scheduler preempts it. On by default; `false` never yields.
+    /// A relay thread (HTTP or tunnel) that sent anything in a pass over its ready connections yields its CPU
+    /// afterwards (`sched_yield`), so the clients and backends it woke run at once where they share its CPU, instead of
+    /// when the scheduler preempts it. On by default; `false` never yields.
     public var yieldAfterBatch: Bool
 
     /// How a listener accepts connections when there is more than one event loop.

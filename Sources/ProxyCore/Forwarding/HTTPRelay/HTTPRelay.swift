@@ -59,7 +59,7 @@ final class HTTPRelay: Sendable {
         precondition(generations.count >= max(count, 1))
         let shards = try makeRelayShards(
             count: count,
-            make: { try HTTPRelayShard(index: $0, generation: generations[$0], ioUring: ioUring) },
+            make: { try HTTPRelayShard(generation: generations[$0], ioUring: ioUring) },
             discard: { $0.discard() })
         let queue = cproxy_epoll_create()
         let exit = queue >= 0 ? cproxy_eventfd() : -1

@@ -31,7 +31,6 @@ final class HTTPRelayShard: @unchecked Sendable {
 
     private typealias Connection = RelayedHTTPConnection
 
-    let index: Int
     /// The epoll instance, the wake-up and the command queue.
     private let core: RelayThreadCore<Command>
     private var epoll: Int32 { self.core.epoll }
@@ -81,8 +80,7 @@ final class HTTPRelayShard: @unchecked Sendable {
     private static let coalescedBodyLimit = 16 * 1024
 
     /// `ioUring`: the answers held to the end of a batch go out in one system call (`SendBatch`, `threads.io_uring`).
-    init(index: Int, generation: HTTPRelayGeneration, ioUring: Bool = true) throws {
-        self.index = index
+    init(generation: HTTPRelayGeneration, ioUring: Bool = true) throws {
         self.sendBatch = SendBatch(useRing: ioUring)
         self.generation = generation
         let core = try RelayThreadCore<Command>(isStop: \.isStop)
