@@ -290,9 +290,9 @@ public final class ProxyServer: Service, Sendable {
         }
     }
 
-    /// Connections moved to each HTTP relay thread since the start, in thread order (one entry per thread,
+    /// Connections moved to each HTTP relay shard since the start, in shard order (one entry per shard,
     /// `threads.http_relay_count`); empty when the relay is off or the server is not started.
-    public var httpRelayMovedPerThread: [Int] {
+    public var httpRelayMovedPerShard: [Int] {
         self.started.withLock { $0?.httpRelay?.shards.map { $0.adopted.load(ordering: .relaxed) } ?? [] }
     }
 

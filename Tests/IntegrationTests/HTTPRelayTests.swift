@@ -618,7 +618,7 @@ import Testing
         (loops: 2, count: 1, expected: [6]),
         (loops: 2, count: nil, expected: []),  // two shards; the split follows the kernel's spread over the loops
     ])
-    func connectionsAreDealtOverTheRelayThreads(loops: Int, count: Int?, expected: [Int]) async throws {
+    func connectionsAreDealtOverTheRelayShards(loops: Int, count: Int?, expected: [Int]) async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: loops)
         defer { Task { try? await group.shutdownGracefully() } }
         try await withOrigin { origin in
@@ -644,7 +644,7 @@ import Testing
             try await self.warmUp(connection)
             #expect(await self.waitUntilRelayed(proxy, index + 1))
         }
-        let moved = proxy.server.httpRelayMovedPerThread
+        let moved = proxy.server.httpRelayMovedPerShard
         if expected.isEmpty {
             #expect(moved.count == loops)
             #expect(moved.reduce(0, +) == 6)

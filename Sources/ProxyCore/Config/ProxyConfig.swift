@@ -410,7 +410,7 @@ public struct ThreadsConfig: Sendable, Equatable {
     public var resolvedCount: Int { self.count ?? System.coreCount }
 
     /// The number of HTTP relay threads to start with `loops` event loops: `http_relay_count`, or one per loop.
-    public func resolvedHTTPRelayCount(loops: Int) -> Int { self.httpRelayCount ?? max(1, loops) }
+    public func resolvedHTTPRelayCount(loops: Int) -> Int { self.httpRelayCount ?? loops }
 }
 
 public struct AdminConfig: Sendable, Equatable {

@@ -97,7 +97,7 @@ final class RelayThreadCore<Command: Sendable>: @unchecked Sendable {  // the qu
 
     /// One pass of the loop (`run`): one `epoll_wait` with `timeout` (milliseconds, -1 for none), the ready
     /// descriptors, the commands, a due sweep, `batchEnded`. False once stopped: the descriptors are closed then.
-    /// A thread that serves several cores from a queue of its own (`HTTPRelay`) calls this with a zero timeout.
+    /// Threads that share several of them through a queue of their own (`HTTPRelay`) call this with a zero timeout.
     func pass(
         timeout: Int32, _ buffers: PassBuffers, nextSweep: () -> UInt64,
         event: (_ token: UInt64, _ events: UInt32) -> Void, commands: ([Command]) -> Bool, refuse: (Command) -> Void,

@@ -754,18 +754,6 @@ final class HTTPRelayShard: @unchecked Sendable {
         return true
     }
 
-    /// The end of a batch: the held answers are written (`writeHeld()`), and a thread that sent anything in it yields
-    /// its CPU (`sched_yield`, unless `threads.yield_after_batch` is false).
-    ///
-    /// Why yield: the clients and backends those sends woke may be waiting for this very CPU (the load generator and
-    /// the origin on a shared machine; a proxy in front of backends on the same host). Under load the next
-    /// `epoll_wait` returns at once, so without a yield the thread runs on, and they get the CPU only when the
-    /// scheduler preempts it at the end of its slice, a millisecond or more later, with their answers and requests
-    /// queuing meanwhile. With one, they run now, and the thread's next batch finds their work done. The scheduler
-    /// keeps the thread's share of the CPU (its virtual runtime is unchanged; only its place in the queue moves), and
-    /// where nothing else wants the CPU the call returns at once (about 0.5 µs on the benchmark machine). Measured in
-    /// docs/benchmarks.md, "Sixteenth session": 50k against 41k requests/s on the benchmark machine, p50 0.96 against
-    /// 1.31 ms, p99 3.18 against 3.65 ms, CPU per request 15.7 against 19.8 µs.
     /// The end of a batch: the answers held for clients are written now, together: one system call for all of them
     /// where the kernel allows it (`SendBatch`). Holding them until every ready descriptor was served sends them
     /// together: a client woken by one (on a shared machine, the load generator on this CPU) finds the others ready as
